@@ -1,0 +1,82 @@
+"""Write a trained model in the Hub layout: safetensors, config, tokenizer and a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+import leaplm
+
+CARD_TEMPLATE = jinja2.Template(
+    """---
+library_name: transformers
+tags:
+- leaplm
+- {{ recipe }}
+---
+# {{ name }}
+
+Trained with [leaplm](https://github.com/leaplm/leaplm) recipe `{{ recipe }}`
+(leaplm {{ version }}). Loads with plain transformers:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{{ name }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ name }}")
+```
+
+## Model
+- architecture: `{{ architecture }}`, {{ n_params }} parameters, vocabulary {{ vocab_size }}
+- base: {{ base }}
+
+## Training
+- data: `{{ data_source }}`{% if tasks %} (tasks: {{ tasks }}){% endif %}
+- steps: {{ steps }}, effective batch {{ batch }} samples, lr {{ lr }} ({{ schedule }})
+- reproduce: `{{ command }}`
+
+{% if rows %}## Evaluation
+Greedy decoding with the `{{ rows[0].decoder }}` decoder on the held-out test split.
+
+| task | n | accuracy | tokens/forward | tokens/s |
+|---|---|---|---|---|
+{% for r in rows %}| {{ r.task }} | {{ r.n }} | {{ "%.1f" % (100 * r.accuracy) }}% | {{ "%.2f" % r.tokens_per_forward }} | {{ "%.0f" % r.tokens_per_s }} |
+{% endfor %}{% endif %}"""
+)
+
+
+def render_card(model, cfg, rows: list[dict[str, Any]], command: str) -> str:
+    t = cfg.train
+    return CARD_TEMPLATE.render(
+        name=Path(cfg.export.dir or cfg.output_dir).name,
+        recipe=cfg.recipe,
+        version=leaplm.__version__,
+        architecture=model.config.model_type,
+        n_params=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+        vocab_size=model.config.vocab_size,
+        base=cfg.model.name_or_path if cfg.model.init is None else "random initialisation (pretrained from scratch)",
+        data_source=cfg.data.source,
+        tasks=", ".join(cfg.data.tasks or []) or None,
+        steps=t.max_steps,
+        batch=t.micro_batch_size * t.grad_accum,
+        lr=t.lr,
+        schedule=t.lr_schedule,
+        command=command,
+        rows=rows,
+    )
+
+
+def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str, Any]] | None = None,
+                 command: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    cfg.save(out / "leaplm_config.yaml")
+    if rows:
+        (out / "eval.json").write_text(json.dumps(rows, indent=2))
+    command = command or f"leaplm train <config> (recipe {cfg.recipe})"
+    (out / "README.md").write_text(render_card(model, cfg, rows or [], command))
+    return out

@@ -1,0 +1,135 @@
+"""The model zoo: load any supported causal LM with its tokenizer, or build a tiny one.
+
+``load_model`` takes a local directory, a Hub id (where a network exists) or the name
+``"tiny-teacher"``, the pretrained chat model that ships inside leaplm. ``tiny_model`` builds
+random-initialised models from the real config classes of each supported family, sized for CPU
+tests, sharing the embedded teacher's byte-level BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_TEACHER = "tiny-teacher"
+EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "tiny_teacher"
+
+# model_type values whose attention, KV cache and 4D-mask handling the decoders rely on.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def resolve(name_or_path: str) -> str:
+    """Map the embedded-teacher alias to its directory; anything else is passed through."""
+    if name_or_path == EMBEDDED_TEACHER:
+        if not (EMBEDDED_TEACHER_DIR / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded teacher is missing from {EMBEDDED_TEACHER_DIR}; rebuild it with "
+                "`leaplm train configs/pretrain/tiny_teacher.yaml`"
+            )
+        return str(EMBEDDED_TEACHER_DIR)
+    return name_or_path
+
+
+def check_architecture(config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by leaplm; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+            "Use a checkpoint of one of these families, or add the family to "
+            "leaplm.models.zoo.SUPPORTED_MODEL_TYPES after checking its decoders' parity tests pass."
+        )
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Every decoder needs an EOS token; batching needs a pad token (EOS is a safe stand-in)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one (tokenizer.eos_token = ...) "
+            "so decoders know where an answer ends"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve(name_or_path)))
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_TEACHER,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    tokenizer: str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a supported causal LM and its tokenizer; unsupported families fail with a clear error."""
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
+    if device is not None:
+        model.to(device)
+    return model, load_tokenizer(tokenizer or name_or_path)
+
+
+def build_from_config(
+    init: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int = 0, attn_implementation: str = "sdpa"
+) -> PreTrainedModel:
+    """Random-initialise a model from ``{"architecture": model_type, **config_kwargs}``."""
+    kwargs = dict(init)
+    model_type = kwargs.pop("architecture", None)
+    if model_type is None:
+        raise ValueError("model.init needs an 'architecture' key (a model_type such as 'llama' or 'qwen3')")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **kwargs,
+    )
+    check_architecture(config)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+# Real config classes of each family, shrunk to CPU-test size. Family-specific features are kept
+# (Qwen2 q/k/v biases, Qwen3 q/k norms, Mistral sliding window, Gemma's scaled embeddings and
+# soft-capping, Gemma3's local/global layer pattern) because decoders must handle them.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(architecture="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "qwen2": dict(architecture="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "qwen3": dict(architecture="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
+    "mistral": dict(architecture="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=256, max_position_embeddings=512),
+    "gemma": dict(architecture="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512),
+    "gemma2": dict(architecture="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=256,
+                   max_position_embeddings=512),
+}
+TINY_FAMILIES = tuple(TINY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-initialised model of ``family`` with the embedded teacher's real BPE tokenizer."""
+    if family not in TINY_CONFIGS:
+        raise KeyError(f"no tiny config for {family!r}; available: {', '.join(TINY_FAMILIES)}")
+    tokenizer = load_tokenizer(EMBEDDED_TEACHER)
+    model = build_from_config(TINY_CONFIGS[family], tokenizer, seed=seed)
+    return model.eval(), tokenizer

@@ -1,0 +1,81 @@
+"""Atomic checkpoints: write into a temporary directory, then rename; keep the last K.
+
+Layout of ``OUTPUT_DIR/checkpoints/step-000100/``:
+  state/               accelerate.save_state: model, optimizer, scheduler, per-rank RNG
+  model/               HF layout (safetensors + config + tokenizer), loadable by transformers
+  config.yaml          the resolved config of the run
+  trainer_state.json   step and consumed samples; written last, its presence marks completion
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories are never listed)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def validate(path: Path) -> dict:
+    """Return the trainer state of a complete checkpoint, or raise naming what is missing."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file() or not (path / "state").is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {STATE_FILE} or state/); it was not written to the end. "
+            "Delete it, or resume from an earlier one with train.resume_from=<dir>."
+        )
+    try:
+        return json.loads(state_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}: {err}") from err
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
+    """``"latest"`` -> newest finished checkpoint (None if there is none); else the given path."""
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume_from={resume_from!r} is not a directory")
+    return path
+
+
+def temporary_dir(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(output_dir) / f".tmp-{step_dir_name(step)}"
+
+
+def finalize(output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Mark the temporary checkpoint complete, rename it into place and prune old ones."""
+    tmp = temporary_dir(output_dir, step)
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    final = checkpoint_root(output_dir) / step_dir_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # atomic on one filesystem: a crash leaves either the old set or the new one
+    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,63 @@
+"""Recipe: AR pretraining / supervised fine-tuning of a causal LM.
+
+Data: chat samples (synthetic suite or any prompt/response dataset), response-only loss.
+Loss: next-token cross-entropy (losses/causal_lm.py). Decoder for eval: `ar`.
+With `model.init` set, a random model of that architecture is built and a byte-level BPE
+tokenizer is trained on the task corpus: this is how the embedded tiny teacher is made.
+
+    leaplm train configs/pretrain/tiny_teacher.yaml
+    accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m leaplm.train CONFIG
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from leaplm.config import Config
+from leaplm.data.sft import PadCollator, load_source, pack, synthetic_dataset, tokenize_dataset
+from leaplm.data.tokenizer import train_tokenizer
+from leaplm.losses.causal_lm import causal_lm_loss_sum
+from leaplm.models.zoo import build_from_config, load_model, load_tokenizer
+from leaplm.train.recipes import Recipe
+
+
+@dataclass
+class PretrainConfig:
+    pass  # AR training needs nothing beyond the shared sections
+
+
+def build_model(cfg: Config):
+    if cfg.model.init is None:
+        return load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.tokenizer)
+    if cfg.model.tokenizer:
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+    else:
+        corpus = synthetic_dataset(cfg.data, "train")
+        tokenizer = train_tokenizer((p + "\n" + r for p, r in zip(corpus["prompt"], corpus["response"])),
+                                    cfg.model.tokenizer_vocab_size)
+    return build_from_config(cfg.model.init, tokenizer, seed=cfg.seed, attn_implementation=cfg.model.attn_implementation), tokenizer
+
+
+def build_dataset(cfg: Config, tokenizer):
+    samples = tokenize_dataset(load_source(cfg.data), tokenizer, cfg.data).samples
+    return pack(samples, cfg.data.max_length) if cfg.data.packing else samples
+
+
+def build_collator(cfg: Config, tokenizer):
+    return PadCollator(tokenizer.pad_token_id)
+
+
+def loss(model, batch, cfg: Config):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, s, v]
+    return causal_lm_loss_sum(logits, batch["labels"]), {}
+
+
+RECIPE = Recipe(
+    name="pretrain",
+    description="AR pretraining / SFT with response-only next-token loss",
+    method_config=PretrainConfig,
+    build_model=build_model,
+    build_dataset=build_dataset,
+    build_collator=build_collator,
+    loss=loss,
+)

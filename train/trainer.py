@@ -1,0 +1,318 @@
+"""The one training loop every recipe runs in, on accelerate.
+
+Launch it as ``leaplm train CONFIG [overrides]`` or, on several processes,
+``accelerate launch --config_file launch/accelerate/<name>.yaml -m leaplm.train CONFIG [overrides]``.
+
+Two choices make runs reproducible across topologies and restarts:
+- Data order is a pure function of (seed, optimizer step): step s uses the global samples
+  [s*E, (s+1)*E) of a per-epoch permutation, E = micro_batch_size * grad_accum * processes.
+  Resuming at step k therefore continues with exactly the samples of step k.
+- The loss of a step is its summed loss over *all* its targets (every micro-batch, every
+  rank) divided by their total count, so the same effective batch gives the same loss and
+  gradients whatever the (micro_batch_size, grad_accum, processes) split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from leaplm.config import Config
+from leaplm.train import checkpoint as ckpt
+from leaplm.train.recipes import Recipe, get_recipe
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this call
+    eval_rows: list[dict] = field(default_factory=list)
+
+
+class StepSampler:
+    """Indices of the micro-batches of one optimizer step for one rank (see module docstring).
+
+    With ``lengths`` given, each epoch's permutation is cut into windows of ``group_window``
+    steps and each window is sorted by length, so a step holds samples of similar length and
+    padding stays small; the order is still a pure function of (seed, epoch).
+    """
+
+    def __init__(self, n_samples: int, micro_batch: int, grad_accum: int, world: int, rank: int, seed: int,
+                 lengths: Sequence[int] | None = None, group_window: int = 32):
+        self.n, self.micro, self.accum, self.world, self.rank, self.seed = n_samples, micro_batch, grad_accum, world, rank, seed
+        self.per_step = micro_batch * grad_accum * world
+        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
+        self.group_window = group_window
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            if self.lengths is not None:
+                window = self.per_step * self.group_window
+                chunks = [c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in perm.split(window)]
+                perm = torch.cat(chunks)
+            self._perms = {epoch: perm}
+        return self._perms[epoch]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        out = []
+        for m in range(self.accum):
+            start = step * self.per_step + (m * self.world + self.rank) * self.micro
+            out.append([int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + self.micro)])
+        return out
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def apply_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.model.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [m for m in lora.target_modules if m in present]
+    if not targets:
+        raise ValueError(f"model.lora.target_modules {lora.target_modules} match no module of this model")
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+class MetricsLogger:
+    """Rank-0 metrics to ``metrics.jsonl`` and wandb (offline unless WANDB_API_KEY is set)."""
+
+    def __init__(self, cfg: Config, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.wandb = None
+        if enabled and cfg.logging.wandb:
+            if not os.environ.get("WANDB_API_KEY"):
+                os.environ.setdefault("WANDB_MODE", "offline")
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(output_dir), config=cfg.to_dict(),
+                                    name=output_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.recipe: Recipe = get_recipe(cfg.recipe)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.output_dir = Path(cfg.output_dir)
+        self.model = None  # built by setup(), which fit() runs if it has not run yet
+        set_seed(cfg.seed)
+
+    # ----- Setup --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.output_dir / "config.yaml")
+        model, self.tokenizer = self.recipe.build_model(cfg)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.model.lora.r > 0:
+            model = apply_lora(model, cfg)
+        if self.recipe.rollout is not None:
+            self.recipe.rollout(cfg, model, self.tokenizer, acc)
+        self.samples: Sequence[dict] = self.recipe.build_dataset(cfg, self.tokenizer)
+        self.collate = self.recipe.build_collator(cfg, self.tokenizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
+        # step it once per process), and registered so checkpoints carry it.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        acc.register_for_checkpointing(self.scheduler)
+        lengths = [len(x["input_ids"]) for x in self.samples] if cfg.train.group_by_length else None
+        self.sampler = StepSampler(len(self.samples), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                   acc.num_processes, acc.process_index, cfg.seed, lengths)
+        self.start_step = 0
+        if cfg.train.resume_from:
+            self._resume(cfg.train.resume_from)
+        self.metrics = MetricsLogger(cfg, self.output_dir, acc.is_main_process)
+
+    def _resume(self, resume_from: str) -> None:
+        path = ckpt.resolve_resume(self.output_dir, resume_from)
+        if path is None:
+            log.warning("train.resume_from=latest: no checkpoint in %s yet, starting from scratch", self.output_dir)
+            return
+        state = ckpt.validate(path)
+        self.accelerator.load_state(str(path / "state"))
+        self.start_step = state["step"]
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    # ----- Loop ---------------------------------------------------------------------------
+
+    def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to(self.accelerator.device, torch.float64)
+        return self.accelerator.reduce(value, reduction="sum") if self.accelerator.num_processes > 1 else value
+
+    def train_step(self, step: int) -> dict[str, float]:
+        acc, model = self.accelerator, self.model
+        batches = [self.collate([self.samples[i] for i in idx]) for idx in self.sampler.micro_batches(step)]
+        batches = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        total_targets = self._reduce_sum(sum(b["n_targets"] for b in batches))
+        if total_targets.item() == 0:
+            raise ValueError(f"step {step} has no supervised target in any micro-batch; check the data's labels")
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        extra: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with acc.no_sync(model) if not last else contextlib.nullcontext():
+                batch_loss, metrics = self.recipe.loss(model, batch, self.cfg)
+                # DDP averages gradients over processes, so scale by their count to get the
+                # gradient of (global loss sum / global target count).
+                acc.backward(batch_loss * acc.num_processes / total_targets.float())
+            loss_sum += batch_loss.detach().double()
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
+        grad_norm = None
+        if self.cfg.train.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = (self._reduce_sum(loss_sum) / total_targets).item()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step + 1}; training stopped. Lower train.lr, enable "
+                "train.max_grad_norm, or check the data; resume from the last checkpoint with train.resume_from=latest"
+            )
+        tokens = self._reduce_sum(sum(b["attention_mask"].sum() for b in batches)).item()
+        out = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens, **extra}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    def fit(self) -> TrainResult:
+        if self.model is None:
+            self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        result = TrainResult(self.output_dir, self.start_step)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, desc=cfg.recipe,
+                   disable=not (acc.is_main_process and cfg.logging.progress_bar))
+        window_tokens, window_start = 0.0, time.perf_counter()
+        for step in range(self.start_step, cfg.train.max_steps):
+            stats = self.train_step(step)
+            done = step + 1
+            result.losses.append(stats["loss"])
+            result.steps = done
+            window_tokens += stats["tokens"]
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                stats["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                if torch.cuda.is_available():
+                    stats["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                window_tokens, window_start = 0.0, time.perf_counter()
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+            self.metrics.log(done, stats)
+            bar.update(1)
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+                self.save_checkpoint(done)
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.max_steps:
+                self.evaluate(done)
+        bar.close()
+        if self.start_step < cfg.train.max_steps or not ckpt.list_checkpoints(self.output_dir):
+            self.save_checkpoint(cfg.train.max_steps)
+        if cfg.eval.at_end:
+            result.eval_rows = self.evaluate(cfg.train.max_steps)
+        if cfg.export.dir and acc.is_main_process:
+            from leaplm.models.export import export_model
+
+            export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows)
+        acc.wait_for_everyone()
+        self.metrics.close()
+        return result
+
+    # ----- Checkpoints, eval --------------------------------------------------------------
+
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        tmp = ckpt.temporary_dir(self.output_dir, step)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        if acc.is_main_process:
+            self.unwrapped_model().save_pretrained(tmp / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "model")
+            self.cfg.save(tmp / "config.yaml")
+            final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step()},
+                                  self.cfg.train.keep_last)
+        acc.wait_for_everyone()
+        return ckpt.checkpoint_root(self.output_dir) / ckpt.step_dir_name(step) if not acc.is_main_process else final
+
+    def _per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.accelerator.num_processes
+
+    def evaluate(self, step: int) -> list[dict]:
+        """Evaluate on the main process through the inference engine; log accuracy per task."""
+        rows: list[dict] = []
+        if self.accelerator.is_main_process:
+            from leaplm.inference.evaluate import evaluate_model
+
+            e = self.cfg.eval
+            rows = evaluate_model(self.unwrapped_model(), self.tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder,
+                                  decoder_args=e.decoder_args, max_new_tokens=e.max_new_tokens,
+                                  batch_size=e.batch_size, seed=self.cfg.data.seed, model_name=self.cfg.output_dir)
+            self.metrics.log(step, {f"eval/{r['task']}/accuracy": r["accuracy"] for r in rows})
+            (self.output_dir / f"eval-step-{step:06d}.json").write_text(json.dumps(rows, indent=2))
+        self.accelerator.wait_for_everyone()
+        return rows
+
+
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).fit()
