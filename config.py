@@ -74,7 +74,9 @@ class DataConfig:
     messages_column: str = "messages"
     max_length: int = 256  # tokens per sample, prompt + response
     overlong: Literal["drop", "truncate", "error"] = "drop"
-    packing: bool = False  # concatenate samples into max_length rows (no padding, cross-sample attention)
+    # Concatenate whole samples into rows of max_length tokens: no padding waste. Position ids
+    # restart per sample, so each sample still attends only to itself (block-diagonal mask).
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -93,8 +95,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0  # 0 disables clipping
-    # Sort samples by length within windows of 32 steps: far less padding (about 2x faster on
-    # the synthetic suite), at the cost of steps that each hold samples of similar length.
+    # Sort samples by length within windows of 32 steps: less padding, but a step then holds
+    # samples of similar length, which on task-determined lengths means one task per step; at
+    # high lr that made the tiny teacher forget tasks between their turns. Prefer data.packing.
     group_by_length: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     save_every: int = 0  # checkpoint every N optimizer steps; 0 = only at the end

@@ -157,24 +157,32 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
 def pack(samples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
     """Greedy packing of whole samples into rows of at most ``max_length`` tokens.
 
-    Packed samples attend to each other (plain causal mask); that is the usual pretraining
-    trade-off of throughput against a little cross-sample leakage.
+    Each row carries ``position_ids`` that restart at 0 for every sample. Given those and no
+    2D attention mask, transformers builds a block-diagonal causal mask, so packed samples do
+    not attend to each other and the loss equals the unpacked one (tests/test_data.py).
     """
     rows: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": []}
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for s in samples:
         if current["input_ids"] and len(current["input_ids"]) + len(s["input_ids"]) > max_length:
             rows.append(current)
-            current = {"input_ids": [], "labels": []}
+            current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += s["input_ids"]
         current["labels"] += s["labels"]
+        current["position_ids"] += list(range(len(s["input_ids"])))
     if current["input_ids"]:
         rows.append(current)
     return rows
 
 
 class PadCollator:
-    """Right-pads ``input_ids``/``labels`` into a batch; counts the supervised tokens."""
+    """Right-pads ``input_ids``/``labels`` into a batch; counts the supervised tokens.
+
+    Packed rows (with ``position_ids``) also get ``position_ids``; their padding tail restarts
+    at position 0, so it forms its own block and never mixes with a real sample. Models must
+    then be called with ``attention_mask=None`` (``model_inputs`` does this); ``attention_mask``
+    still marks real tokens, for counting.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -184,12 +192,27 @@ class PadCollator:
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)  # [b, s]
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)  # [b, s]
         attention_mask = torch.zeros((len(samples), width), dtype=torch.long)  # [b, s]
+        packed = "position_ids" in samples[0]
+        position_ids = torch.zeros((len(samples), width), dtype=torch.long)  # [b, s]
         for i, s in enumerate(samples):
             n = len(s["input_ids"])
             input_ids[i, :n] = torch.tensor(s["input_ids"])
             labels[i, :n] = torch.tensor(s["labels"])
             attention_mask[i, :n] = 1
+            if packed:
+                position_ids[i, :n] = torch.tensor(s["position_ids"])
+                position_ids[i, n:] = torch.arange(width - n)
         # Targets are labels[:, 1:]; the trainer normalises the loss by this count over the
         # whole optimizer step, so micro-batch size and accumulation do not change the loss.
         n_targets = (labels[:, 1:] != IGNORE_INDEX).sum()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "n_targets": n_targets}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "n_targets": n_targets}
+        if packed:
+            batch["position_ids"] = position_ids
+        return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Forward kwargs for a padded or a packed batch (see PadCollator)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -20,6 +20,9 @@ EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "tiny_teacher"
 # model_type values whose attention, KV cache and 4D-mask handling the decoders rely on.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
 
+# Families whose transformers implementation has no SDPA path: they get eager attention.
+EAGER_ONLY_MODEL_TYPES = ("gemma2",)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,6 +64,10 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+def attention_for(model_type: str, requested: str) -> str:
+    return "eager" if model_type in EAGER_ONLY_MODEL_TYPES and requested == "sdpa" else requested
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve(name_or_path)))
 
@@ -77,7 +84,7 @@ def load_model(
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        path, dtype=DTYPES[dtype], attn_implementation=attention_for(config.model_type, attn_implementation)
     )
     if device is not None:
         model.to(device)
@@ -102,7 +109,7 @@ def build_from_config(
     )
     check_architecture(config)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(model_type, attn_implementation))
 
 
 # Real config classes of each family, shrunk to CPU-test size. Family-specific features are kept

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leaplm.config import Config
-from leaplm.data.sft import PadCollator, load_source, pack, synthetic_dataset, tokenize_dataset
+from leaplm.data.sft import PadCollator, load_source, model_inputs, pack, synthetic_dataset, tokenize_dataset
 from leaplm.data.tokenizer import train_tokenizer
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.models.zoo import build_from_config, load_model, load_tokenizer
@@ -48,7 +48,7 @@ def build_collator(cfg: Config, tokenizer):
 
 
 def loss(model, batch, cfg: Config):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, s, v]
+    logits = model(**model_inputs(batch), use_cache=False).logits  # [b, s, v]
     return causal_lm_loss_sum(logits, batch["labels"]), {}
 
 
