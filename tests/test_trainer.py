@@ -153,3 +153,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(GOLDEN), rtol=1e-5, atol=1e-5)
     saved = load_config(tmp_path / "ddp" / "config.yaml")
     assert saved.train.micro_batch_size == 4
+
+
+def test_max_length_beyond_the_model_context_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        train(tiny_config(tmp_path, "model.init.max_position_embeddings=64", "data.max_length=128"))
+
+
+def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train(tiny_config(tmp_path, "train.max_steps=2", "logging.wandb=true"))
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline wandb run directory"

@@ -157,6 +157,12 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
         model, self.tokenizer = self.recipe.build_model(cfg)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and cfg.data.max_length > context:
+            raise ValueError(
+                f"data.max_length={cfg.data.max_length} is longer than the model's context "
+                f"(max_position_embeddings={context}); lower data.max_length to at most {context}"
+            )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.model.lora.r > 0:
