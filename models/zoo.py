@@ -129,6 +129,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma2": dict(architecture="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=256,
                    max_position_embeddings=512),
+    "gemma3": dict(architecture="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=256,
+                   layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512),
 }
 TINY_FAMILIES = tuple(TINY_CONFIGS)
 
