@@ -30,10 +30,14 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def resolve(name_or_path: str) -> str:
-    """Map the embedded-teacher alias to its directory; anything else is passed through."""
+def resolve(name_or_path: str, weights: bool = True) -> str:
+    """Map the embedded-teacher alias to its directory; anything else is passed through.
+
+    ``weights=False`` only needs the tokenizer (tiny test models share it with the teacher).
+    """
     if name_or_path == EMBEDDED_TEACHER:
-        if not (EMBEDDED_TEACHER_DIR / "tokenizer.json").is_file():
+        needed = "config.json" if weights else "tokenizer.json"
+        if not (EMBEDDED_TEACHER_DIR / needed).is_file():
             raise FileNotFoundError(
                 f"the embedded teacher is missing from {EMBEDDED_TEACHER_DIR}; rebuild it with "
                 "`leaplm train configs/pretrain/tiny_teacher.yaml`"
@@ -69,7 +73,7 @@ def attention_for(model_type: str, requested: str) -> str:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve(name_or_path)))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve(name_or_path, weights=False)))
 
 
 def load_model(

@@ -1,0 +1,153 @@
+"""`leaplm eval`, `leaplm bench` and `leaplm quickstart` (wired into leaplm.cli).
+
+    leaplm eval MODEL --tasks synth --decoder ar [--decoder-args JSON] [--n 100] [--out DIR]
+    leaplm bench MODEL --decoders ar --out DIR [--tasks copy,sort] [--n 50]
+    leaplm quickstart [--out runs/quickstart] [--n 50]
+
+MODEL is a local model directory, a Hub id, or ``tiny-teacher`` (the embedded teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from leaplm.models.zoo import DTYPES, EMBEDDED_TEACHER
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}); example: '{{\"temperature\": 0.7}}'") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"temperature\": 0.7}}', got {text!r}")
+    return value
+
+
+def _decoder_specs(text: str) -> list:
+    """``ar,hf_generate`` or a JSON list of names / {"decoder": ..., "settings": {...}} objects."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"--decoders is not valid JSON ({err})") from err
+        return value
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--tasks", default="synth", help="'synth' (every task) or a comma list, e.g. copy,sort")
+    p.add_argument("--n", type=int, default=n, help="test prompts per task (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="new tokens per prompt (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="test-split seed (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+
+
+def _command(words: list[str], args: argparse.Namespace, keys: list[str]) -> str:
+    """The command line that reproduces this run (``leaplm *words --key value ...``), for result files."""
+    parts = ["leaplm", *words]
+    for key in keys:
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        parts += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
+def print_eval(rows: list[dict[str, Any]]) -> None:
+    from leaplm.inference.evaluate import EVAL_COLUMNS, format_table
+
+    print(format_table(rows, EVAL_COLUMNS))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from leaplm.inference.evaluate import evaluate_model, load_for_eval
+
+    model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
+    rows = evaluate_model(model, tokenizer, tasks=args.tasks, n=args.n, decoder=args.decoder,
+                          decoder_args=args.decoder_args, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, seed=args.seed, model_name=args.model)
+    print_eval(rows)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote {out / 'eval.json'}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from leaplm.inference.bench import run_bench
+    from leaplm.inference.evaluate import load_for_eval
+
+    model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
+    command = _command(["bench", args.model], args,
+                       ["decoders", "tasks", "n", "batch_size", "max_new_tokens", "seed", "out"])
+    rows = run_bench(args.model, args.decoders, args.tasks, args.n, args.batch_size, args.max_new_tokens, args.out,
+                     seed=args.seed, model=model, tokenizer=tokenizer, command=command)
+    _print_bench(rows, Path(args.out))
+
+
+def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
+    from leaplm.inference.bench import BENCH_COLUMNS
+    from leaplm.inference.evaluate import format_table
+
+    print(format_table(rows, [c for c in BENCH_COLUMNS if c[0] != "settings"]))
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    """Evaluate the embedded teacher with AR decoding, then benchmark it against HF generate."""
+    from leaplm.inference.bench import run_bench
+    from leaplm.inference.evaluate import evaluate_model, load_for_eval
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_for_eval(args.model)
+    print(f"== eval: {args.model}, ar decoding, {args.n} test prompts per task")
+    rows = evaluate_model(model, tokenizer, n=args.n, decoder="ar", max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, model_name=args.model)
+    print_eval(rows)
+    (out / "eval.json").write_text(json.dumps(rows, indent=2))
+    print("\n== bench: ar vs HF generate, same prompts, interleaved")
+    command = _command(["quickstart"], args, ["n", "batch_size", "max_new_tokens", "out", "model"])
+    bench_rows = run_bench(args.model, ["ar"], None, args.n, args.batch_size, args.max_new_tokens, out,
+                           model=model, tokenizer=tokenizer, command=command)
+    _print_bench(bench_rows, out)
+    print(f"\nresults in {out}/: eval.json, bench.json, bench.md, bench.png")
+
+
+def add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="per-task accuracy, tokens/forward and tokens/s of a model under a decoder")
+    p.add_argument("model", help="a model directory, a Hub id, or tiny-teacher")
+    p.add_argument("--decoder", default="ar", help="a registered decoder (default %(default)s)")
+    p.add_argument("--decoder-args", type=_json_object, default={}, help="decoder settings as JSON, e.g. "
+                   "'{\"temperature\": 0.7, \"top_p\": 0.9}'")
+    _add_common(p, n=100)
+    p.add_argument("--out", help="also write DIR/eval.json")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="decoders side by side with HF generate: bench.json, bench.md, bench.png")
+    p.add_argument("model", help="a model directory, a Hub id, or tiny-teacher")
+    p.add_argument("--decoders", type=_decoder_specs, default=["ar"],
+                   help="comma list (ar,...) or a JSON list of names and "
+                        "{\"decoder\": NAME, \"settings\": {...}} objects; hf_generate is always included")
+    _add_common(p, n=50)
+    p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("quickstart", help="eval + bench of the embedded teacher")
+    p.add_argument("--out", default="runs/quickstart", help="results directory (default %(default)s)")
+    p.add_argument("--n", type=int, default=50, help="test prompts per task (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--model", default=EMBEDDED_TEACHER, help="the model to use (default: the embedded teacher)")
+    p.set_defaults(func=_quickstart)

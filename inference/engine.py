@@ -1,0 +1,498 @@
+"""The one inference engine: KV cache, batched prompts of different lengths, a decoder registry.
+
+Rollouts (recipes making their own training data), evaluation and benchmarks all decode through
+:meth:`Engine.generate`, so a decoder's accuracy and speed are measured exactly the way its
+training data was made.
+
+Batches are LEFT padded: every row's next token then sits in the same column, so one forward
+serves the whole batch. Position ids are ``cumsum(mask) - 1`` per row, as in Hugging Face
+``generate``, which makes greedy ``ar`` decoding equal to ``model.generate`` token for token
+(tests/test_engine.py checks this on every tiny family).
+
+A decoder is a function ``(engine, batch, max_new_tokens, **settings) -> DecodeResult``
+registered by name with :func:`register_decoder`. The engine gives decoders the building blocks
+they share: :meth:`Engine.forward` (new tokens at given positions on top of a cache, with a
+padding mask or a custom attention pattern), :func:`crop_cache` (roll back rejected tokens),
+:func:`fork_cache` and :func:`select_cache_rows`.
+
+Conventions every decoder keeps:
+
+- ``sequences`` hold the new tokens of each row up to and *including* its first stop token
+  (EOS); nothing after it, never padding. ``texts`` are decoded without special tokens, so the
+  EOS does not appear in them.
+- ``stats.new_tokens`` counts exactly the tokens in ``sequences`` (EOS included: producing it
+  cost a step like any other token).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class DecoderError(ValueError):
+    """A decoder name or decoder setting that cannot be used; the message names the fix."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that, with the requested new tokens, does not fit the model's positions."""
+
+
+# ----- Results and statistics ---------------------------------------------------------------
+
+
+@dataclass
+class GenerationStats:
+    """Cost of one ``generate`` call (or, summed with ``+``, of several).
+
+    ``tokens_per_forward`` is per sequence: new tokens divided by the forwards each row took
+    until it finished, so plain AR decoding scores exactly 1.0 at any batch size and a parallel
+    decoder's score is the number of tokens it commits per step. ``forward_passes`` counts
+    model calls for the whole batch (what the hardware actually runs).
+    """
+
+    forward_passes: int = 0  # model calls for the batch
+    sequence_forwards: int = 0  # sum over rows of the forwards made until that row finished
+    new_tokens: int = 0  # tokens in the returned sequences (EOS included)
+    wall_time_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.sequence_forwards if self.sequence_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def __add__(self, other: GenerationStats) -> GenerationStats:
+        return GenerationStats(
+            self.forward_passes + other.forward_passes,
+            self.sequence_forwards + other.sequence_forwards,
+            self.new_tokens + other.new_tokens,
+            self.wall_time_s + other.wall_time_s,
+        )
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # new tokens per prompt, up to and including the first EOS
+    texts: list[str]  # sequences decoded without special tokens
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+@dataclass
+class DecodeResult:
+    """What a decoder returns; the engine turns it into a :class:`GenerationOutput`."""
+
+    tokens: torch.Tensor  # [b, n] new tokens; positions at or beyond `lengths` are ignored
+    lengths: torch.Tensor  # [b] valid new tokens per row (through the first EOS, if any)
+    forward_passes: int  # model calls made for the batch
+    row_forwards: torch.Tensor  # [b] forwards made until each row finished
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts, ready for a prefill forward."""
+
+    input_ids: torch.Tensor  # [b, p] padding on the left
+    attention_mask: torch.Tensor  # [b, p] 1 = real token, 0 = padding
+    position_ids: torch.Tensor  # [b, p] cumsum(mask) - 1; 0 on padding
+    lengths: torch.Tensor  # [b] prompt lengths = position of each row's first new token
+    has_padding: bool  # False when all prompts have the same length: no mask needed at all
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+class PaddingMask:
+    """The 2D padding mask of a batch, allocated once for the prompt plus every new token.
+
+    Decoders slice it instead of concatenating a column per step. Without padding it is
+    ``None``, which lets the model skip mask construction (as ``generate`` does).
+    """
+
+    def __init__(self, batch: PromptBatch, max_new_tokens: int):
+        self.mask: torch.Tensor | None = None
+        if batch.has_padding:
+            mask = batch.attention_mask.new_ones(batch.size, batch.width + max_new_tokens)  # [b, p + n]
+            mask[:, : batch.width] = batch.attention_mask
+            self.mask = mask
+
+    def upto(self, kv_length: int) -> torch.Tensor | None:
+        """Mask over the first ``kv_length`` cache slots (cached tokens plus the new ones)."""
+        return None if self.mask is None else self.mask[:, :kv_length]  # [b, kv]
+
+
+# ----- KV cache building blocks -------------------------------------------------------------
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache that keeps every position of every layer.
+
+    It is built without the model config on purpose: with one, sliding-window layers discard
+    old positions and can then no longer be cropped back, which speculative and Jacobi decoders
+    need. The models still apply their sliding windows through the attention mask.
+    """
+    return DynamicCache()
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Drop every cached position from ``length`` on (in place), e.g. rejected draft tokens."""
+    current = cache.get_seq_length()
+    if not 0 <= length <= current:
+        raise ValueError(f"cannot crop a cache of {current} positions to {length}")
+    if length < current:
+        cache.crop(length - current)  # a negative count removes that many trailing positions
+
+
+def fork_cache(cache: DynamicCache) -> DynamicCache:
+    """An independent copy: decoding on the fork leaves the original untouched."""
+    return copy.deepcopy(cache)
+
+
+def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep (or reorder to) the batch rows ``rows`` [k] of the cache, in place."""
+    cache.batch_select_indices(rows)
+
+
+# ----- Token selection ----------------------------------------------------------------------
+
+
+class TokenPicker:
+    """Greedy (temperature 0) or seeded sampling with temperature, top-k and top-p.
+
+    All work is on-device tensor ops; a seeded ``torch.Generator`` makes sampling reproducible
+    and independent of the global RNG.
+    """
+
+    def __init__(self, device: torch.device, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0):
+        if temperature < 0:
+            raise DecoderError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k < 0:
+            raise DecoderError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+        if not 0 < top_p <= 1:
+            raise DecoderError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.greedy = temperature == 0
+        self.generator = None if self.greedy else torch.Generator(device=device).manual_seed(seed)
+
+    def filtered_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits with tokens outside top-k / top-p set to -inf."""
+        logits = logits.float() / self.temperature  # [b, v]
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [b, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, v]
+            probs = sorted_logits.softmax(dim=-1)
+            # Drop a token when the tokens ranked above it already hold top_p of the mass; the
+            # most likely token always survives.
+            drop_sorted = probs.cumsum(dim=-1) - probs >= self.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        return logits
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row [b] from next-token logits [b, v]."""
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = self.filtered_logits(logits).softmax(dim=-1)  # [b, v]
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+# ----- Decoder registry ---------------------------------------------------------------------
+
+Decoder = Callable[..., DecodeResult]
+DECODERS: dict[str, Decoder] = {}
+
+
+def register_decoder(name: str) -> Callable[[Decoder], Decoder]:
+    """Register ``fn(engine, batch, max_new_tokens, **settings) -> DecodeResult`` as ``name``."""
+
+    def wrap(fn: Decoder) -> Decoder:
+        if name in DECODERS:
+            raise ValueError(f"a decoder named {name!r} is already registered ({DECODERS[name].__module__})")
+        DECODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_decoder(name: str) -> Decoder:
+    if name not in DECODERS:
+        raise DecoderError(f"unknown decoder {name!r}; available: {', '.join(sorted(DECODERS))}")
+    return DECODERS[name]
+
+
+def decoder_settings(name: str) -> list[str] | None:
+    """The keyword settings decoder ``name`` accepts (for error messages); None when it takes any."""
+    params = list(inspect.signature(get_decoder(name)).parameters.values())[3:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+# ----- The engine ---------------------------------------------------------------------------
+
+
+class Engine:
+    """Decodes batches of token-id prompts with any registered decoder.
+
+    ``stop_token_ids`` defaults to the tokenizer's EOS plus the model's
+    ``generation_config.eos_token_id`` (chat models often end turns with a second token).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 stop_token_ids: list[int] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        if stop_token_ids is None:
+            stop_token_ids = _default_stop_ids(model, tokenizer)
+        if not stop_token_ids:
+            raise ValueError("the engine needs at least one stop token; set tokenizer.eos_token")
+        self.stop_token_ids = list(dict.fromkeys(stop_token_ids))
+        self._stop_ids = torch.tensor(self.stop_token_ids, device=self.device)  # [k]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.stop_token_ids[0]
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    # --- inputs ---
+
+    def prepare(self, prompts: list[list[int]], max_new_tokens: int) -> PromptBatch:
+        """Left-pad ``prompts``; reject empty ones and ones that leave no room for new tokens."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if self.max_positions is not None and len(prompt) + max_new_tokens > self.max_positions:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{len(prompt) + max_new_tokens} positions but the model has max_position_embeddings="
+                    f"{self.max_positions}. Shorten the prompt to at most {self.max_positions - max_new_tokens} "
+                    "tokens or lower max_new_tokens."
+                )
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # [b, p]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [b, p]
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt):] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [b, p]
+        lengths = attention_mask.sum(-1)  # [b]
+        return PromptBatch(
+            input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device),
+            lengths.to(self.device), has_padding=bool((attention_mask == 0).any()),
+        )
+
+    # --- model calls ---
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: DynamicCache,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        custom_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **model_kwargs: Any,
+    ):
+        """One model call: new tokens ``input_ids`` [b, s] at ``positions`` [b, s] after ``cache``.
+
+        Their keys/values are appended to ``cache``. Attention is either causal with a padding
+        mask ``attention_mask`` [b, cache + s] (None = no padding), or ``custom_mask``
+        [b, s, cache + s] (bool, True = may attend) for patterns such as trees or bidirectional
+        blocks; see :meth:`mask_for_new_tokens`. ``logits_to_keep=k`` computes logits for the
+        last k tokens only (0 = all).
+        """
+        if custom_mask is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask (padding) or custom_mask, not both")
+            attention_mask = self._model_mask(custom_mask, cache.get_seq_length())
+        return self.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            position_ids=positions,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **model_kwargs,
+        )
+
+    @staticmethod
+    def mask_for_new_tokens(padding_mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        """Custom mask for ``s`` new tokens: every cached token per ``padding_mask``, then ``pattern``.
+
+        ``padding_mask`` [b, cache + s] marks real tokens; ``pattern`` [s, s] (bool) says which new
+        token may attend to which (lower-triangular = causal, all True = bidirectional block, a
+        tree's ancestor matrix for tree decoding). Every token must be allowed to attend to itself.
+        Returns [b, s, cache + s].
+        """
+        s = pattern.shape[0]
+        real = padding_mask.bool()  # [b, kv]
+        allowed = real[:, None, :].expand(-1, s, -1).clone()  # [b, s, kv]
+        allowed[:, :, -s:] &= pattern.to(real.device)[None]
+        return allowed
+
+    def _model_mask(self, allowed: torch.Tensor, past: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Turn a bool [b, s, kv] pattern into what the model's attention implementation takes.
+
+        Sliding-window layers get the window applied on cache slots, as transformers does for
+        its own masks: a query in slot q sees slots k with k > q - window.
+        """
+        config = self.model.config
+        impl = config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(
+                f"custom attention masks need attn_implementation 'sdpa' or 'eager', the model uses {impl!r}; "
+                "load it with attn_implementation='sdpa'"
+            )
+        s, kv = allowed.shape[1], allowed.shape[2]
+        window = getattr(config, "sliding_window", None)
+        windowed = allowed
+        if window is not None and kv > window:
+            q_slot = torch.arange(past, past + s, device=allowed.device)[:, None]  # [s, 1]
+            k_slot = torch.arange(kv, device=allowed.device)[None, :]  # [1, kv]
+            windowed = allowed & (k_slot > q_slot - window)[None]
+
+        def to_model(mask: torch.Tensor) -> torch.Tensor:
+            mask = mask[:, None]  # [b, 1, s, kv]
+            if impl == "sdpa":
+                return mask
+            zero = torch.zeros((), dtype=self.model.dtype, device=mask.device)
+            return torch.where(mask, zero, torch.finfo(self.model.dtype).min)
+
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:  # models with per-layer-type masks accept a dict
+            return {"full_attention": to_model(allowed), "sliding_attention": to_model(windowed)}
+        return to_model(windowed)
+
+    def is_stop(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bool mask of stop tokens, same shape as ``tokens``."""
+        return torch.isin(tokens, self._stop_ids)
+
+    # --- public entry ---
+
+    def generate(
+        self, prompts: list[list[int]], decoder: str = "ar", max_new_tokens: int = 128, **decoder_args: Any
+    ) -> GenerationOutput:
+        """Decode ``prompts`` (token ids, chat formatted if the model expects it) with ``decoder``."""
+        fn = get_decoder(decoder)
+        allowed = decoder_settings(decoder)
+        unknown = [k for k in decoder_args if allowed is not None and k not in allowed]
+        if unknown:
+            raise DecoderError(
+                f"decoder {decoder!r} has no setting {unknown[0]!r}; its settings: {', '.join(allowed) or 'none'}"
+            )
+        if not prompts:
+            return GenerationOutput([], [], GenerationStats())
+        batch = self.prepare(prompts, max_new_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                _synchronize(self.device)
+                start = time.perf_counter()
+                result = fn(self, batch, max_new_tokens, **decoder_args)
+                _synchronize(self.device)
+                wall = time.perf_counter() - start
+        finally:
+            self.model.train(was_training)
+        tokens, lengths = result.tokens.tolist(), result.lengths.tolist()
+        sequences = [row[:n] for row, n in zip(tokens, lengths)]
+        stats = GenerationStats(
+            forward_passes=result.forward_passes,
+            sequence_forwards=int(result.row_forwards.sum()),
+            new_tokens=sum(lengths),
+            wall_time_s=wall,
+        )
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        return GenerationOutput(sequences, texts, stats)
+
+
+def _default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return ids
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall times measure the decode, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----- Built-in decoders --------------------------------------------------------------------
+
+
+@register_decoder("ar")
+def autoregressive(
+    engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+) -> DecodeResult:
+    """One token per forward over the KV cache: the baseline every parallel decoder must beat.
+
+    Greedy (temperature 0) equals ``model.generate(do_sample=False)`` token for token.
+    """
+    pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
+    b = batch.size
+    cache = new_cache()
+    padding = PaddingMask(batch, max_new_tokens)
+    tokens = torch.full((b, max_new_tokens), engine.pad_token_id, dtype=torch.long, device=engine.device)  # [b, n]
+    lengths = torch.zeros(b, dtype=torch.long, device=engine.device)  # [b]
+    unfinished = torch.ones(b, dtype=torch.bool, device=engine.device)  # [b]
+    pad = torch.tensor(engine.pad_token_id, device=engine.device)
+
+    out = engine.forward(batch.input_ids, cache, batch.position_ids, padding.upto(batch.width), logits_to_keep=1)
+    positions = batch.lengths[:, None].clone()  # [b, 1] position of the token being fed next
+    forwards = 1
+    for step in range(max_new_tokens):
+        next_tokens = torch.where(unfinished, pick(out.logits[:, -1]), pad)  # [b]
+        tokens[:, step] = next_tokens
+        lengths += unfinished
+        unfinished &= ~engine.is_stop(next_tokens)
+        if step + 1 == max_new_tokens or not unfinished.any():
+            break
+        out = engine.forward(next_tokens[:, None], cache, positions, padding.upto(batch.width + step + 1),
+                             logits_to_keep=1)
+        positions += 1
+        forwards += 1
+    return DecodeResult(tokens[:, :forwards], lengths, forwards, row_forwards=lengths)
+
+
+@register_decoder("hf_generate")
+def hf_generate(engine: Engine, batch: PromptBatch, max_new_tokens: int) -> DecodeResult:
+    """Hugging Face ``model.generate`` (greedy, KV cache) on the same padded batch: the reference.
+
+    Like any ``generate`` call, it still applies what the checkpoint's ``generation_config`` sets
+    beyond these arguments (e.g. a repetition penalty); the tiny teacher sets nothing.
+    """
+    output = engine.model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=engine.stop_token_ids,
+        pad_token_id=engine.pad_token_id,
+    )
+    tokens = output[:, batch.width:]  # [b, n]
+    stops = engine.is_stop(tokens)  # [b, n]
+    first_stop = torch.where(stops.any(-1), stops.int().argmax(-1) + 1, tokens.shape[1])  # [b]
+    return DecodeResult(tokens, first_stop, tokens.shape[1], row_forwards=first_stop)

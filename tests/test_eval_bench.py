@@ -1,0 +1,172 @@
+"""evaluate_model, run_bench and the eval / bench / quickstart commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leaplm.cli import main
+from leaplm.config import EvalConfig
+from leaplm.data.tasks import TASKS, make_split
+from leaplm.inference.bench import run_bench
+from leaplm.inference.engine import DECODERS, DecodeResult, DecoderError
+from leaplm.inference.evaluate import ROW_KEYS, evaluate_model, load_for_eval, task_prompts
+from leaplm.models import zoo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def oracle_decoder(tokenizer, tasks, n):
+    """A decoder that answers every test prompt with its reference answer (+ EOS)."""
+    answers = {}
+    for task in tasks:
+        examples = make_split(task, "test", n)
+        for prompt, ex in zip(task_prompts(tokenizer, examples), examples):
+            answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+            answers[tuple(prompt)] = answer + [tokenizer.eos_token_id]
+
+    def decode(engine, batch, max_new_tokens):
+        rows = [answers[tuple(ids[mask.bool()].tolist())] for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [engine.pad_token_id] * (width - len(r)) for r in rows])  # [b, n]
+        lengths = torch.tensor([len(r) for r in rows])
+        return DecodeResult(tokens, lengths, forward_passes=width, row_forwards=(lengths + 1) // 2)
+
+    return decode
+
+
+def test_evaluate_rows_and_grading(tiny, monkeypatch):
+    model, tokenizer = tiny("llama")
+    tasks = ["copy", "arith", "story"]
+    monkeypatch.setitem(DECODERS, "oracle", oracle_decoder(tokenizer, tasks, 5))
+    rows = evaluate_model(model, tokenizer, tasks=tasks, n=5, decoder="oracle", max_new_tokens=200,
+                          batch_size=2, model_name="tiny-llama")
+    assert [r["task"] for r in rows] == tasks
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+        assert row["accuracy"] == 1.0  # every checker accepts its own reference answer
+        assert row["n"] == 5 and row["model"] == "tiny-llama" and row["decoder"] == "oracle"
+        assert row["tokens_per_forward"] == pytest.approx(2.0, rel=0.1)  # the oracle claims ~2 tokens per step
+        assert row["speedup_vs_generate"] is None
+        assert row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0
+    json.dumps(rows)  # rows go straight into eval.json
+
+    real = evaluate_model(model, tokenizer, tasks=["sort"], n=3, decoder="ar", decoder_args={"temperature": 0.0},
+                          max_new_tokens=8, batch_size=2)
+    assert real[0]["accuracy"] == 0.0  # a random model cannot sort
+    assert real[0]["tokens_per_forward"] == 1.0
+    assert real[0]["settings"] == {"temperature": 0.0}
+
+
+def test_evaluate_accepts_the_trainer_call(tiny):
+    """The trainer passes exactly these keywords, straight from EvalConfig."""
+    model, tokenizer = tiny("llama")
+    e = EvalConfig(tasks=["copy", "word"], n=2, max_new_tokens=4, batch_size=2)
+    rows = evaluate_model(model, tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder, decoder_args=e.decoder_args,
+                          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=3, model_name="runs/x")
+    assert [(r["task"], r["n"], r["model"]) for r in rows] == [("copy", 2, "runs/x"), ("word", 2, "runs/x")]
+    assert all(r["accuracy"] == 0.0 for r in rows)  # random weights
+
+
+def test_evaluate_rejects_bad_tasks_and_decoders(tiny):
+    model, tokenizer = tiny("llama")
+    with pytest.raises(KeyError, match="unknown synthetic task 'sorting'"):
+        evaluate_model(model, tokenizer, tasks=["sorting"], n=2)
+    with pytest.raises(DecoderError, match="available"):
+        evaluate_model(model, tokenizer, tasks=["sort"], n=2, decoder="jacobi-typo")
+
+
+def test_load_for_eval_explains_missing_teacher_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "EMBEDDED_TEACHER_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="leaplm train configs/pretrain/tiny_teacher.yaml"):
+        load_for_eval("tiny-teacher")
+
+
+def test_bench_interleaves_and_writes_results(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny("llama")
+    calls = []
+
+    def recording(name):
+        inner = DECODERS[name]
+
+        def decode(engine, batch, max_new_tokens, **settings):
+            calls.append((name, batch.input_ids[0].tolist(), max_new_tokens))
+            return inner(engine, batch, max_new_tokens, **settings)
+
+        return decode
+
+    monkeypatch.setitem(DECODERS, "hf_generate", recording("hf_generate"))
+    monkeypatch.setitem(DECODERS, "ar", recording("ar"))
+    specs = ["ar", {"decoder": "ar", "settings": {"temperature": 0.8, "seed": 1}}]
+    rows = run_bench("tiny-llama", specs, ["copy", "sort"], n=4, batch_size=2, max_new_tokens=20, out_dir=tmp_path,
+                     model=model, tokenizer=tokenizer)
+
+    # One short warm-up call per decoder, then per batch every decoder before the next batch.
+    timed = [c for c in calls if c[2] == 20]
+    assert sorted(c[0] for c in calls[:3]) == ["ar", "ar", "hf_generate"] and len(calls) - len(timed) == 3
+    assert len(timed) == 2 * 2 * 3  # tasks x batches x decoders
+    for k in range(0, len(timed), 3):
+        group = timed[k:k + 3]
+        assert len({tuple(c[1]) for c in group}) == 1, "all decoders decode a batch before the next batch starts"
+    assert timed[0][0] != timed[3][0], "the order rotates from batch to batch"
+
+    expected = [(d, t) for t in ("copy", "sort") for d in ("hf_generate", "ar", "ar")]
+    assert [(r["decoder"], r["task"]) for r in rows] == expected
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+    reference = {r["task"]: r for r in rows if r["decoder"] == "hf_generate"}
+    for row in rows:
+        assert row["speedup_vs_generate"] == pytest.approx(row["tokens_per_s"] / reference[row["task"]]["tokens_per_s"])
+    assert all(r["speedup_vs_generate"] == 1.0 for r in reference.values())
+    assert rows[2]["settings"] == {"temperature": 0.8, "seed": 1}
+
+    assert json.loads((tmp_path / "bench.json").read_text()) == rows
+    md = (tmp_path / "bench.md").read_text()
+    assert "| decoder | settings | task |" in md and "hf_generate" in md and "run_bench('tiny-llama'" in md
+    assert f"torch: {torch.__version__}" in md and "torch_threads" in md and "cpu:" in md
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_rejects_bad_specs(tiny, tmp_path):
+    model, tokenizer = tiny("llama")
+    with pytest.raises(ValueError, match="cannot read decoder spec"):
+        run_bench("m", [{"name": "ar"}], ["copy"], 2, 2, 4, tmp_path, model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="repeat"):
+        run_bench("m", ["ar", "ar"], ["copy"], 2, 2, 4, tmp_path, model=model, tokenizer=tokenizer)
+
+
+def test_cli_eval_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["eval", str(tiny_model_dir), "--tasks", "copy,sort", "--decoder", "ar",
+          "--decoder-args", '{"top_k": 1, "temperature": 1.0}',
+          "--n", "3", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| task | n | accuracy | tokens/forward | tokens/s |" in printed and "| copy | 3 |" in printed
+    rows = json.loads((out / "eval.json").read_text())
+    assert [r["task"] for r in rows] == ["copy", "sort"]
+    assert rows[0]["settings"] == {"top_k": 1, "temperature": 1.0} and rows[0]["model"] == str(tiny_model_dir)
+
+
+def test_cli_rejects_bad_decoder_args(tiny_model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_model_dir), "--decoder-args", "{temperature: 1}"])
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_bench_and_quickstart(tiny_model_dir, tmp_path, capsys):
+    bench_dir = tmp_path / "bench"
+    main(["bench", str(tiny_model_dir), "--decoders", "ar", "--tasks", "copy", "--n", "2", "--max-new-tokens", "4",
+          "--out", str(bench_dir)])
+    rows = json.loads((bench_dir / "bench.json").read_text())
+    assert [r["decoder"] for r in rows] == ["hf_generate", "ar"]
+    assert f"leaplm bench {tiny_model_dir} --decoders ar --tasks copy --n 2" in (bench_dir / "bench.md").read_text()
+
+    quick = tmp_path / "quick"
+    main(["quickstart", "--out", str(quick), "--n", "2", "--max-new-tokens", "4", "--model", str(tiny_model_dir)])
+    printed = capsys.readouterr().out
+    assert f"results in {quick}" in printed
+    assert len(json.loads((quick / "eval.json").read_text())) == len(TASKS)
+    assert {r["decoder"] for r in json.loads((quick / "bench.json").read_text())} == {"hf_generate", "ar"}
+    assert (quick / "bench.png").read_bytes()[:8] == PNG_MAGIC and (quick / "bench.md").is_file()
