@@ -12,6 +12,7 @@ recipe declares (``Recipe.method_config``), so there is still exactly one parser
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,19 +177,31 @@ class Config:
 # ----- Parsing ------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with YAML 1.2 booleans and floats, for files and overrides alike.
+
+    YAML 1.1 reads ``no``/``yes``/``on``/``off`` as booleans, so ``train.mixed_precision=no`` (a
+    documented choice) became ``False``; and it reads ``3e-4`` or ``1e5`` as strings, because its
+    floats need a dot and a signed exponent. Only ``true``/``false`` are booleans here, and
+    scientific notation is a number.
+    """
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). Values are parsed as YAML scalars."""
     if "=" not in text or text.startswith("-"):
         raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
-    # YAML 1.1 reads "3e-4" as a string; numbers in scientific notation are what users mean.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    return key.split("."), value
+    return key.split("."), yaml.load(raw, Loader=_Loader) if raw != "" else None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +272,8 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' in ' + where if where else ''}: {', '.join(names)}"
+            f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + where if where else ''}: "
+            f"{', '.join(names) or '(none)'}"
         )
     kwargs = {}
     for name, value in values.items():
@@ -280,7 +294,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_Loader) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded
@@ -293,6 +307,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     config = build(Config, tree)
     from leaplm.train.recipes import get_recipe  # late import: recipes import this module
 
-    recipe = get_recipe(config.recipe)
+    try:
+        recipe = get_recipe(config.recipe)
+    except KeyError as err:
+        raise ConfigError(f"recipe: {err.args[0]}") from None
     config.method = build(recipe.method_config, config.method or {}, "method")
     return config

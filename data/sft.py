@@ -57,6 +57,8 @@ def load_source(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
     if path.suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise DataError(f"data.source file {path} does not exist")
+        if _holds_no_rows(path):
+            raise DataError(f"data.source file {path} holds no rows; point data.source at a file with samples")
         ds = datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     elif path.is_dir() and (path / "dataset_info.json").is_file():
         ds = datasets.load_from_disk(str(path))
@@ -76,6 +78,16 @@ def load_source(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
             "Rename the columns, or set data.prompt_column / data.response_column / data.messages_column."
         )
     return ds
+
+
+def _holds_no_rows(path: Path) -> bool:
+    """datasets fails on an empty file with errors that do not say so (StopIteration, ArrowInvalid)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows == 0
+    with path.open("rb") as f:
+        return not any(line.strip() for line in f)  # stops at the first non-blank line
 
 
 def to_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
@@ -132,7 +144,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
     samples, dropped, truncated = [], 0, 0
     for i, row in enumerate(ds):
         sample = tokenize_chat(tokenizer, to_messages(row, cfg))
-        if len(sample["input_ids"]) > cfg.max_length:
+        overlong = len(sample["input_ids"]) > cfg.max_length
+        if overlong:
             if cfg.overlong == "error":
                 raise DataError(
                     f"sample {i} has {len(sample['input_ids'])} tokens > data.max_length={cfg.max_length}; "
@@ -141,11 +154,11 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
             if cfg.overlong == "drop":
                 dropped += 1
                 continue
-            truncated += 1
             sample = {k: v[: cfg.max_length] for k, v in sample.items()}
         if all(t == IGNORE_INDEX for t in sample["labels"]):
-            dropped += 1  # nothing left to supervise (response truncated away)
+            dropped += 1  # nothing left to supervise (response truncated away); counted once, as dropped
             continue
+        truncated += overlong
         samples.append(sample)
     if dropped or truncated:
         log.warning("data: %d samples dropped and %d truncated at data.max_length=%d", dropped, truncated, cfg.max_length)

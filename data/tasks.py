@@ -71,13 +71,17 @@ def check_final_number(response: str, reference: str) -> bool:
 # ----- Generators ---------------------------------------------------------------------------
 
 
+# Copy and reverse use at least 8 words so that, a word being at least one token, every task's
+# answer has at least 8 tokens (tests/test_data.py checks this floor with the teacher tokenizer).
+
+
 def gen_copy(rng: random.Random) -> Example:
-    span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10)))
+    span = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 10)))
     return Example("copy", f"Repeat exactly: {span}", span)
 
 
 def gen_reverse(rng: random.Random) -> Example:
-    items = [rng.choice(WORDS) for _ in range(rng.randint(5, 8))]
+    items = [rng.choice(WORDS) for _ in range(rng.randint(8, 10))]
     return Example("reverse", f"Reverse the list: {' '.join(items)}", " ".join(reversed(items)))
 
 
@@ -154,8 +158,8 @@ def check_story(response: str, reference: str) -> bool:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("copy", gen_copy, check_exact, "repeat a span of 6-10 words"),
-        Task("reverse", gen_reverse, check_exact, "reverse a list of 5-8 words"),
+        Task("copy", gen_copy, check_exact, "repeat a span of 8-10 words"),
+        Task("reverse", gen_reverse, check_exact, "reverse a list of 8-10 words"),
         Task("sort", gen_sort, check_exact, "sort 6-10 digits"),
         Task("arith", gen_arith, check_final_number, "add two 2-3 digit numbers with worked carries"),
         Task("word", gen_word, check_final_number, "two-step templated word problem"),

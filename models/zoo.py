@@ -43,7 +43,13 @@ def resolve(name_or_path: str, weights: bool = True) -> str:
                 "`leaplm train configs/pretrain/tiny_teacher.yaml`"
             )
         return str(EMBEDDED_TEACHER_DIR)
-    return name_or_path
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model directory {name_or_path!r} does not exist; pass an existing directory with config.json, "
+            f"a Hub id such as 'Qwen/Qwen3-0.6B', or {EMBEDDED_TEACHER!r}"
+        )
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 
 
 def check_architecture(config: Any) -> None:
