@@ -40,7 +40,7 @@ TINY = [
 
 # First three losses of the tiny run (seed 0, effective batch 8). Pinned so that a change to
 # data order, masking, loss normalisation or initialisation shows up as a failure.
-GOLDEN = [6.239031, 6.204048, 6.203742]
+GOLDEN = [6.228218, 6.206402, 6.171182]
 
 
 def tiny_config(tmp_path: Path, *extra: str):

@@ -1,0 +1,125 @@
+"""The model zoo: tiny models per family, architecture checks, loading, the embedded teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+from leaplm.data.sft import tokenize_chat
+from leaplm.models import zoo
+from leaplm.models.zoo import (
+    EMBEDDED_TEACHER_DIR,
+    SUPPORTED_MODEL_TYPES,
+    TINY_CONFIGS,
+    TINY_FAMILIES,
+    UnsupportedModelError,
+    build_from_config,
+    load_model,
+    load_tokenizer,
+    prepare_tokenizer,
+)
+
+TEACHER_WEIGHTS = EMBEDDED_TEACHER_DIR / "model.safetensors"
+needs_teacher_weights = pytest.mark.skipif(
+    not TEACHER_WEIGHTS.is_file(),
+    reason=f"{TEACHER_WEIGHTS} is not trained yet (leaplm train configs/pretrain/tiny_teacher.yaml)",
+)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_model_of_each_family_runs_a_forward(tiny, family):
+    model, tokenizer = tiny(family)
+    assert model.config.model_type == TINY_CONFIGS[family]["architecture"] in SUPPORTED_MODEL_TYPES
+    assert model.config.vocab_size == len(tokenizer)
+    ids = torch.tensor([tokenize_chat(tokenizer, [{"role": "user", "content": "What is 12 + 30?"},
+                                                  {"role": "assistant", "content": "#### 42"}])["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # [1, s, v]
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_families_without_sdpa_get_eager_attention(tiny):
+    model, _ = tiny("gemma2")
+    assert model.config._attn_implementation == "eager"
+    assert zoo.attention_for("llama", "sdpa") == "sdpa"
+
+
+def test_unknown_tiny_family_lists_the_available_ones():
+    with pytest.raises(KeyError, match="available: llama, qwen2"):
+        zoo.tiny_model("gpt2")
+
+
+def test_unsupported_architecture_names_the_supported_families(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError) as err:
+        load_model(str(tmp_path))
+    message = str(err.value)
+    assert "model_type 'gpt2' is not supported" in message
+    assert all(family in message for family in SUPPORTED_MODEL_TYPES)
+
+
+def test_build_from_config_checks_the_architecture():
+    tokenizer = load_tokenizer("tiny-teacher")
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        build_from_config({"architecture": "gpt2", "n_layer": 1}, tokenizer)
+    with pytest.raises(ValueError, match="model.init needs an 'architecture' key"):
+        build_from_config({"hidden_size": 64}, tokenizer)
+
+
+def test_load_model_round_trips_a_saved_checkpoint(tiny, tiny_model_dir):
+    original, tokenizer = tiny("llama")
+    model, loaded_tokenizer = load_model(str(tiny_model_dir))
+    expected = original.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    half, _ = load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_tokenizer_without_eos_is_rejected_with_the_fix():
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    with pytest.raises(ValueError, match=r"has no eos_token; set one \(tokenizer.eos_token = ...\)"):
+        prepare_tokenizer(tokenizer)
+
+
+def test_missing_pad_token_falls_back_to_eos():
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="</s>")
+    assert prepare_tokenizer(tokenizer).pad_token == "</s>"
+
+
+def test_embedded_teacher_tokenizer_is_byte_level_bpe_with_a_chat_template():
+    tokenizer = load_tokenizer("tiny-teacher")
+    vocab = tokenizer.get_vocab()
+    # Byte-level: all 256 byte symbols are in the vocabulary, so any text round-trips...
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys()
+    text = "naïve 東京 🙂, 12 + 30 = 42"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    # ...and BPE, not per-character: merges beyond the bytes and the special tokens, so that
+    # common words of the task corpus are single tokens.
+    assert len(tokenizer) > 256 + len(tokenizer.all_special_tokens)
+    for word in (" the", " has", " time", " upon", " named", " found", " apple"):
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token_id is not None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "<|user|>\nhi<|end|><|assistant|>\n"
+
+
+@needs_teacher_weights
+def test_teacher_loads_with_plain_transformers_and_is_small():
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_TEACHER_DIR)
+    assert model.config.model_type in SUPPORTED_MODEL_TYPES
+    size = sum(f.stat().st_size for f in EMBEDDED_TEACHER_DIR.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"{EMBEDDED_TEACHER_DIR} is {size / 2**20:.1f} MiB; the wheel ships it"
+
+
+@needs_teacher_weights
+def test_teacher_loads_through_the_zoo_with_a_matching_tokenizer():
+    model, tokenizer = load_model("tiny-teacher")
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
