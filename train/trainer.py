@@ -147,6 +147,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
         self.output_dir = Path(cfg.output_dir)
         self.model = None  # built by setup(), which fit() runs if it has not run yet
+        self._deepspeed = self.accelerator.state.deepspeed_plugin is not None
         set_seed(cfg.seed)
 
     # ----- Setup --------------------------------------------------------------------------
@@ -171,6 +172,7 @@ class Trainer:
             self.recipe.rollout(cfg, model, self.tokenizer, acc)
         self.samples: Sequence[dict] = self.recipe.build_dataset(cfg, self.tokenizer)
         self.collate = self.recipe.build_collator(cfg, self.tokenizer)
+        self._configure_deepspeed()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
@@ -186,6 +188,25 @@ class Trainer:
         if cfg.train.resume_from:
             self._resume(cfg.train.resume_from)
         self.metrics = MetricsLogger(cfg, self.output_dir, acc.is_main_process)
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed runs accumulation and clipping inside its engine: hand it our values.
+
+        accelerate fills the JSON's "auto" batch sizes only from a DataLoader, and the trainer
+        has none (data order is the StepSampler's). With ``gradient_accumulation_steps`` set,
+        the engine's ``step()`` (called by ``accelerator.backward`` after every micro-batch)
+        updates the weights only at accumulation boundaries.
+        """
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        t = self.cfg.train
+        plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch_size * t.grad_accum * self.accelerator.num_processes,
+            "gradient_clipping": t.max_grad_norm,
+        })
 
     def _resume(self, resume_from: str) -> None:
         path = ckpt.resolve_resume(self.output_dir, resume_from)
@@ -218,8 +239,10 @@ class Trainer:
             with acc.no_sync(model) if not last else contextlib.nullcontext():
                 batch_loss, metrics = self.recipe.loss(model, batch, self.cfg)
                 # DDP averages gradients over processes, so scale by their count to get the
-                # gradient of (global loss sum / global target count).
-                acc.backward(batch_loss * acc.num_processes / total_targets.float())
+                # gradient of (global loss sum / global target count). DeepSpeed also divides
+                # by its accumulation steps, which this normalisation already accounts for.
+                scale = acc.num_processes * (self.cfg.train.grad_accum if self._deepspeed else 1)
+                acc.backward(batch_loss * scale / total_targets.float())
             loss_sum += batch_loss.detach().double()
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
