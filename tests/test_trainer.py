@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from leaplm.config import load_config
 from leaplm.train import checkpoint as ckpt
+from leaplm.train.recipes import get_recipe
 from leaplm.train.trainer import StepSampler, Trainer, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +114,6 @@ def test_checkpoint_is_complete_hf_loadable_and_pruned(tmp_path):
     assert [p.name for p in found] == ["step-000003", "step-000004"]
     assert ckpt.validate(found[-1])["step"] == 4
     assert not list(ckpt.checkpoint_root(tmp_path).glob(".tmp-*"))
-    from transformers import AutoModelForCausalLM
-
     assert AutoModelForCausalLM.from_pretrained(found[-1] / "model").config.hidden_size == 32
     saved = load_config(found[-1] / "config.yaml")
     assert saved.train.keep_last == 2 and saved.model.init["hidden_size"] == 32
@@ -151,8 +151,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     ddp_losses = [r["loss"] for r in rows]
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(GOLDEN), rtol=1e-5, atol=1e-5)
-    saved = load_config(tmp_path / "ddp" / "config.yaml")
-    assert saved.train.micro_batch_size == 4
+    assert ddp_losses[-1] < ddp_losses[0]
+    # Every trainable parameter moved away from its (seeded, hence reproducible) initial value.
+    cfg = load_config(tmp_path / "ddp" / "config.yaml")
+    initial, _ = get_recipe(cfg.recipe).build_model(cfg)
+    trained = AutoModelForCausalLM.from_pretrained(ckpt.list_checkpoints(tmp_path / "ddp")[-1] / "model")
+    after = dict(trained.named_parameters())
+    unchanged = [n for n, p in initial.named_parameters() if torch.equal(p, after[n])]
+    assert not unchanged, f"parameters not updated under DDP: {unchanged}"
 
 
 def test_max_length_beyond_the_model_context_is_rejected(tmp_path):
