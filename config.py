@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -166,6 +167,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Recipe-specific options, validated against the recipe's own dataclass after merging.
     method: Any = None
+    # The command line that built this config, quoted in model cards; not a config key.
+    origin: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -312,4 +315,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except KeyError as err:
         raise ConfigError(f"recipe: {err.args[0]}") from None
     config.method = build(recipe.method_config, config.method or {}, "method")
+    if path is not None:
+        config.origin = "leaplm train " + shlex.join([str(path), *overrides])
     return config

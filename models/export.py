@@ -34,7 +34,7 @@ tokenizer = AutoTokenizer.from_pretrained("{{ name }}")
 
 ## Training
 - data: `{{ data_source }}`{% if tasks %} (tasks: {{ tasks }}){% endif %}
-- steps: {{ steps }}, effective batch {{ batch }} samples, lr {{ lr }} ({{ schedule }})
+- steps: {{ steps }}, effective batch {{ batch }}, lr {{ lr }} ({{ schedule }})
 - reproduce: `{{ command }}`
 
 {% if rows %}## Evaluation
@@ -60,7 +60,8 @@ def render_card(model, cfg, rows: list[dict[str, Any]], command: str) -> str:
         data_source=cfg.data.source,
         tasks=", ".join(cfg.data.tasks or []) or None,
         steps=t.max_steps,
-        batch=t.micro_batch_size * t.grad_accum,
+        batch=(f"{t.micro_batch_size * t.grad_accum} packed rows of {cfg.data.max_length} tokens" if cfg.data.packing
+               else f"{t.micro_batch_size * t.grad_accum} samples"),
         lr=t.lr,
         schedule=t.lr_schedule,
         command=command,
@@ -77,6 +78,6 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     cfg.save(out / "leaplm_config.yaml")
     if rows:
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
-    command = command or f"leaplm train <config> (recipe {cfg.recipe})"
+    command = command or cfg.origin or f"leaplm train <config> (recipe {cfg.recipe})"
     (out / "README.md").write_text(render_card(model, cfg, rows or [], command))
     return out
