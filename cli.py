@@ -4,6 +4,7 @@
     leaplm eval MODEL --tasks synth --decoder ar [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR
     leaplm quickstart
+    leaplm bench-attention --lengths 512,2048 --out DIR
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=_train)
 
     from leaplm.inference.cli import add_inference_commands
+    from leaplm.train.attention_bench import add_command as add_attention_bench
 
     add_inference_commands(sub)
+    add_attention_bench(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -73,6 +73,10 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
                  command: str | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        # A LoRA run exports a standalone model (adapter merged into the weights), so plain
+        # `from_pretrained` loads it without peft or the base checkpoint.
+        model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     cfg.save(out / "leaplm_config.yaml")

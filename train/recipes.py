@@ -17,6 +17,7 @@ import torch
 # recipe name -> module defining RECIPE. One readable file per recipe.
 RECIPE_MODULES = {
     "pretrain": "leaplm.train.pretrain",
+    "ar2bd": "leaplm.train.ar2bd",
 }
 
 
@@ -35,6 +36,8 @@ class Recipe:
     loss: Callable[[Any, dict, Any], tuple[torch.Tensor, dict[str, float]]]
     # (cfg, model, tokenizer, accelerator) -> None: make training data with the engine first
     rollout: Callable[[Any, Any, Any, Any], None] | None = None
+    # (model) -> ids of token rows the recipe added (e.g. a mask token): trained in full under LoRA
+    new_token_ids: Callable[[Any], list[int]] | None = None
 
 
 def get_recipe(name: str) -> Recipe:

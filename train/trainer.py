@@ -97,7 +97,12 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def apply_lora(model, cfg: Config):
+def apply_lora(model, cfg: Config, new_token_ids: list[int] | None = None):
+    """Wrap ``model`` in a peft LoRA adapter; rows of ``new_token_ids`` stay fully trainable.
+
+    Token rows a recipe added have no pretrained meaning, so a frozen embedding would leave them
+    at their initialisation; peft's trainable tokens train just those rows.
+    """
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.model.lora
@@ -106,7 +111,7 @@ def apply_lora(model, cfg: Config):
     if not targets:
         raise ValueError(f"model.lora.target_modules {lora.target_modules} match no module of this model")
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                          task_type="CAUSAL_LM")
+                          task_type="CAUSAL_LM", trainable_token_indices=new_token_ids or None)
     return get_peft_model(model, peft_cfg)
 
 
@@ -167,7 +172,8 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.model.lora.r > 0:
-            model = apply_lora(model, cfg)
+            new_tokens = self.recipe.new_token_ids(model) if self.recipe.new_token_ids else None
+            model = apply_lora(model, cfg, new_tokens)
         if self.recipe.rollout is not None:
             self.recipe.rollout(cfg, model, self.tokenizer, acc)
         self.samples: Sequence[dict] = self.recipe.build_dataset(cfg, self.tokenizer)
@@ -227,7 +233,9 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         acc, model = self.accelerator, self.model
         batches = [self.collate([self.samples[i] for i in idx]) for idx in self.sampler.micro_batches(step)]
-        batches = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        # Every micro-batch carries the step, for losses that follow a curriculum (block size).
+        batches = [{**{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()}, "step": step}
+                   for b in batches]
         total_targets = self._reduce_sum(sum(b["n_targets"] for b in batches))
         if total_targets.item() == 0:
             raise ValueError(f"step {step} has no supervised target in any micro-batch; check the data's labels")
@@ -258,7 +266,9 @@ class Trainer:
                 f"loss is {loss} at step {step + 1}; training stopped. Lower train.lr, enable "
                 "train.max_grad_norm, or check the data; resume from the last checkpoint with train.resume_from=latest"
             )
-        tokens = self._reduce_sum(sum(b["attention_mask"].sum() for b in batches)).item()
+        # Real tokens trained on: collators without a padded attention mask report `n_tokens`.
+        tokens = self._reduce_sum(sum(b["n_tokens"] if "n_tokens" in b else b["attention_mask"].sum()
+                                      for b in batches)).item()
         out = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens, **extra}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)

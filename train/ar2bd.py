@@ -1,0 +1,144 @@
+"""Recipe: adapt an AR causal LM into a block-diffusion LM (Fast-dLLM v2, NBDiff).
+
+Model: any zoo causal LM plus a mask token (``models/block_diffusion.py``), trained on the
+two-stream ``[clean | noisy]`` layout under the BD3-style mask, with FlexAttention on GPUs and
+the dense mask (its reference) on CPU.
+Data: chat samples (synthetic suite or any prompt/response dataset); the response is noised.
+Loss: masked-token CE with token shift, per-block noise level, optional 1/t weight and
+complementary view, block-start CE, optional auxiliary AR loss (``losses/block_diffusion.py``);
+the block size can grow over training (NBDiff's curriculum, AR = block size 1).
+Decoder for eval and bench: ``block_diffusion`` (``inference/block_diffusion.py``).
+
+    leaplm train configs/ar2bd/tiny_teacher.yaml
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m leaplm.train configs/ar2bd/qwen2.5-1.5b.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from leaplm.config import Config, ConfigError
+from leaplm.data.sft import IGNORE_INDEX, load_source, tokenize_dataset
+from leaplm.losses.block_diffusion import block_diffusion_loss_sum, build_batch, sample_masks
+from leaplm.models.block_diffusion import (
+    CLEAN_ATTENTION,
+    MASK_TOKEN,
+    BlockDiffusionError,
+    check_block_size,
+    convert,
+    resolve_backend,
+    spec_of,
+    training_attention,
+)
+from leaplm.models.zoo import load_model
+from leaplm.train.recipes import Recipe
+
+
+@dataclass
+class AR2BDConfig:
+    block_size: int = 16  # the block size the model decodes with (after the curriculum)
+    # Block sizes to train with first, spread evenly over `curriculum_steps` (NBDiff starts at
+    # 1, i.e. plain AR). Each must divide block_size. Empty = block_size from the start.
+    block_size_curriculum: list[int] = field(default_factory=list)
+    curriculum_steps: int = 0
+    clean_attention: str = "causal"  # causal (NBDiff, AR-exact cache) | block_causal (BD3-LM, Fast-dLLM v2)
+    t_min: float = 0.001  # per-block noise level t ~ U(t_min, t_max)
+    t_max: float = 1.0
+    complementary: bool = True  # second view masks exactly the complement (Fast-dLLM v2)
+    inverse_t_weight: bool = False  # MDLM/BD3-LM 1/t weight; Fast-dLLM v2 uses none
+    ar_weight: float = 0.0  # auxiliary AR loss on the clean stream (NBDiff); needs clean_attention=causal
+    attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
+    mask_token: str = MASK_TOKEN
+
+    def __post_init__(self):
+        check_block_size(self.block_size, what="method.block_size")
+        for size in self.block_size_curriculum:
+            check_block_size(size, what="method.block_size_curriculum entries")
+            if self.block_size % size:
+                raise ConfigError(f"method.block_size_curriculum entry {size} must divide method.block_size={self.block_size}")
+        if self.block_size_curriculum and self.curriculum_steps < len(self.block_size_curriculum):
+            raise ConfigError("method.curriculum_steps must be at least the number of curriculum stages")
+        if self.clean_attention not in CLEAN_ATTENTION:
+            raise ConfigError(f"method.clean_attention must be one of {', '.join(CLEAN_ATTENTION)}")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ConfigError(f"need 0 <= method.t_min < method.t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.ar_weight < 0:
+            raise ConfigError("method.ar_weight must be >= 0")
+        if self.ar_weight > 0 and self.clean_attention != "causal":
+            raise ConfigError(
+                "method.ar_weight > 0 needs method.clean_attention=causal: under block_causal a clean token sees the "
+                "rest of its block, so next-token prediction on it would read the answer"
+            )
+
+    def block_size_at(self, step: int) -> int:
+        if step >= self.curriculum_steps or not self.block_size_curriculum:
+            return self.block_size
+        return self.block_size_curriculum[step * len(self.block_size_curriculum) // self.curriculum_steps]
+
+
+def build_model(cfg: Config):
+    m: AR2BDConfig = cfg.method
+    check_block_size(m.block_size, cfg.data.max_length, "method.block_size")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = resolve_backend(m.attention, device)
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype,
+                                  "flex_attention" if backend == "flex" else cfg.model.attn_implementation,
+                                  cfg.model.tokenizer)
+    if getattr(model.config, "block_diffusion", None):
+        raise BlockDiffusionError(f"{cfg.model.name_or_path} is already a block-diffusion model; start from an AR model")
+    convert(model, tokenizer, m.block_size, m.clean_attention, m.mask_token)
+    return model, tokenizer
+
+
+def build_dataset(cfg: Config, tokenizer):
+    """(prompt, response) id lists; the response is what the labels supervise."""
+    samples = []
+    for sample in tokenize_dataset(load_source(cfg.data), tokenizer, cfg.data).samples:
+        start = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
+        samples.append({"prompt": sample["input_ids"][:start], "response": sample["input_ids"][start:]})
+    return samples
+
+
+def collate(samples):
+    n_answer = sum(len(s["response"]) for s in samples)
+    return {
+        "prompts": [s["prompt"] for s in samples],
+        "responses": [s["response"] for s in samples],
+        "n_targets": torch.tensor(n_answer),
+        "n_tokens": torch.tensor(sum(len(s["prompt"]) for s in samples) + n_answer),
+    }
+
+
+def build_collator(cfg: Config, tokenizer):
+    return collate
+
+
+def loss(model, batch, cfg: Config):
+    m: AR2BDConfig = cfg.method
+    core = getattr(model, "module", model)  # the model inside a DDP wrapper
+    spec = spec_of(core)
+    block_size = m.block_size_at(batch["step"])
+    masks, rates = sample_masks([len(r) for r in batch["responses"]], block_size, m.t_min, m.t_max, m.complementary)
+    layout, targets = build_batch(batch["prompts"], batch["responses"], masks, rates, block_size, spec.mask_token_id,
+                                  inverse_t_weight=m.inverse_t_weight, ar_weight=m.ar_weight)
+    device = next(model.parameters()).device
+    layout = layout.to(device)
+    logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                   attention_mask=training_attention(core, layout, resolve_backend(m.attention, device)),
+                   use_cache=False).logits  # [v*b, T, V]
+    loss_sum, metrics = block_diffusion_loss_sum(logits, targets.to(device))
+    return loss_sum, {**metrics, "block_size": float(block_size)}
+
+
+RECIPE = Recipe(
+    name="ar2bd",
+    description="AR to block-diffusion adaptation (two-stream BD3 mask, token shift, complementary view)",
+    method_config=AR2BDConfig,
+    build_model=build_model,
+    build_dataset=build_dataset,
+    build_collator=build_collator,
+    loss=loss,
+    new_token_ids=lambda model: [spec_of(model).mask_token_id],
+)
