@@ -15,6 +15,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from leaplm.models.zoo import DTYPES, EMBEDDED_TEACHER
 
 
@@ -29,14 +31,28 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _decoder_specs(text: str) -> list:
-    """``ar,hf_generate`` or a JSON list of names / {"decoder": ..., "settings": {...}} objects."""
+    """Decoders to bench: a JSON list of names / {"decoder": ..., "settings": {...}} objects, or a
+    comma list whose items are ``name`` or ``name:key=value:key=value``, where ``a|b|c`` sweeps a
+    setting: ``ar,block_diffusion:threshold=0.5|0.7|0.9:sub_block_size=8`` is four decoders."""
     if text.lstrip().startswith("["):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
             raise argparse.ArgumentTypeError(f"--decoders is not valid JSON ({err})") from err
         return value
-    return [name.strip() for name in text.split(",") if name.strip()]
+    specs: list = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, *pairs = item.split(":")
+        sweeps: list[dict[str, Any]] = [{}]
+        for pair in pairs:
+            key, eq, values = pair.partition("=")
+            if not eq or not key:
+                raise argparse.ArgumentTypeError(f"cannot read {pair!r} in {item!r}; write key=value or key=v1|v2")
+            sweeps = [{**s, key: yaml.safe_load(v)} for s in sweeps for v in values.split("|")]
+        specs += [{"decoder": name, "settings": s} if s else name for s in sweeps]
+    return specs
 
 
 def _add_common(p: argparse.ArgumentParser, n: int) -> None:
@@ -138,7 +154,8 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="decoders side by side with HF generate: bench.json, bench.md, bench.png")
     p.add_argument("model", help="a model directory, a Hub id, or tiny-teacher")
     p.add_argument("--decoders", type=_decoder_specs, default=["ar"],
-                   help="comma list (ar,...) or a JSON list of names and "
+                   help="comma list, settings after colons, | sweeps a setting: "
+                        "'ar,block_diffusion:threshold=0.5|0.7|0.9'; or a JSON list of names and "
                         "{\"decoder\": NAME, \"settings\": {...}} objects; hf_generate is always included")
     _add_common(p, n=50)
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")

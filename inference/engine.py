@@ -496,3 +496,8 @@ def hf_generate(engine: Engine, batch: PromptBatch, max_new_tokens: int) -> Deco
     stops = engine.is_stop(tokens)  # [b, n]
     first_stop = torch.where(stops.any(-1), stops.int().argmax(-1) + 1, tokens.shape[1])  # [b]
     return DecodeResult(tokens, first_stop, tokens.shape[1], row_forwards=first_stop)
+
+
+# Decoders kept in their own modules register themselves on import. Importing them here (last,
+# since they import this module) makes every decoder available wherever the engine is used.
+from leaplm.inference import block_diffusion  # noqa: E402,F401

@@ -170,3 +170,17 @@ def test_cli_bench_and_quickstart(tiny_model_dir, tmp_path, capsys):
     assert len(json.loads((quick / "eval.json").read_text())) == len(TASKS)
     assert {r["decoder"] for r in json.loads((quick / "bench.json").read_text())} == {"hf_generate", "ar"}
     assert (quick / "bench.png").read_bytes()[:8] == PNG_MAGIC and (quick / "bench.md").is_file()
+
+
+def test_decoder_specs_sweep_settings():
+    import argparse
+
+    from leaplm.inference.cli import _decoder_specs
+
+    assert _decoder_specs("ar, block_diffusion:threshold=0.5|0.9:sub_block_size=8") == [
+        "ar",
+        {"decoder": "block_diffusion", "settings": {"threshold": 0.5, "sub_block_size": 8}},
+        {"decoder": "block_diffusion", "settings": {"threshold": 0.9, "sub_block_size": 8}},
+    ]
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        _decoder_specs("block_diffusion:threshold")
