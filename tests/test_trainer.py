@@ -40,9 +40,10 @@ TINY = [
     "logging.progress_bar=false",
 ]
 
-# First three losses of the tiny run (seed 0, effective batch 8). Pinned so that a change to
-# data order, masking, loss normalisation or initialisation shows up as a failure.
-GOLDEN = [6.228218, 6.206402, 6.171182]
+# First three losses of the tiny run (seed 0, effective batch 8, the embedded teacher's tokenizer:
+# retraining the teacher re-pins them). Pinned so that a change to data order, masking, loss
+# normalisation or initialisation shows up as a failure.
+GOLDEN = [6.218578, 6.197828, 6.156044]
 
 
 def tiny_config(tmp_path: Path, *extra: str):
