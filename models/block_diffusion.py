@@ -221,6 +221,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def flex_backward_available(device: torch.device) -> bool:
+    """torch's FlexAttention refuses a backward pass on CPU (it has one on CUDA)."""
+    return device.type != "cpu"
+
+
 def training_attention(model: PreTrainedModel, layout: StreamLayout, backend: str) -> Any:
     """What ``model(attention_mask=...)`` takes for ``layout``: a BlockMask (flex) or a dense mask.
 
@@ -242,7 +247,7 @@ def training_attention(model: PreTrainedModel, layout: StreamLayout, backend: st
     if backend == "flex":
         if impl != "flex_attention":
             raise BlockDiffusionError(f"the flex backend needs attn_implementation='flex_attention', the model uses {impl!r}")
-        if layout.input_ids.device.type == "cpu" and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not flex_backward_available(layout.input_ids.device):
             raise BlockDiffusionError(
                 "FlexAttention has no backward pass on CPU in this torch version; train with method.attention=dense "
                 "(the same mask as a dense tensor) or on a GPU"
