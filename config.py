@@ -143,6 +143,7 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     dir: str | None = None  # write the final model (safetensors + tokenizer + card) here
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # halve the files; None = the training dtype
     push_to: str | None = None  # Hub repo id (issue #8)
 
 

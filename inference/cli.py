@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from leaplm.models.zoo import DTYPES, EMBEDDED_TEACHER
+from leaplm.models.zoo import DTYPES, EMBEDDED_BLOCK_DIFFUSION, EMBEDDED_TEACHER
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -121,24 +121,38 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    """Evaluate the embedded teacher with AR decoding, then benchmark it against HF generate."""
+    """Evaluate the embedded teacher and bench it against HF generate; then bench the embedded
+    block-diffusion model (the teacher adapted by the ar2bd recipe) decoding one prompt at a time."""
     from leaplm.inference.bench import run_bench
     from leaplm.inference.evaluate import evaluate_model, load_for_eval
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = _command(["quickstart"], args, ["n", "batch_size", "max_new_tokens", "threshold", "out", "model"])
     model, tokenizer = load_for_eval(args.model)
-    print(f"== eval: {args.model}, ar decoding, {args.n} test prompts per task")
+    print(f"== 1/3 eval: {args.model}, ar decoding, {args.n} test prompts per task")
     rows = evaluate_model(model, tokenizer, n=args.n, decoder="ar", max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, model_name=args.model)
     print_eval(rows)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
-    print("\n== bench: ar vs HF generate, same prompts, interleaved")
-    command = _command(["quickstart"], args, ["n", "batch_size", "max_new_tokens", "out", "model"])
+    print(f"\n== 2/3 bench: ar vs HF generate, same prompts, interleaved, batches of {args.batch_size}")
     bench_rows = run_bench(args.model, ["ar"], None, args.n, args.batch_size, args.max_new_tokens, out,
                            model=model, tokenizer=tokenizer, command=command)
     _print_bench(bench_rows, out)
-    print(f"\nresults in {out}/: eval.json, bench.json, bench.md, bench.png")
+    if args.model != EMBEDDED_TEACHER:
+        print(f"\nresults in {out}/: eval.json, bench.json, bench.md, bench.png")
+        return
+    # Parallel decoding pays off where a step is latency-bound: one prompt at a time. At large
+    # batches on a CPU a 16-token block costs ~8x a 1-token step and the gain is gone (docs/ar2bd.md).
+    parallel = out / "block_diffusion"
+    print(f"\n== 3/3 bench: {EMBEDDED_BLOCK_DIFFUSION} (the teacher after configs/ar2bd/tiny_teacher.yaml), "
+          f"block_diffusion (threshold {args.threshold}) vs HF generate, one prompt at a time")
+    bd_model, bd_tokenizer = load_for_eval(EMBEDDED_BLOCK_DIFFUSION)
+    bd_rows = run_bench(EMBEDDED_BLOCK_DIFFUSION, [{"decoder": "block_diffusion", "settings": {"threshold": args.threshold}}],
+                        None, args.n, 1, args.max_new_tokens, parallel, model=bd_model, tokenizer=bd_tokenizer,
+                        command=command)
+    _print_bench(bd_rows, parallel)
+    print(f"\nresults in {out}/ (eval.json, bench.*) and {parallel}/ (bench.*)")
 
 
 def add_inference_commands(sub: argparse._SubParsersAction) -> None:
@@ -161,10 +175,12 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("quickstart", help="eval + bench of the embedded teacher")
+    p = sub.add_parser("quickstart", help="eval + bench of the embedded teacher and its block-diffusion adaptation")
     p.add_argument("--out", default="runs/quickstart", help="results directory (default %(default)s)")
     p.add_argument("--n", type=int, default=50, help="test prompts per task (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--model", default=EMBEDDED_TEACHER, help="the model to use (default: the embedded teacher)")
+    p.add_argument("--threshold", type=float, default=0.9, help="block_diffusion commit threshold (default %(default)s)")
+    p.add_argument("--model", default=EMBEDDED_TEACHER, help="the model to use (default: the embedded teacher; "
+                   "another model skips the block-diffusion stage)")
     p.set_defaults(func=_quickstart)

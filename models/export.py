@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import jinja2
 
 import leaplm
+from leaplm.models.zoo import DTYPES
 
 CARD_TEMPLATE = jinja2.Template(
     """---
@@ -77,7 +79,15 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         # A LoRA run exports a standalone model (adapter merged into the weights), so plain
         # `from_pretrained` loads it without peft or the base checkpoint.
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    if cfg.export.dtype is None:
+        model.save_pretrained(out, safe_serialization=True)
+    else:  # cast a copy of the weights, not the live model, and say so in config.json
+        dtype = DTYPES[cfg.export.dtype]
+        model.save_pretrained(out, safe_serialization=True,
+                              state_dict={name: tensor.to(dtype) for name, tensor in model.state_dict().items()})
+        config = copy.deepcopy(model.config)
+        config.dtype = dtype
+        config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     cfg.save(out / "leaplm_config.yaml")
     if rows:

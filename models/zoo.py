@@ -16,6 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 EMBEDDED_TEACHER = "tiny-teacher"
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "tiny_teacher"
+# The teacher adapted to block diffusion by the ar2bd recipe: the quickstart's parallel decoder.
+EMBEDDED_BLOCK_DIFFUSION = "tiny-teacher-bd"
+EMBEDDED_BLOCK_DIFFUSION_DIR = Path(__file__).resolve().parent / "tiny_teacher_bd"
 
 # model_type values whose attention, KV cache and 4D-mask handling the decoders rely on.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
@@ -31,18 +34,22 @@ class UnsupportedModelError(ValueError):
 
 
 def resolve(name_or_path: str, weights: bool = True) -> str:
-    """Map the embedded-teacher alias to its directory; anything else is passed through.
+    """Map the embedded models' aliases to their directories; anything else is passed through.
 
     ``weights=False`` only needs the tokenizer (tiny test models share it with the teacher).
     """
-    if name_or_path == EMBEDDED_TEACHER:
+    embedded = {
+        EMBEDDED_TEACHER: (EMBEDDED_TEACHER_DIR, "configs/pretrain/tiny_teacher.yaml"),
+        EMBEDDED_BLOCK_DIFFUSION: (EMBEDDED_BLOCK_DIFFUSION_DIR, "configs/ar2bd/tiny_teacher.yaml"),
+    }
+    if name_or_path in embedded:
+        directory, recipe = embedded[name_or_path]
         needed = "config.json" if weights else "tokenizer.json"
-        if not (EMBEDDED_TEACHER_DIR / needed).is_file():
+        if not (directory / needed).is_file():
             raise FileNotFoundError(
-                f"the embedded teacher is missing from {EMBEDDED_TEACHER_DIR}; rebuild it with "
-                "`leaplm train configs/pretrain/tiny_teacher.yaml`"
+                f"the embedded model {name_or_path!r} is missing from {directory}; rebuild it with `leaplm train {recipe}`"
             )
-        return str(EMBEDDED_TEACHER_DIR)
+        return str(directory)
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(

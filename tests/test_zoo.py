@@ -123,3 +123,31 @@ def test_teacher_loads_through_the_zoo_with_a_matching_tokenizer():
     model, tokenizer = load_model("tiny-teacher")
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_export_in_half_precision_casts_a_copy(tmp_path, tiny):
+    """export.dtype=float16 halves the files and leaves the live model as it was."""
+    from safetensors import safe_open
+
+    from leaplm.config import Config
+    from leaplm.models.export import export_model
+
+    model, tokenizer = tiny("llama")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    cfg = Config()
+    cfg.export.dtype = "float16"
+    export_model(model, tokenizer, cfg, tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.float16  # config.json says so
+    assert model.dtype == torch.float32
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    reloaded, _ = load_model(str(tmp_path))  # leaplm loads float32 by default: upcast, exact
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, before[name].half().float(), rtol=0, atol=0)
+
+
+def test_missing_embedded_model_names_the_rebuild_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(zoo, "EMBEDDED_BLOCK_DIFFUSION_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="leaplm train configs/ar2bd/tiny_teacher.yaml"):
+        zoo.resolve(zoo.EMBEDDED_BLOCK_DIFFUSION)
