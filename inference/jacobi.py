@@ -285,8 +285,9 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
         unfinished[done] = False
 
     def spawn(settled: torch.Tensor) -> None:
-        """Start a block after the guessed span of each row that has room for one and either no
-        guess left or ``n_blocks`` not reached and ``settle_run`` tokens of its newest block settled."""
+        """Start a block after the guessed span of each unfinished row with room for it: when the
+        row has no guess left, or when fewer than ``n_blocks`` blocks are in flight and its newest
+        block has ``settle_run`` tokens settled."""
         in_flight = torch.where(final >= ends, 0, (ends - 1) // n - final // n + 1)  # [b] blocks still guessed
         grow = (unfinished & (ends < max_new_tokens) & (in_flight < n_blocks)
                 & ((in_flight == 0) | (settled >= settle_run)))  # [b]
