@@ -172,16 +172,16 @@ def shift_cache_rows(cache: DynamicCache, shifts: torch.Tensor, length: int) -> 
 
     In place. Slot j of row b then holds what slot j - shifts[b] held; a slot with no source holds
     junk, which the caller masks out. Decoders that keep a different number of new tokens per row
-    in one step (Jacobi, speculative) use it to keep every row's tokens right-aligned against the
+    in one step (Jacobi; speculative decoding in general) use it to keep every row's tokens right-aligned against the
     end of the cache, as left padding aligns prompts: no holes between a row's tokens, so padding
     masks and sliding windows stay exact, and no row waits for another.
     """
     if not bool(shifts.any()):
         crop_cache(cache, length)
         return
+    source = torch.arange(length, device=shifts.device)[None] - shifts[:, None]  # [b, length]
+    source = source.clamp(0, cache.get_seq_length() - 1)[:, None, :, None]  # [b, 1, length, 1]
     for layer in cache.layers:
-        source = torch.arange(length, device=shifts.device)[None] - shifts[:, None]  # [b, length]
-        source = source.clamp(0, layer.keys.shape[2] - 1)[:, None, :, None]  # [b, 1, length, 1]
         layer.keys = layer.keys.gather(2, source.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
         layer.values = layer.values.gather(2, source.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
 

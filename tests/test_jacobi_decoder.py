@@ -58,8 +58,8 @@ def test_greedy_equals_generate_and_ar(family, lively_tiny):
 
 
 def test_rows_progress_independently(lively_tiny):
-    """A row of a batch takes the forwards it takes alone (deterministic guesses; no row gets a
-    block ahead here, so none waits), and each forward makes at least one token final."""
+    """A row of a batch takes exactly the forwards it takes alone (with deterministic guesses):
+    rows never wait for each other. Each forward makes at least one token final."""
     model, tokenizer = lively_tiny("qwen3")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
@@ -196,6 +196,7 @@ def test_forward_counts_on_a_model_that_always_predicts_one_token():
     # forward 3 accepts 2, 3 and 4 (across the block boundary), makes 5 final and spawns
     # [8, 12); forward 4 makes 6..9 final, forward 5 the rest.
     assert forwards("jacobi_multiblock", **MULTIBLOCK, recycle=False) == 5
+    assert forwards("jacobi_multiblock", block_size=4, n_blocks=1, recycle=False) == 7  # that is `jacobi`
     # A stop token as the first token ends the row after the prefill.
     stopping = Engine(model, tokenizer, stop_token_ids=[token])
     out = stopping.generate([prompt], "jacobi", 12)
