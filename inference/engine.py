@@ -13,7 +13,8 @@ A decoder is a function ``(engine, batch, max_new_tokens, **settings) -> DecodeR
 registered by name with :func:`register_decoder`. The engine gives decoders the building blocks
 they share: :meth:`Engine.forward` (new tokens at given positions on top of a cache, with a
 padding mask or a custom attention pattern), :func:`crop_cache` (roll back rejected tokens),
-:func:`fork_cache` and :func:`select_cache_rows`.
+:func:`fork_cache`, :func:`select_cache_rows` and :func:`shift_cache_rows` (rows that keep
+different numbers of tokens per step).
 
 Conventions every decoder keeps:
 
@@ -164,6 +165,25 @@ def fork_cache(cache: DynamicCache) -> DynamicCache:
 def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Keep (or reorder to) the batch rows ``rows`` [k] of the cache, in place."""
     cache.batch_select_indices(rows)
+
+
+def shift_cache_rows(cache: DynamicCache, shifts: torch.Tensor, length: int) -> None:
+    """Move row b's cached positions ``shifts[b]`` slots right (left if negative), keep ``length`` slots.
+
+    In place. Slot j of row b then holds what slot j - shifts[b] held; a slot with no source holds
+    junk, which the caller masks out. Decoders that keep a different number of new tokens per row
+    in one step (Jacobi; speculative decoding in general) use it to keep every row's tokens right-aligned against the
+    end of the cache, as left padding aligns prompts: no holes between a row's tokens, so padding
+    masks and sliding windows stay exact, and no row waits for another.
+    """
+    if not bool(shifts.any()):
+        crop_cache(cache, length)
+        return
+    source = torch.arange(length, device=shifts.device)[None] - shifts[:, None]  # [b, length]
+    source = source.clamp(0, cache.get_seq_length() - 1)[:, None, :, None]  # [b, 1, length, 1]
+    for layer in cache.layers:
+        layer.keys = layer.keys.gather(2, source.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values.gather(2, source.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
 
 
 # ----- Token selection ----------------------------------------------------------------------
@@ -500,4 +520,4 @@ def hf_generate(engine: Engine, batch: PromptBatch, max_new_tokens: int) -> Deco
 
 # Decoders kept in their own modules register themselves on import. Importing them here (last,
 # since they import this module) makes every decoder available wherever the engine is used.
-from leaplm.inference import block_diffusion  # noqa: E402,F401
+from leaplm.inference import block_diffusion, jacobi  # noqa: E402,F401
