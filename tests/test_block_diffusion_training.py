@@ -303,6 +303,8 @@ AR2BD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ar2bd" / "tiny
 
 
 def ar2bd_run(tmp_path, model_dir, *extra):
+    """A few steps of the shipped tiny-teacher config on a tiny model, exported in float32 (the
+    config ships float16 weights) so tests can compare trained weights with the base model's."""
     from leaplm.train.trainer import train
 
     cfg = load_config(AR2BD_CONFIG, [
@@ -310,7 +312,7 @@ def ar2bd_run(tmp_path, model_dir, *extra):
         "data.train_per_task=24", "data.max_length=128", "method.block_size=4", "method.block_size_curriculum=[1,2]",
         "method.curriculum_steps=2", "train.max_steps=4", "train.micro_batch_size=4", "train.warmup_steps=0",
         "train.lr=1e-3", "train.save_every=0", "train.log_every=1", "eval.at_end=false",
-        f"export.dir={tmp_path / 'model'}", "logging.progress_bar=false", *extra])
+        f"export.dir={tmp_path / 'model'}", "export.dtype=null", "logging.progress_bar=false", *extra])
     return train(cfg), cfg
 
 
