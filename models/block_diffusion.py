@@ -164,7 +164,8 @@ def set_spec(model: PreTrainedModel, spec: BlockDiffusionSpec) -> None:
 
 def attention_rule(clean_attention: str) -> StreamRule:
     """The block-diffusion rule of the module docstring, for ``clean_attention`` ``causal`` or ``block_causal``."""
-    return StreamRule(noisy_sees_noisy="same_block", noisy_sees_clean="earlier_blocks", clean_sees_clean=clean_attention)
+    return StreamRule(noisy_sees_noisy="same_block", noisy_sees_clean="earlier_blocks",
+                      clean_sees_clean=clean_attention)
 
 
 def training_attention(model: PreTrainedModel, layout: StreamLayout, backend: str) -> Any:
