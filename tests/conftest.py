@@ -84,3 +84,16 @@ def eager_flex_backward_on_cpu(monkeypatch):
     monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
                         lambda q, k, v, training=False, **kwargs: torch_flex.flex_attention(q, k, v, **kwargs))
     monkeypatch.setattr(two_stream, "flex_backward_available", lambda device: True)
+
+
+@pytest.fixture
+def static_flex_compile():
+    """Compile FlexAttention for each new shape statically on CPU.
+
+    transformers compiles ``flex_attention`` once per process with automatic dynamic shapes, so
+    the second row width a process sees recompiles it with symbolic shapes, and torch's CPU
+    flex template then fails to build (inductor C++ compile error, torch 2.13). Tests that
+    run the compiled CPU forward on different layouts in one process use this.
+    """
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield

@@ -169,7 +169,7 @@ FLEX_FAMILIES = ["llama", "qwen3", "gemma"]
 
 
 @pytest.mark.parametrize("family", FLEX_FAMILIES)
-def test_flex_attention_equals_dense_loss(family):
+def test_flex_attention_equals_dense_loss(family, static_flex_compile):
     """FlexAttention block mask and the dense SDPA reference give the same loss (forward; CPU)."""
     model, _, spec = converted(family, 4, "block_causal")
     torch.manual_seed(1)

@@ -232,7 +232,7 @@ def loss_and_gradients(model, layout, targets, backend, noisy_context):
 
 
 @pytest.mark.parametrize("family", FLEX_FAMILIES)
-def test_flex_attention_equals_dense_loss(family):
+def test_flex_attention_equals_dense_loss(family, static_flex_compile):
     """The compiled FlexAttention block mask gives the dense reference's loss (forward; CPU)."""
     model, _ = tiny_model(family)
     layout, targets = build_batch(PROMPTS, PAIRS)
@@ -314,3 +314,4 @@ def test_rows_beyond_the_model_are_clear_errors(tiny):
     flex_model.set_attn_implementation("flex_attention")
     with pytest.raises(JacobiForcingError, match="method.attention=dense"):
         training_attention(flex_model, pack_rows(PROMPTS, PAIRS)[0], "flex")
+
