@@ -8,9 +8,9 @@ script ``2_prepare_efficient_cllm_training_data_progressive_noise_window.py`` an
 1. **Noise ratio** of a state: ``(n - d) / n`` where n is the block's length and d the index of
    its first token that differs from the fixed point (d = n for the fixed point itself, ratio
    0). It is the fraction of the block after its converged prefix, i.e. of the positions the
-   consistency loss supervises. (It is not the fraction of differing tokens: a state that is
-   right after its first wrong token still counts those tokens as noisy, since under Jacobi
-   decoding they are not yet accepted.)
+   consistency loss supervises. (It is not the fraction of differing tokens: tokens after the
+   first wrong one count as noisy even where they happen to be right, since Jacobi decoding
+   cannot accept them yet.)
 2. **Progressive schedule**: ``noise_schedule(w, min, max)`` is ``linspace(min, max, w)``, and
    block j's target is entry ``j % w``: within every window of w blocks the target noise rises
    from easy to hard (``strategy="reverse"`` falls instead, the ablation the blog reports as
@@ -48,6 +48,10 @@ Where we differ from the reference:
   prompt's own tokens; we supervise the answer (prompts are user text, as in the SFT recipe).
 - **Batches.** Rows of several prompts are padded into one batch (the reference: batch size 1),
   and a row's last block may be shorter than the block size.
+- **States are picked here, not in a data script.** The reference packs offline
+  (``2_prepare_...progressive_noise_window.py``); :func:`pick_states` is the same rule as a
+  function, deterministic, for a recipe to call when it builds its dataset. The paper's
+  blog writes the loss as ``L_pc + lambda L_AR``; its code's lambda is the factor 10 above.
 """
 
 from __future__ import annotations
