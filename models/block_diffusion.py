@@ -25,7 +25,7 @@ is trained, and decodes, exactly as an AR model.)
 
 **Attention.** Training runs on the concatenation ``[clean stream, noisy stream]`` with the same
 position ids in both. Each token carries a stream (clean, noisy, or padding), a block index
-(-1 for the prompt) and a position; :func:`bd_allowed` says who sees whom:
+(-1 for the prompt) and a position; :func:`attention_rule` says who sees whom:
 
 - noisy -> noisy: same block only (bidirectional inside the block);
 - noisy -> clean: strictly earlier blocks, the prompt included;
@@ -34,7 +34,9 @@ position ids in both. Each token carries a stream (clean, noisy, or padding), a 
   leak-free) or ``block_causal`` (BD3-LM / Fast-dLLM v2: bidirectional inside each clean block);
 - clean -> noisy: never.
 
-The same rule builds the dense SDPA mask (the reference) and the FlexAttention block mask.
+The same rule builds the dense SDPA mask (the reference) and the FlexAttention block mask; the
+machinery (layout tags, rule predicate, mask building) is ``models/two_stream.py``, shared with
+Jacobi Forcing.
 
 The converted model records its settings in ``config.block_diffusion`` (saved in
 ``config.json``): ``mask_token_id``, ``block_size`` and ``clean_attention``; the decoder reads its
@@ -49,14 +51,24 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# The layout and mask machinery is shared with Jacobi Forcing; these names are re-exported.
+from leaplm.models.two_stream import (  # noqa: F401
+    CLEAN,
+    CLEAN_SEES_CLEAN,
+    NOISY,
+    PAD,
+    StreamLayout,
+    StreamMaskError,
+    StreamRule,
+    layout_attention,
+    resolve_backend,
+)
+
 MASK_TOKEN = "<|mask|>"
-CLEAN_ATTENTION = ("causal", "block_causal")
-
-# Stream ids of a token in the concatenated training sequence.
-PAD, CLEAN, NOISY = -1, 0, 1
+CLEAN_ATTENTION = CLEAN_SEES_CLEAN
 
 
-class BlockDiffusionError(ValueError):
+class BlockDiffusionError(StreamMaskError):
     """A model, tokenizer or setting that block diffusion cannot use; the message names the fix."""
 
 
@@ -150,118 +162,18 @@ def set_spec(model: PreTrainedModel, spec: BlockDiffusionSpec) -> None:
 # ----- The attention rule -------------------------------------------------------------------
 
 
-def bd_allowed(stream_q: Any, block_q: Any, pos_q: Any, idx_q: Any, stream_kv: Any, block_kv: Any, pos_kv: Any,
-               idx_kv: Any, block_causal_clean: bool) -> Any:
-    """May a query attend to a key? Elementwise on tensors that broadcast against each other.
-
-    Written with tensor operators only, so the same function builds the dense mask (on
-    broadcast [b, q, 1] / [b, 1, kv] tensors) and runs inside a FlexAttention ``mask_mod`` (on
-    scalars). ``idx`` is the column in the concatenated sequence: a padding query sees its own
-    column, so no softmax row is empty.
-    """
-    real_kv = stream_kv != PAD
-    noisy_q, noisy_kv = stream_q == NOISY, stream_kv == NOISY
-    clean_q, clean_kv = stream_q == CLEAN, stream_kv == CLEAN
-    clean_to_clean = pos_kv <= pos_q
-    if block_causal_clean:
-        clean_to_clean = clean_to_clean | ((block_kv == block_q) & (block_q >= 0))
-    allowed = (noisy_q & noisy_kv & (block_kv == block_q)) | (noisy_q & clean_kv & (block_kv < block_q)) | (
-        clean_q & clean_kv & clean_to_clean
-    )
-    same_pad = (stream_q == PAD) & (idx_q == idx_kv)
-    return (allowed & real_kv) | same_pad
-
-
-@dataclass
-class StreamLayout:
-    """A batch of (prompt, response) rows laid out as ``[clean | noisy | padding]`` per row.
-
-    ``T`` is the widest row; every tensor is [b, T].
-    """
-
-    input_ids: torch.Tensor  # [b, T]
-    position_ids: torch.Tensor  # [b, T]
-    stream: torch.Tensor  # [b, T] PAD / CLEAN / NOISY
-    block: torch.Tensor  # [b, T] block index; -1 on the prompt, the row's last block + 1 on padding
-
-    def to(self, device: torch.device) -> StreamLayout:
-        return StreamLayout(*(t.to(device) for t in (self.input_ids, self.position_ids, self.stream, self.block)))
-
-    def dense_mask(self, block_causal_clean: bool) -> torch.Tensor:
-        """The attention pattern as a dense bool mask [b, 1, T, T] (True = may attend)."""
-        s, k, p = self.stream, self.block, self.position_ids
-        i = torch.arange(s.shape[1], device=s.device)[None]  # [1, T]
-        allowed = bd_allowed(s[:, :, None], k[:, :, None], p[:, :, None], i[:, :, None],
-                             s[:, None, :], k[:, None, :], p[:, None, :], i[:, None, :], block_causal_clean)
-        return allowed[:, None]
-
-    def flex_mask(self, block_causal_clean: bool, block_rows: int = 128):
-        """The same pattern as a FlexAttention ``BlockMask``; ``block_rows`` is its tile size."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        s, k, p = self.stream, self.block, self.position_ids
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return bd_allowed(s[b, q_idx], k[b, q_idx], p[b, q_idx], q_idx, s[b, kv_idx], k[b, kv_idx], p[b, kv_idx],
-                              kv_idx, block_causal_clean)
-
-        b, t = self.input_ids.shape
-        return create_block_mask(mask_mod, b, None, t, t, device=self.input_ids.device, BLOCK_SIZE=block_rows)
-
-
-ATTENTION_BACKENDS = ("auto", "flex", "dense")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` is FlexAttention on GPUs and the dense mask on CPU, where FlexAttention has no backward."""
-    if backend not in ATTENTION_BACKENDS:
-        raise BlockDiffusionError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "flex" if device.type == "cuda" else "dense"
-    return backend
-
-
-def flex_backward_available(device: torch.device) -> bool:
-    """torch's FlexAttention refuses a backward pass on CPU (it has one on CUDA)."""
-    return device.type != "cpu"
+def attention_rule(clean_attention: str) -> StreamRule:
+    """The block-diffusion rule of the module docstring, for ``clean_attention`` ``causal`` or ``block_causal``."""
+    return StreamRule(noisy_sees_noisy="same_block", noisy_sees_clean="earlier_blocks",
+                      clean_sees_clean=clean_attention)
 
 
 def training_attention(model: PreTrainedModel, layout: StreamLayout, backend: str) -> Any:
     """What ``model(attention_mask=...)`` takes for ``layout``: a BlockMask (flex) or a dense mask.
 
-    The dense mask is the reference the FlexAttention path is tested against. Sliding windows
-    are not applied to the two-stream layout (its columns are not token distances), so a row
-    wider than a model's window is refused rather than silently attended in full.
+    The rule's ``clean_attention`` is the converted model's (``config.block_diffusion``); the
+    checks (sliding window, positions, attention implementation) are
+    :func:`~leaplm.models.two_stream.layout_attention`'s.
     """
-    config = model.config
-    spec = spec_of(model)
-    width = layout.input_ids.shape[1]
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) is not False and width > window:
-        raise BlockDiffusionError(
-            f"a training row of {width} columns (prompt + 2 x response) exceeds the model's sliding window of {window}; "
-            f"lower data.max_length so that rows stay within the window"
-        )
-    block_causal = spec.clean_attention == "block_causal"
-    impl = config._attn_implementation
-    if backend == "flex":
-        if impl != "flex_attention":
-            raise BlockDiffusionError(f"the flex backend needs attn_implementation='flex_attention', the model uses {impl!r}")
-        if torch.is_grad_enabled() and not flex_backward_available(layout.input_ids.device):
-            raise BlockDiffusionError(
-                "FlexAttention has no backward pass on CPU in this torch version; train with method.attention=dense "
-                "(the same mask as a dense tensor) or on a GPU"
-            )
-        mask = layout.flex_mask(block_causal)
-    else:
-        allowed = layout.dense_mask(block_causal)  # [b, 1, T, T]
-        if impl == "eager":
-            dtype = model.dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        elif impl == "sdpa":
-            mask = allowed
-        else:
-            raise BlockDiffusionError(f"the dense backend needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
-    if getattr(config, "layer_types", None) is not None:  # per-layer-type masks (Gemma 2/3, Qwen3 windows)
-        return {kind: mask for kind in set(config.layer_types)}
-    return mask
+    return layout_attention(model, layout, backend, attention_rule(spec_of(model).clean_attention),
+                            error=BlockDiffusionError)

@@ -63,3 +63,37 @@ def lively_tiny():
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def eager_flex_backward_on_cpu(monkeypatch):
+    """Let FlexAttention train on CPU through torch's eager flex path.
+
+    torch refuses a CPU backward at flex_attention's front door, but its eager implementation
+    (the dense math reference torch tests its kernels against) differentiates fine. Route
+    transformers' compiled flex call to it, so a two-stream BlockMask's mask_mod
+    (``models/two_stream.py``, block diffusion and Jacobi Forcing) is checked for gradients on
+    CPU; the block-sparse indices are checked by the compiled forward-only tests and on CUDA.
+    """
+    import torch.nn.attention.flex_attention as torch_flex
+    from transformers.integrations import flex_attention as hf_flex
+
+    import leaplm.models.two_stream as two_stream
+
+    monkeypatch.setattr(torch_flex, "_validate_device", lambda *tensors: None)
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda q, k, v, training=False, **kwargs: torch_flex.flex_attention(q, k, v, **kwargs))
+    monkeypatch.setattr(two_stream, "flex_backward_available", lambda device: True)
+
+
+@pytest.fixture
+def static_flex_compile():
+    """Compile FlexAttention for each new shape statically on CPU.
+
+    transformers compiles ``flex_attention`` once per process with automatic dynamic shapes, so
+    the second row width a process sees recompiles it with symbolic shapes, and torch's CPU
+    flex template then fails to build (inductor C++ compile error, torch 2.13). Tests that
+    run the compiled CPU forward on different layouts in one process use this.
+    """
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield

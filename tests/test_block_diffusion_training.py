@@ -24,6 +24,7 @@ from leaplm.models.block_diffusion import (
     BlockDiffusionError,
     StreamLayout,
     add_mask_token,
+    attention_rule,
     convert,
     spec_of,
     training_attention,
@@ -57,7 +58,7 @@ def test_dense_mask_matches_hand_written_case(clean_attention):
     s = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
     k = torch.tensor([[-1, 0, 0, 1, 1, 0, 0, 1, 1, 2]])
     p = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 4, 0]])
-    got = StreamLayout(torch.zeros_like(s), p, s, k).dense_mask(clean_attention == "block_causal")[0, 0].int()
+    got = StreamLayout(torch.zeros_like(s), p, s, k).dense_mask(attention_rule(clean_attention))[0, 0].int()
     causal = [
         [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -168,7 +169,7 @@ FLEX_FAMILIES = ["llama", "qwen3", "gemma"]
 
 
 @pytest.mark.parametrize("family", FLEX_FAMILIES)
-def test_flex_attention_equals_dense_loss(family):
+def test_flex_attention_equals_dense_loss(family, static_flex_compile):
     """FlexAttention block mask and the dense SDPA reference give the same loss (forward; CPU)."""
     model, _, spec = converted(family, 4, "block_causal")
     torch.manual_seed(1)
@@ -182,26 +183,6 @@ def test_flex_attention_equals_dense_loss(family):
                        attention_mask=training_attention(model, layout, "flex")).logits
     flex, _ = block_diffusion_loss_sum(logits, targets)
     assert abs(flex.item() - dense.item()) / len(targets.rows) < 1e-5
-
-
-@pytest.fixture
-def eager_flex_backward_on_cpu(monkeypatch):
-    """Let FlexAttention train on CPU through torch's eager flex path.
-
-    torch refuses a CPU backward at flex_attention's front door, but its eager implementation
-    (the dense math reference torch tests its kernels against) differentiates fine. Route
-    transformers' compiled flex call to it, so our BlockMask's mask_mod is checked for gradients
-    on CPU; the block-sparse indices are checked by the compiled forward above and on CUDA below.
-    """
-    import torch.nn.attention.flex_attention as torch_flex
-    from transformers.integrations import flex_attention as hf_flex
-
-    import leaplm.models.block_diffusion as block_diffusion_model
-
-    monkeypatch.setattr(torch_flex, "_validate_device", lambda *tensors: None)
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda q, k, v, training=False, **kwargs: torch_flex.flex_attention(q, k, v, **kwargs))
-    monkeypatch.setattr(block_diffusion_model, "flex_backward_available", lambda device: True)
 
 
 def loss_and_gradients(model, layout, targets, backend):
