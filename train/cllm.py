@@ -2,7 +2,7 @@
 
     leaplm train configs/cllm/tiny_teacher.yaml
     accelerate launch --config_file launch/accelerate/zero2.yaml -m leaplm.train configs/cllm/qwen2.5-1.5b.yaml
-    sbatch launch/slurm.sh configs/cllm/qwen2.5-1.5b.yaml
+    ACCELERATE_CONFIG=launch/accelerate/zero2.yaml sbatch --nodes=2 launch/slurm.sh configs/cllm/qwen2.5-1.5b.yaml
 
 Rollout: the model decodes prompts of the configured data with greedy Jacobi decoding and records
 every block's Jacobi states and fixed point (``data/rollouts.py``; sharded over ranks, reused on
