@@ -441,15 +441,18 @@ class TrajectoryRecorder:
                     self.open_from[row] = block + 1
 
     def rows(self, prompts: list[list[int]], sequences: list[list[int]], first_index: int) -> list[dict[str, Any]]:
-        """One dataset row per block of each answer; a row's last block is cut where its answer ends."""
+        """One dataset row per block of each answer; a row's last block is cut where its answer ends.
+
+        A stop token that the forward finishing the block before it predicted is final at once:
+        its block was never guessed, and its row holds the fixed point as its only state.
+        """
         n = self.block_size
         out = []
         for row, (prompt, answer) in enumerate(zip(prompts, sequences)):
-            for block, states in sorted(self.states[row].items()):
+            for block in range(-(-len(answer) // n)):
                 begin = block * n
-                if begin >= len(answer):
-                    break  # guessed past a stop token, never part of the answer
                 fixed_point = answer[begin:begin + n]
+                states = self.states[row].get(block, [fixed_point])
                 out.append(dict(
                     prompt_index=first_index + row,
                     prompt_ids=list(prompt),
@@ -473,8 +476,8 @@ def collect_jacobi_trajectories(
     before the block), ``block_index``, ``states`` (each a list of token ids; the last equals the
     fixed point) and ``fixed_point``. The fixed points of a prompt's blocks, in order, are its
     greedy answer through its stop token, so the last block of an answer is shorter than
-    ``block_size`` when the answer ends inside it. A prompt whose answer is a lone stop token
-    gives no rows (nothing was iterated).
+    ``block_size`` when the answer ends inside it; a block holding only the stop token that the
+    block before it predicted (or an answer that is a lone stop token) has that as its only state.
     """
     rows: list[dict[str, Any]] = []
     for first in range(0, len(prompts), batch_size):
