@@ -184,6 +184,8 @@ def collect_jacobi_rollouts(
     slice of the prompts, rank 0 merges the slices. Also records the key as the directory's
     current rollouts (:func:`current_rollouts`).
     """
+    if not prompts:
+        raise RolloutError("no prompts to roll out; check the data section (data.source, data.tasks)")
     acc = accelerator or _OneProcess()
     out_dir = Path(out_dir)
     settings = rollout_settings(model_id, prompts, block_size=block_size, max_new_tokens=max_new_tokens,
@@ -213,30 +215,25 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
                           max_new_tokens=settings["max_new_tokens"], init=settings["init"],
                           seed=settings["seed"] + rank, batch_size=batch_size,
                           progress=progress and acc.is_main_process)
-    # datasets can save a dataset of no rows but not load it back: an empty slice saves nothing.
+    # datasets can save a dataset of no rows but not load it back: a rank without prompts saves nothing.
     if rows:
         shard = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)
         shard.save_to_disk(str(shards / f"rank-{rank:05d}"))
     acc.wait_for_everyone()
     if acc.is_main_process:
         saved = [shards / f"rank-{r:05d}" for r in range(world) if (shards / f"rank-{r:05d}").is_dir()]
-        if saved:  # else there is nothing to keep, and every rank reports it below
-            merged = datasets.concatenate_datasets([datasets.load_from_disk(str(path)) for path in saved])
-            tmp = out_dir / f"{key}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            merged.save_to_disk(str(tmp))
-            seconds = time.perf_counter() - start
-            stats = {"rows": len(merged), "ranks": world, "batch_size": batch_size, "collect_s": round(seconds, 2),
-                     "trajectories_per_s": round(len(merged) / seconds, 3)}
-            (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "stats": stats}, indent=2))
-            tmp.rename(final)
-            log.info("rollouts: %d blocks of %d prompts in %.0fs (%.1f blocks/s) -> %s",
-                     len(merged), len(prompts), seconds, len(merged) / seconds, final)
+        merged = datasets.concatenate_datasets([datasets.load_from_disk(str(path)) for path in saved])
+        tmp = out_dir / f"{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_to_disk(str(tmp))
+        seconds = time.perf_counter() - start
+        stats = {"rows": len(merged), "ranks": world, "batch_size": batch_size, "collect_s": round(seconds, 2),
+                 "trajectories_per_s": round(len(merged) / seconds, 3)}
+        (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "stats": stats}, indent=2))
+        tmp.rename(final)
         shutil.rmtree(shards, ignore_errors=True)
-    acc.wait_for_everyone()
-    if not (final / SETTINGS_FILE).is_file():
-        raise RolloutError(f"no rollout rows from {len(prompts)} prompts: every answer was a lone stop token. Use "
-                           "more prompts (method.max_prompts), or check that the model answers the data's prompts")
+        log.info("rollouts: %d blocks of %d prompts in %.0fs (%.1f blocks/s) -> %s",
+                 len(merged), len(prompts), seconds, len(merged) / seconds, final)
 
 
 def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, block_size: int,
