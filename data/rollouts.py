@@ -238,22 +238,25 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
 
 def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, block_size: int,
                    max_new_tokens: int, init: str, seed: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
-    """Rows of prompts[lo:hi], ``prompt_index`` global, each with its answer's task and grade."""
+    """Rows of prompts[lo:hi], ``prompt_index`` global, each with its answer's task and grade.
+
+    Decoded in parts of 16 batches, for progress; the collector groups each part's prompts by length.
+    """
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=hi - lo, desc="rollouts", unit="prompt", disable=not progress)
-    for first in range(lo, hi, batch_size):
-        chunk = prompts[first:min(first + batch_size, hi)]
-        found = collect_jacobi_trajectories(engine, [p.ids for p in chunk], block_size, max_new_tokens,
+    for first in range(lo, hi, 16 * batch_size):
+        part = prompts[first:min(first + 16 * batch_size, hi)]
+        found = collect_jacobi_trajectories(engine, [p.ids for p in part], block_size, max_new_tokens,
                                             init=init, seed=seed, batch_size=batch_size)
         answers: dict[int, list[int]] = {}
         for row in found:
             answers.setdefault(row["prompt_index"], []).extend(row["fixed_point"])
-        grades = {i: _grade(engine.tokenizer, chunk[i], answer) for i, answer in answers.items()}
+        grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
         for row in found:
-            prompt = chunk[row["prompt_index"]]
+            prompt = part[row["prompt_index"]]
             rows.append({**row, "prompt_index": first + row["prompt_index"], "task": prompt.task,
                          "correct": grades[row["prompt_index"]]})
-        bar.update(len(chunk))
+        bar.update(len(part))
     bar.close()
     return rows
 

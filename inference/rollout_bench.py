@@ -5,9 +5,9 @@
 Both collect greedy Jacobi trajectories of the same model on the same prompts (synthetic test
 prompts, the tasks taken in turn):
 
-- ``ours``: :func:`~leaplm.inference.jacobi.collect_jacobi_trajectories`, ``--batch-size``
-  prompts at a time through the engine, with the KV cache (also run with batch size 1, which
-  separates the cache's gain from batching's);
+- ``ours``: :func:`~leaplm.inference.jacobi.collect_jacobi_trajectories` through the engine with
+  the KV cache, once per batch size in ``--batch-sizes`` (batch size 1 separates the cache's gain
+  from batching's);
 - ``reference``: :func:`reference_trajectories`, written here as CLLM's ``generate_trajectory.py``
   does it: one prompt at a time, no KV cache, every Jacobi iteration a forward of the whole
   prompt + answer so far + block, the block's initial guess drawn from the prompt's tokens, a
@@ -15,8 +15,8 @@ prompts, the tasks taken in turn):
 
 Greedy fixed points are the model's greedy answer whatever the initial guess, so both collect the
 same blocks with the same fixed points (checked, and reported as ``same_fixed_points``); their
-states differ (the reference guesses the first token too). Work is interleaved: each batch of
-prompts is collected by every collector before the next batch, rotating who goes first, so a
+states differ (the reference guesses the first token too). Work is interleaved: each chunk of
+prompts is collected by every collector before the next chunk, rotating who goes first, so a
 noisy neighbour slows all alike. Writes ``rollout_bench.json`` and ``rollout_bench.md``.
 """
 
@@ -81,11 +81,16 @@ def bench_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size: int = 16,
-                      max_new_tokens: int = 96, batch_size: int = 32, out_dir: str | Path = "runs/rollout_bench", *,
-                      seed: int = 0, command: str | None = None) -> list[dict[str, Any]]:
-    """Time the collectors on ``n`` prompts; write rollout_bench.json/.md; return the rows."""
+                      max_new_tokens: int = 96, batch_sizes: tuple[int, ...] = (32, 8, 1),
+                      out_dir: str | Path = "runs/rollout_bench", *, seed: int = 0,
+                      command: str | None = None) -> list[dict[str, Any]]:
+    """Time the collectors on ``n`` prompts; write rollout_bench.json/.md; return the rows.
+
+    ``ours`` runs once per batch size; prompts are handed out in chunks of the largest, sorted by
+    length as our collector groups them, and each chunk goes to every collector in turn.
+    """
     engine = Engine(model, tokenizer)
-    prompts = bench_prompts(tokenizer, n, seed)
+    prompts = sorted(bench_prompts(tokenizer, n, seed), key=len)
     rng = random.Random(seed)
 
     def ours(size: int):
@@ -98,16 +103,16 @@ def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size
         found = [reference_trajectories(engine, p, block_size, max_new_tokens, rng)[0] for p in chunk]
         return [[r["fixed_point"] for r in rows] for rows in found], sum(len(r["states"]) for rows in found for r in rows)
 
-    collectors = [("ours", {"batch_size": batch_size, "kv_cache": True}, ours(batch_size)),
-                  ("ours", {"batch_size": 1, "kv_cache": True}, ours(1)),
-                  ("reference", {"batch_size": 1, "kv_cache": False}, reference)]
+    collectors = [("ours", {"batch_size": size, "kv_cache": True}, ours(size)) for size in batch_sizes]
+    collectors.append(("reference", {"batch_size": 1, "kv_cache": False}, reference))
     for _, _, collect in collectors:  # warm-up: allocator growth, lazy initialisation
         collect(prompts[:2])
     totals = [{"wall_s": 0.0, "trajectories": 0, "states": 0, "fixed_points": []} for _ in collectors]
-    for batch_no, first in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[first:first + batch_size]
-        shift = batch_no % len(collectors)
-        for k in list(range(shift, len(collectors))) + list(range(shift)):
+    chunk_size = max(batch_sizes)
+    for chunk_no, first in enumerate(range(0, len(prompts), chunk_size)):
+        chunk = prompts[first:first + chunk_size]
+        shift = chunk_no % len(collectors)
+        for k in list(range(shift, len(collectors))) + list(range(shift)):  # rotate who goes first
             start = time.perf_counter()
             fixed_points, states = collectors[k][2](chunk)
             totals[k]["wall_s"] += time.perf_counter() - start
@@ -128,7 +133,7 @@ def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout_bench.json").write_text(json.dumps(rows, indent=2))
     command = command or (f"run_rollout_bench(model, tokenizer, {model_name!r}, n={n}, block_size={block_size}, "
-                          f"max_new_tokens={max_new_tokens}, batch_size={batch_size})")
+                          f"max_new_tokens={max_new_tokens}, batch_sizes={tuple(batch_sizes)})")
     (out / "rollout_bench.md").write_text(render_markdown(rows, command, engine.device))
     return rows
 
@@ -164,7 +169,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=64, help="prompts (synthetic test split, tasks in turn; default %(default)s)")
     p.add_argument("--block-size", type=int, default=16, help="Jacobi block size (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer budget per prompt (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch for ours (default %(default)s)")
+    p.add_argument("--batch-sizes", default="32,8,1",
+                   help="batch sizes to run ours with, comma separated (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True, help="directory for rollout_bench.json and rollout_bench.md")
@@ -174,8 +180,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> None:
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     command = _command(["bench-rollout", args.model], args,
-                       ["n", "block_size", "max_new_tokens", "batch_size", "seed", "out"])
+                       ["n", "block_size", "max_new_tokens", "batch_sizes", "seed", "out"])
+    batch_sizes = tuple(int(size) for size in args.batch_sizes.split(","))
     rows = run_rollout_bench(model, tokenizer, args.model, args.n, args.block_size, args.max_new_tokens,
-                             args.batch_size, args.out, seed=args.seed, command=command)
+                             batch_sizes, args.out, seed=args.seed, command=command)
     print(format_table(rows, ROLLOUT_COLUMNS))
     print(f"wrote {Path(args.out) / 'rollout_bench.json'}, {Path(args.out) / 'rollout_bench.md'}")

@@ -298,12 +298,13 @@ def test_reference_collector_finds_our_fixed_points(lively_tiny):
 
 
 def test_bench_rollout_command(tmp_path):
-    main(["bench-rollout", "tiny-teacher", "--n", "2", "--block-size", "8", "--max-new-tokens", "24",
-          "--batch-size", "2", "--out", str(tmp_path)])
+    main(["bench-rollout", "tiny-teacher", "--n", "3", "--block-size", "8", "--max-new-tokens", "24",
+          "--batch-sizes", "2,1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "rollout_bench.json").read_text())
     assert [r["collector"] for r in rows] == ["ours", "ours", "reference"]
     assert all(r["same_fixed_points"] and r["trajectories"] == rows[0]["trajectories"] > 0 for r in rows)
-    assert "bench-rollout tiny-teacher --n 2" in (tmp_path / "rollout_bench.md").read_text()
+    assert [r["settings"]["batch_size"] for r in rows] == [2, 1, 1]
+    assert "bench-rollout tiny-teacher --n 3" in (tmp_path / "rollout_bench.md").read_text()
 
 
 # ----- Recipe -------------------------------------------------------------------------------
