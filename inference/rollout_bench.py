@@ -157,7 +157,7 @@ def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.devi
     return (
         f"# leaplm bench-rollout: {rows[0]['model']}, block size {rows[0]['block_size']}\n\n"
         "Greedy Jacobi trajectories of the same model on the same prompts: our batched, KV-cached collector "
-        "against the reference's one prompt at a time without a cache, interleaved batch by batch.\n\n"
+        "against the reference's one prompt at a time without a cache, interleaved chunk by chunk.\n\n"
         f"```text\n{command}\n```\n\n{machine}\n\n{format_table(rows, ROLLOUT_COLUMNS)}\n"
     )
 
