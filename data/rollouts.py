@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leaplm.config import DataConfig
-from leaplm.data.sft import DataError, load_source, prompt_ids, to_messages
+from leaplm.data.sft import load_source, prompt_ids, to_messages
 from leaplm.data.tasks import TASKS, get_task
 from leaplm.inference.engine import Engine
 from leaplm.inference.jacobi import collect_jacobi_trajectories
