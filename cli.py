@@ -5,6 +5,7 @@
     leaplm bench MODEL --decoders ar --out DIR
     leaplm quickstart
     leaplm bench-attention --lengths 512,2048 --out DIR
+    leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=_train)
 
     from leaplm.inference.cli import add_inference_commands
+    from leaplm.inference.rollout_bench import add_command as add_rollout_bench
     from leaplm.train.attention_bench import add_command as add_attention_bench
 
     add_inference_commands(sub)
     add_attention_bench(sub)
+    add_rollout_bench(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

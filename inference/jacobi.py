@@ -440,18 +440,22 @@ class TrajectoryRecorder:
                 if final >= block_end:
                     self.open_from[row] = block + 1
 
-    def rows(self, prompts: list[list[int]], sequences: list[list[int]], first_index: int) -> list[dict[str, Any]]:
-        """One dataset row per block of each answer; a row's last block is cut where its answer ends."""
+    def rows(self, prompts: list[list[int]], sequences: list[list[int]], indices: list[int]) -> list[dict[str, Any]]:
+        """One dataset row per block of each answer, ``prompt_index`` from ``indices``; a row's last
+        block is cut where its answer ends.
+
+        A stop token that the forward finishing the block before it predicted is final at once:
+        its block was never guessed, and its row holds the fixed point as its only state.
+        """
         n = self.block_size
         out = []
         for row, (prompt, answer) in enumerate(zip(prompts, sequences)):
-            for block, states in sorted(self.states[row].items()):
+            for block in range(-(-len(answer) // n)):
                 begin = block * n
-                if begin >= len(answer):
-                    break  # guessed past a stop token, never part of the answer
                 fixed_point = answer[begin:begin + n]
+                states = self.states[row].get(block, [fixed_point])
                 out.append(dict(
-                    prompt_index=first_index + row,
+                    prompt_index=indices[row],
                     prompt_ids=list(prompt),
                     prefix_ids=answer[:begin],  # the answer before this block: the block's context after the prompt
                     block_index=block,
@@ -467,20 +471,24 @@ def collect_jacobi_trajectories(
 ) -> list[dict[str, Any]]:
     """Greedy Jacobi trajectories of ``engine.model`` on ``prompts`` (token ids, chat formatted).
 
-    Decodes ``batch_size`` prompts at a time with the ``jacobi`` decoder (KV cache, batched) and
-    records each block's states, from its initial guess to its fixed point. Returns rows for
+    Decodes ``batch_size`` prompts at a time with the ``jacobi`` decoder (KV cache, batched;
+    prompts of similar length together, since a batch runs until its longest answer ends and
+    prompt length predicts answer length) and records each block's states, from its initial guess
+    to its fixed point. Returns rows, in prompt order, for
     ``datasets.Dataset.from_list``: ``prompt_index``, ``prompt_ids``, ``prefix_ids`` (the answer
     before the block), ``block_index``, ``states`` (each a list of token ids; the last equals the
     fixed point) and ``fixed_point``. The fixed points of a prompt's blocks, in order, are its
     greedy answer through its stop token, so the last block of an answer is shorter than
-    ``block_size`` when the answer ends inside it. A prompt whose answer is a lone stop token
-    gives no rows (nothing was iterated).
+    ``block_size`` when the answer ends inside it; a block holding only the stop token that the
+    block before it predicted (or an answer that is a lone stop token) has that as its only state.
     """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows: list[dict[str, Any]] = []
     for first in range(0, len(prompts), batch_size):
-        chunk = prompts[first:first + batch_size]
+        indices = order[first:first + batch_size]
+        chunk = [prompts[i] for i in indices]
         recorder = TrajectoryRecorder(block_size)
         out = engine.generate(chunk, "jacobi", max_new_tokens, block_size=block_size, init=init, seed=seed,
                               observer=recorder)
-        rows += recorder.rows(chunk, out.sequences, first)
-    return rows
+        rows += recorder.rows(chunk, out.sequences, indices)
+    return sorted(rows, key=lambda row: (row["prompt_index"], row["block_index"]))

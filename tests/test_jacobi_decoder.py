@@ -409,6 +409,19 @@ def test_trajectories(lively_tiny):
     assert len(dataset) == len(rows)
 
 
+def test_trajectories_keep_a_stop_token_that_was_never_guessed():
+    """A stop token the previous forward predicted is final at once, so its block is never
+    guessed (here the prefill's: the whole answer); its row holds the fixed point as its only
+    state, and the rows' fixed points still make up the answer through its stop token."""
+    tokenizer = tiny_model("llama")[1]
+    prompt = prompts_of(tokenizer)[0]
+    token = next(t for t in range(len(tokenizer) - 1, 0, -1) if t not in prompt and t != tokenizer.eos_token_id)
+    model, tokenizer = constant_model(token)
+    engine = Engine(model, tokenizer, stop_token_ids=[token])
+    assert collect_jacobi_trajectories(engine, [prompt], block_size=4, max_new_tokens=12) == [dict(
+        prompt_index=0, prompt_ids=prompt, prefix_ids=[], block_index=0, states=[[token]], fixed_point=[token])]
+
+
 # ----- Bench --------------------------------------------------------------------------------
 
 

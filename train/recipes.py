@@ -18,6 +18,7 @@ import torch
 RECIPE_MODULES = {
     "pretrain": "leaplm.train.pretrain",
     "ar2bd": "leaplm.train.ar2bd",
+    "cllm": "leaplm.train.cllm",
 }
 
 
