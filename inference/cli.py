@@ -2,7 +2,7 @@
 
     leaplm eval MODEL --tasks synth --decoder ar [--decoder-args JSON] [--n 100] [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR [--tasks copy,sort] [--n 50]
-    leaplm quickstart [--out runs/quickstart] [--n 50]
+    leaplm quickstart [--out runs/quickstart] [--n 50] [--jf-n 20] [--skip-jacobi-forcing]
 
 MODEL is a local model directory, a Hub id, or ``tiny-teacher`` (the embedded teacher).
 """
@@ -120,22 +120,44 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
 
+def quickstart_jacobi_forcing(out: Path, n: int, max_new_tokens: int, overrides: list[str] | tuple[str, ...] = (),
+                              command: str | None = None) -> list[dict[str, Any]]:
+    """Run ``configs/jacobi_forcing/tiny_teacher.yaml`` (rollout, train, export to ``out/model``), then
+    bench ``ar``, ``jacobi`` and ``jacobi_multiblock`` on the export against HF generate, one prompt
+    at a time (bench files in ``out``). ``overrides`` are config overrides (tests shrink the run)."""
+    from leaplm.config import load_config
+    from leaplm.inference.bench import run_bench
+    from leaplm.inference.evaluate import load_for_eval
+    from leaplm.train.trainer import train
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "jacobi_forcing" / "tiny_teacher.yaml"
+    cfg = load_config(config, [f"output_dir={out}", f"export.dir={out / 'model'}", *overrides])
+    train(cfg)
+    n_block = cfg.method.block_size
+    decoders = ["ar", {"decoder": "jacobi", "settings": {"block_size": n_block}},
+                {"decoder": "jacobi_multiblock", "settings": {"block_size": n_block}}]
+    model, tokenizer = load_for_eval(str(out / "model"))
+    return run_bench(str(out / "model"), decoders, None, n, 1, max_new_tokens, out, model=model, tokenizer=tokenizer,
+                     command=command)
+
+
 def _quickstart(args: argparse.Namespace) -> None:
-    """Evaluate the embedded teacher and bench it against HF generate; then bench the embedded
-    block-diffusion model (the teacher adapted by the ar2bd recipe) decoding one prompt at a time."""
+    """Evaluate the embedded teacher and bench it against HF generate; bench the embedded
+    block-diffusion model (the teacher adapted by the ar2bd recipe) decoding one prompt at a time;
+    then train the teacher with Jacobi Forcing and bench its Jacobi decoders the same way."""
     from leaplm.inference.bench import run_bench
     from leaplm.inference.evaluate import evaluate_model, load_for_eval
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = _command(["quickstart"], args, ["n", "batch_size", "max_new_tokens", "threshold", "out", "model"])
+    command = _command(["quickstart"], args, ["n", "batch_size", "max_new_tokens", "threshold", "jf_n", "out", "model"])
     model, tokenizer = load_for_eval(args.model)
-    print(f"== 1/3 eval: {args.model}, ar decoding, {args.n} test prompts per task")
+    print(f"== 1/4 eval: {args.model}, ar decoding, {args.n} test prompts per task")
     rows = evaluate_model(model, tokenizer, n=args.n, decoder="ar", max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, model_name=args.model)
     print_eval(rows)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n== 2/3 bench: ar vs HF generate, same prompts, interleaved, batches of {args.batch_size}")
+    print(f"\n== 2/4 bench: ar vs HF generate, same prompts, interleaved, batches of {args.batch_size}")
     bench_rows = run_bench(args.model, ["ar"], None, args.n, args.batch_size, args.max_new_tokens, out,
                            model=model, tokenizer=tokenizer, command=command)
     _print_bench(bench_rows, out)
@@ -145,14 +167,23 @@ def _quickstart(args: argparse.Namespace) -> None:
     # Parallel decoding pays off where a step is latency-bound: one prompt at a time. At large
     # batches on a CPU a 16-token block costs ~8x a 1-token step and the gain is gone (docs/ar2bd.md).
     parallel = out / "block_diffusion"
-    print(f"\n== 3/3 bench: {EMBEDDED_BLOCK_DIFFUSION} (the teacher after configs/ar2bd/tiny_teacher.yaml), "
+    print(f"\n== 3/4 bench: {EMBEDDED_BLOCK_DIFFUSION} (the teacher after configs/ar2bd/tiny_teacher.yaml), "
           f"block_diffusion (threshold {args.threshold}) vs HF generate, one prompt at a time")
     bd_model, bd_tokenizer = load_for_eval(EMBEDDED_BLOCK_DIFFUSION)
     bd_rows = run_bench(EMBEDDED_BLOCK_DIFFUSION, [{"decoder": "block_diffusion", "settings": {"threshold": args.threshold}}],
                         None, args.n, 1, args.max_new_tokens, parallel, model=bd_model, tokenizer=bd_tokenizer,
                         command=command)
     _print_bench(bd_rows, parallel)
-    print(f"\nresults in {out}/ (eval.json, bench.*) and {parallel}/ (bench.*)")
+    if args.skip_jacobi_forcing:
+        print(f"\nresults in {out}/ (eval.json, bench.*) and {parallel}/ (bench.*)")
+        return
+    jf = out / "jacobi_forcing"
+    print(f"\n== 4/4 Jacobi Forcing: configs/jacobi_forcing/tiny_teacher.yaml on {EMBEDDED_TEACHER} (rollout, train, "
+          f"export to {jf}/model), then ar, jacobi and jacobi_multiblock vs HF generate, one prompt at a time, "
+          f"{args.jf_n} test prompts per task")
+    jf_rows = quickstart_jacobi_forcing(jf, args.jf_n, args.max_new_tokens, ["logging.progress_bar=true"], command)
+    _print_bench(jf_rows, jf)
+    print(f"\nresults in {out}/ (eval.json, bench.*), {parallel}/ (bench.*) and {jf}/ (model/, bench.*)")
 
 
 def add_inference_commands(sub: argparse._SubParsersAction) -> None:
@@ -175,12 +206,16 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("quickstart", help="eval + bench of the embedded teacher and its block-diffusion adaptation")
+    p = sub.add_parser("quickstart", help="eval + bench of the embedded teacher, its block-diffusion adaptation, and Jacobi Forcing on it")
     p.add_argument("--out", default="runs/quickstart", help="results directory (default %(default)s)")
     p.add_argument("--n", type=int, default=50, help="test prompts per task (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--threshold", type=float, default=0.9, help="block_diffusion commit threshold (default %(default)s)")
+    p.add_argument("--jf-n", type=int, default=20, help="test prompts per task of the Jacobi Forcing bench, "
+                   "decoded one at a time (default %(default)s)")
+    p.add_argument("--skip-jacobi-forcing", action="store_true", help="leave out stage 4 (Jacobi Forcing training, "
+                   "about 10 minutes on 2 cores)")
     p.add_argument("--model", default=EMBEDDED_TEACHER, help="the model to use (default: the embedded teacher; "
-                   "another model skips the block-diffusion stage)")
+                   "another model skips the block-diffusion and Jacobi Forcing stages)")
     p.set_defaults(func=_quickstart)

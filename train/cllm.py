@@ -25,24 +25,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import (
-    choose_prompts,
-    collect_jacobi_rollouts,
-    current_rollouts,
-    load_rollouts,
-    model_fingerprint,
-)
+from leaplm.data.rollouts import current_rollouts, load_rollouts
 from leaplm.inference.jacobi import INITS
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.losses.consistency import CONSISTENCY, ar_labels, block_batch, block_logits, consistency_loss_sum
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
+from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
 
 
 @dataclass
@@ -72,27 +66,7 @@ class CLLMConfig:
 
 def check_sections(cfg: Config) -> None:
     """The rules that tie `method` to the shared sections."""
-    m: CLLMConfig = cfg.method
-    r = cfg.rollout
-    if r.decoder != "jacobi":
-        raise ConfigError(f"cllm collects Jacobi trajectories: set rollout.decoder=jacobi (got {r.decoder!r})")
-    if r.temperature != 0:
-        raise ConfigError("cllm needs greedy rollouts (a sampled trajectory has no fixed point): set rollout.temperature=0")
-    if r.max_new_tokens < m.block_size:
-        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} is shorter than one block "
-                          f"(method.block_size={m.block_size})")
-    if r.max_new_tokens >= cfg.data.max_length:
-        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt within "
-                          f"data.max_length={cfg.data.max_length}")
-    if cfg.model.init is not None:
-        raise ConfigError("cllm distills an existing model: set model.name_or_path and remove model.init")
-    if cfg.data.packing or cfg.train.group_by_length:
-        raise ConfigError("cllm trains on rollout blocks: data.packing and train.group_by_length do not apply; "
-                          "set both to false")
-
-
-def rollouts_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "rollouts"
+    check_rollout_sections(cfg, "cllm", cfg.method.block_size)
 
 
 # ----- Model and data -------------------------------------------------------------------------
@@ -106,14 +80,8 @@ def build_model(cfg: Config):
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank."""
     m: CLLMConfig = cfg.method
-    prompts = choose_prompts(cfg.data, tokenizer, m.max_prompts, cfg.rollout.max_new_tokens, cfg.seed)
-    model.to(accelerator.device)
-    model_id = {**model_fingerprint(cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
-                "dtype": cfg.model.dtype}
-    collect_jacobi_rollouts(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
-                            block_size=m.block_size, max_new_tokens=cfg.rollout.max_new_tokens, init=m.init,
-                            seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,
-                            progress=cfg.logging.progress_bar)
+    collect_rollouts(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
+                     max_prompts=m.max_prompts)
 
 
 class RolloutSamples(Sequence):

@@ -19,6 +19,7 @@ RECIPE_MODULES = {
     "pretrain": "leaplm.train.pretrain",
     "ar2bd": "leaplm.train.ar2bd",
     "cllm": "leaplm.train.cllm",
+    "jacobi_forcing": "leaplm.train.jacobi_forcing",
 }
 
 
@@ -39,6 +40,8 @@ class Recipe:
     rollout: Callable[[Any, Any, Any, Any], None] | None = None
     # (model) -> ids of token rows the recipe added (e.g. a mask token): trained in full under LoRA
     new_token_ids: Callable[[Any], list[int]] | None = None
+    # (cfg) -> configs run one after another, each by its own Trainer (progressive stages); None = [cfg]
+    stages: Callable[[Any], list[Any]] | None = None
 
 
 def get_recipe(name: str) -> Recipe:

@@ -354,4 +354,31 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).fit()
+    """Run ``cfg``; the result of its last stage when the recipe splits it into stages (``Recipe.stages``).
+
+    Stages run in order, each a full Trainer run in its own output_dir. Each finished stage leaves
+    ``stage_done.json`` (its config but ``resume_from``); under ``train.resume_from=latest`` a stage
+    whose marker holds the same config is skipped, and the first unfinished one resumes from its own checkpoints.
+    """
+    recipe = get_recipe(cfg.recipe)
+    stages = recipe.stages(cfg) if recipe.stages is not None else [cfg]
+    if len(stages) == 1:
+        return Trainer(stages[0]).fit()
+    def settings(stage: Config) -> dict:  # the stage's config as its marker reads back, whatever resume_from
+        tree = json.loads(json.dumps(stage.to_dict()))
+        tree["train"].pop("resume_from")
+        return tree
+
+    result = None
+    for k, stage in enumerate(stages, 1):
+        marker = Path(stage.output_dir) / "stage_done.json"
+        if stage.train.resume_from == "latest" and marker.is_file() and json.loads(marker.read_text()) == settings(stage):
+            log.info("stage %d/%d already finished in %s: skipped", k, len(stages), stage.output_dir)
+            continue
+        log.info("stage %d/%d in %s, from %s", k, len(stages), stage.output_dir, stage.model.name_or_path)
+        trainer = Trainer(stage)
+        result = trainer.fit()
+        if trainer.accelerator.is_main_process:
+            marker.write_text(json.dumps(settings(stage), indent=2))
+        trainer.accelerator.wait_for_everyone()
+    return result or TrainResult(Path(stages[-1].output_dir), stages[-1].train.max_steps)
