@@ -184,3 +184,16 @@ def test_decoder_specs_sweep_settings():
     ]
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         _decoder_specs("block_diffusion:threshold")
+
+
+def test_quickstart_on_the_embedded_models(tmp_path, capsys):
+    """With no --model, quickstart runs the embedded teacher and benches the embedded
+    block-diffusion model one prompt at a time (Jacobi Forcing skipped: its test trains a tiny run)."""
+    quick = tmp_path / "quick"
+    main(["quickstart", "--out", str(quick), "--n", "1", "--max-new-tokens", "8", "--skip-jacobi-forcing"])
+    printed = capsys.readouterr().out
+    assert "3/4 bench: tiny-teacher-bd" in printed
+    rows = json.loads((quick / "block_diffusion" / "bench.json").read_text())
+    assert {r["decoder"] for r in rows} == {"hf_generate", "block_diffusion"}
+    assert {r["model"] for r in rows} == {zoo.EMBEDDED_BLOCK_DIFFUSION}
+    assert all(r["tokens_per_forward"] >= 1 for r in rows)
