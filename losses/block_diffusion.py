@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leaplm.models.block_diffusion import CLEAN, NOISY, PAD, StreamLayout
+from leaplm.models.two_stream import CLEAN, NOISY, PAD, StreamLayout
 
 NOISY_TARGET, BLOCK_START_TARGET, AR_TARGET = 0, 1, 2
 TARGET_KINDS = {NOISY_TARGET: "masked", BLOCK_START_TARGET: "block_start", AR_TARGET: "ar"}

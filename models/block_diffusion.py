@@ -51,18 +51,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# The layout and mask machinery is shared with Jacobi Forcing; these names are re-exported.
-from leaplm.models.two_stream import (  # noqa: F401
-    CLEAN,
-    CLEAN_SEES_CLEAN,
-    NOISY,
-    PAD,
-    StreamLayout,
-    StreamMaskError,
-    StreamRule,
-    layout_attention,
-    resolve_backend,
-)
+# The layout and mask machinery is shared with Jacobi Forcing (models/two_stream.py).
+from leaplm.models.two_stream import CLEAN_SEES_CLEAN, StreamLayout, StreamMaskError, StreamRule, layout_attention
 
 MASK_TOKEN = "<|mask|>"
 CLEAN_ATTENTION = CLEAN_SEES_CLEAN

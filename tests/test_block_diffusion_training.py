@@ -22,13 +22,13 @@ from leaplm.losses.block_diffusion import (
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.models.block_diffusion import (
     BlockDiffusionError,
-    StreamLayout,
     add_mask_token,
     attention_rule,
     convert,
     spec_of,
     training_attention,
 )
+from leaplm.models.two_stream import StreamLayout
 from leaplm.models.zoo import tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]

@@ -28,10 +28,10 @@ from leaplm.models.block_diffusion import (
     BlockDiffusionError,
     check_block_size,
     convert,
-    resolve_backend,
     spec_of,
     training_attention,
 )
+from leaplm.models.two_stream import resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 
