@@ -24,6 +24,8 @@ reference, and the CPU path, where torch's FlexAttention has no backward).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +136,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "flex" if device.type == "cuda" else "dense"
     return backend
+
+
+@contextlib.contextmanager
+def attention_backend(model: PreTrainedModel, backend: str):
+    """Run the forwards inside the block with the attention implementation ``backend``'s mask needs.
+
+    Recipes load their model with sdpa/eager, which the engine decodes with (rollouts, eval,
+    export); only the training forward on two-stream rows switches to FlexAttention (``flex``),
+    and the model gets its own implementation back afterwards. ``dense`` keeps the model's.
+    """
+    before = model.config._attn_implementation
+    if backend == "flex":
+        model.config._attn_implementation = "flex_attention"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
 
 
 def flex_backward_available(device: torch.device) -> bool:

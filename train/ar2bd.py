@@ -31,7 +31,7 @@ from leaplm.models.block_diffusion import (
     spec_of,
     training_attention,
 )
-from leaplm.models.two_stream import resolve_backend
+from leaplm.models.two_stream import attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 
@@ -81,10 +81,9 @@ class AR2BDConfig:
 def build_model(cfg: Config):
     m: AR2BDConfig = cfg.method
     check_block_size(m.block_size, cfg.data.max_length, "method.block_size")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = resolve_backend(m.attention, device)
-    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype,
-                                  "flex_attention" if backend == "flex" else cfg.model.attn_implementation,
+    # Loaded as configured (sdpa/eager), as the block_diffusion decoder runs it for eval and export;
+    # the loss switches to FlexAttention for its forward when the backend is flex.
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                   cfg.model.tokenizer)
     if getattr(model.config, "block_diffusion", None):
         raise BlockDiffusionError(f"{cfg.model.name_or_path} is already a block-diffusion model; start from an AR model")
@@ -125,9 +124,10 @@ def loss(model, batch, cfg: Config):
                                   inverse_t_weight=m.inverse_t_weight, ar_weight=m.ar_weight)
     device = next(model.parameters()).device
     layout = layout.to(device)
-    logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                   attention_mask=training_attention(core, layout, resolve_backend(m.attention, device)),
-                   use_cache=False).logits  # [v*b, T, V]
+    backend = resolve_backend(m.attention, device)
+    with attention_backend(core, backend):
+        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                       attention_mask=training_attention(core, layout, backend), use_cache=False).logits  # [v*b, T, V]
     loss_sum, metrics = block_diffusion_loss_sum(logits, targets.to(device))
     return loss_sum, {**metrics, "block_size": float(block_size)}
 

@@ -35,7 +35,6 @@ checker are dropped (``rollout.drop_wrong``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from leaplm.data.rollouts import SETTINGS_FILE, RolloutError, current_rollouts, 
 from leaplm.inference.jacobi import INITS
 from leaplm.losses.jacobi_forcing import STRATEGIES, build_batch, jacobi_forcing_loss_sum, pick_states
 from leaplm.models.jacobi_forcing import NOISY_CONTEXTS, training_attention
-from leaplm.models.two_stream import ATTENTION_BACKENDS, resolve_backend
+from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
@@ -152,7 +151,7 @@ def stage_configs(cfg: Config) -> list[Config]:
 
 def build_model(cfg: Config):
     """The model as the engine decodes it (sdpa/eager): rollouts, eval and export use it as it is;
-    the loss switches to FlexAttention for its forward when the backend is flex."""
+    the loss switches to FlexAttention for its forward when the backend is flex (``attention_backend``)."""
     check_sections(cfg)
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError("jacobi_forcing rolls out and evaluates through the engine, which needs "
@@ -213,26 +212,13 @@ def build_collator(cfg: Config, tokenizer):
 # ----- Loss ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def attention_implementation(model, impl: str):
-    """Run the model's forward under another attention implementation (FlexAttention for the
-    packed rows), then give it back the one the engine decodes with."""
-    before = model.config._attn_implementation
-    model.config._attn_implementation = impl
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
 def loss(model, batch, cfg: Config):
     m: JacobiForcingConfig = cfg.method
     core = getattr(model, "module", model)  # the model inside a DDP wrapper
     device = next(model.parameters()).device
     backend = resolve_backend(m.attention, device)
     layout, targets = batch["layout"].to(device), batch["targets"].to(device)
-    impl = "flex_attention" if backend == "flex" else core.config._attn_implementation
-    with attention_implementation(core, impl):
+    with attention_backend(core, backend):
         attention = training_attention(core, layout, backend, m.noisy_context)
         logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
                        use_cache=False).logits  # [b, T, V]
