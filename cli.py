@@ -20,6 +20,10 @@ def _train(args: argparse.Namespace) -> None:
     from leaplm.train.trainer import train
 
     result = train(load_config(args.config, args.overrides))
+    if result.preempted:
+        print(f"preempted: checkpoint at step {result.steps} in {result.output_dir}; "
+              "rerun with train.resume_from=latest to continue")
+        return
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
 
 
