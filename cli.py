@@ -1,4 +1,4 @@
-"""The `leaplm` command: train, eval, bench, quickstart.
+"""The `leaplm` command: train, eval, bench, quickstart, export.
 
     leaplm train CONFIG [section.key=value ...]
     leaplm eval MODEL --tasks synth --decoder ar [--out DIR]
@@ -6,6 +6,7 @@
     leaplm quickstart
     leaplm bench-attention --lengths 512,2048 --out DIR
     leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
+    leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora] [--bench-n N]
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from leaplm.inference.cli import add_inference_commands
     from leaplm.inference.rollout_bench import add_command as add_rollout_bench
+    from leaplm.models.export import add_command as add_export
     from leaplm.train.attention_bench import add_command as add_attention_bench
 
     add_inference_commands(sub)
     add_attention_bench(sub)
     add_rollout_bench(sub)
+    add_export(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

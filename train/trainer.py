@@ -356,9 +356,11 @@ class Trainer:
         if cfg.eval.at_end:
             result.eval_rows = self.evaluate(cfg.train.max_steps)
         if cfg.export.dir and acc.is_main_process:
-            from leaplm.models.export import export_model
+            from leaplm.models.export import export_model, push
 
             export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows)
+            if cfg.export.push_to:
+                push(cfg.export.dir, cfg.export.push_to)
         acc.wait_for_everyone()
         self.metrics.close()
         return result
