@@ -45,22 +45,30 @@ class FastDecoder:
                                     max_new_tokens or self.max_new_tokens, **{**self.settings, **settings})
 
 
-def load(path: str | Path, device: str | None = None, dtype: str = "float32") -> FastDecoder:
-    """Load a ``leaplm export`` directory (or Hub id) as a :class:`FastDecoder`."""
+def load(path: str | Path, device: str | None = None, dtype: str = "float32", decoder: str | None = None,
+         **settings: Any) -> FastDecoder:
+    """Load a ``leaplm export`` directory (or Hub id) as a :class:`FastDecoder`.
+
+    ``decoder`` and ``settings`` override the stored ones; with ``decoder`` given, any causal LM
+    loads (a model that was not exported by leaplm has no stored settings).
+    """
     model, tokenizer = load_model(str(path), dtype, device=device)
     section = getattr(model.config, LEAPLM_KEY, None)
     if not isinstance(section, dict):
-        raise DecoderError(f"{path} has no `{LEAPLM_KEY}` section in config.json: it was not written by "
-                           "`leaplm export`. Load it with transformers, or decode it with `leaplm eval --decoder ...`")
+        if decoder is None:
+            raise DecoderError(f"{path} has no `{LEAPLM_KEY}` section in config.json: it was not written by "
+                               "`leaplm export`. Name the decoder (decoder=...), or load it with transformers")
+        section = {"decoder": decoder, "decoder_settings": {}, "max_new_tokens": 256}
+    name = decoder or section["decoder"]
     try:
-        get_decoder(section["decoder"])
+        get_decoder(name)
     except DecoderError as err:
-        raise DecoderError(f"{path} was exported for decoder {section['decoder']!r}, which this leaplm "
-                           f"({section.get('version', '?')} at export) does not have: {err}") from err
+        raise DecoderError(f"{path} asks for decoder {name!r}, which this leaplm (exported with "
+                           f"{section.get('version', '?')}) does not have: {err}") from err
     adapter = Path(path) / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    return FastDecoder(model.eval(), tokenizer, section["decoder"], dict(section["decoder_settings"]),
-                       section["max_new_tokens"], section)
+    stored = section["decoder_settings"] if name == section["decoder"] else {}
+    return FastDecoder(model.eval(), tokenizer, name, {**stored, **settings}, section["max_new_tokens"], section)
