@@ -20,28 +20,9 @@ from leaplm.inference.evaluate import task_prompts
 from leaplm.models.export import LEAPLM_KEY, ExportError, push
 from leaplm.train.trainer import Trainer
 
+from conftest import RECIPE_SMOKE
+
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["eval.at_end=false", "export.dir=null", "logging.wandb=false", "logging.progress_bar=false",
-          "train.warmup_steps=0", "train.save_every=0"]
-# Each landed recipe's shipped CPU config, shrunk to a step or two (the overrides its own tests use).
-RECIPES = {
-    "pretrain": ["model.tokenizer=tiny-teacher", "model.init.hidden_size=32", "model.init.intermediate_size=64",
-                 "model.init.num_hidden_layers=1", "model.init.num_attention_heads=2",
-                 "model.init.num_key_value_heads=1", "data.train_per_task=8", "train.max_steps=2",
-                 "train.micro_batch_size=8", "train.lr=1e-2"],
-    "ar2bd": ["data.tasks=[copy,sort]", "data.train_per_task=8", "data.max_length=128", "method.block_size=4",
-              "method.block_size_curriculum=[]", "method.curriculum_steps=0", "train.max_steps=2",
-              "train.micro_batch_size=4", "train.lr=1e-3", "export.dtype=null"],  # the config ships float16
-    "cllm": ["data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4", "method.block_size=8",
-             "rollout.max_new_tokens=32", "rollout.batch_size=4", "train.max_steps=2", "train.micro_batch_size=4",
-             "eval.decoder_args={block_size: 8}"],
-    "jacobi_forcing": ["data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
-                       "method.block_size=8", "method.window_size=2", "method.min_noise_ratio=0.0",
-                       "rollout.max_new_tokens=32", "rollout.batch_size=4", "train.max_steps=2",
-                       "train.micro_batch_size=2", "eval.decoder_args={block_size: 8}"],
-}
-
-
 def prompts(tokenizer) -> list[list[int]]:
     examples = make_split("copy", "test", 2, 0) + make_split("sort", "test", 2, 0)
     return task_prompts(tokenizer, examples)
@@ -49,7 +30,7 @@ def prompts(tokenizer) -> list[list[int]]:
 
 def trained(tmp_path: Path, recipe: str, *extra: str) -> Trainer:
     cfg = load_config(REPO / "configs" / recipe / "tiny_teacher.yaml",
-                      [*COMMON, *RECIPES[recipe], f"output_dir={tmp_path / 'run'}", *extra])
+                      [*RECIPE_SMOKE[recipe], f"output_dir={tmp_path / 'run'}", *extra])
     trainer = Trainer(cfg)
     trainer.fit()
     return trainer
@@ -60,7 +41,7 @@ def decode(model, tokenizer, cfg) -> list[list[int]]:
     return out.sequences
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", list(RECIPE_SMOKE))
 def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
     trainer = trained(tmp_path, recipe)
     cfg, model, tokenizer = trainer.cfg, trainer.unwrapped_model().eval(), trainer.tokenizer

@@ -25,6 +25,8 @@ from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu
 
 from leaplm.models.zoo import TINY_FAMILIES
 
+from conftest import RECIPE_SMOKE
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = sorted((LAUNCH / "accelerate").glob("*.yaml"))
@@ -238,3 +240,28 @@ def test_deepspeed_accepts_the_json_and_takes_a_step(tmp_path, stage):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"stage {stage} loss" in proc.stdout
+
+
+# ----- every recipe under the 2-rank CPU config -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPE_SMOKE))
+def test_each_recipe_trains_under_two_cpu_ranks(tmp_path, recipe):
+    """`accelerate launch --config_file launch/accelerate/cpu.yaml` on each landed recipe's smoke run:
+    both gloo ranks train (rollout recipes shard their rollouts by rank and merge them), and the
+    checkpoint is complete."""
+    from leaplm.train import checkpoint as ckpt
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
+           "-m", "leaplm.train", f"configs/{recipe}/tiny_teacher.yaml", *RECIPE_SMOKE[recipe],
+           "train.log_every=1", f"output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "stage_1" if (tmp_path / "stage_1").is_dir() else tmp_path
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    assert ckpt.validate(ckpt.list_checkpoints(run)[-1])["step"] == 2
+    if recipe in ("cllm", "jacobi_forcing"):
+        assert not list((run / "rollouts").rglob("*.shards")), "rank shards were not merged"
+        assert list((run / "rollouts").rglob("dataset_info.json"))
