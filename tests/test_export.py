@@ -63,6 +63,9 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(plain.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    # Text prompts are chat formatted, as the task prompts above.
+    text = make_split("copy", "test", 1, 0)[0].prompt
+    assert fast.generate([text], max_new_tokens=24).sequences == before[:1]
     assert f"recipe `{recipe}`" in (out / "README.md").read_text()
 
 
@@ -113,6 +116,16 @@ def test_push_without_a_token_or_offline_is_a_clear_error_and_keeps_the_export(t
         main(["export", str(tmp_path / "run"), "--out", str(out), "--push", "someone/tiny"])
     assert f"The export in {out} is kept" in str(err.value)
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_training_exports_and_pushes_at_the_end_by_config(tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "model"
+    with pytest.raises(ExportError, match="no Hub token"):
+        trained(tmp_path, "pretrain", f"export.dir={out}", "export.push_to=someone/tiny")
+    assert json.loads((out / "config.json").read_text())[LEAPLM_KEY]["recipe"] == "pretrain"
+    assert "someone/tiny" in (out / "README.md").read_text()  # the card loads the model by its repo id
 
 
 def test_export_of_a_directory_without_checkpoints_says_what_to_pass(tmp_path):

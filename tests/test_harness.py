@@ -61,7 +61,9 @@ def test_log_likelihoods_equal_lm_evals_own_hf_model():
 
     pairs = [("Copy: abc\nAnswer:", " abc"), ("Sort: 3 1 2\nAnswer:", " 1 2 3"), ("x", "y z")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    ours = LeapLM(str(EMBEDDED_TEACHER_DIR), decoder="ar", device="cpu").loglikelihood(requests)
-    theirs = HFLM(pretrained=str(EMBEDDED_TEACHER_DIR), device="cpu", batch_size=1).loglikelihood(requests)
-    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
+    texts = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(["a b c", "Sort: 3 1 2"])]
+    ours = LeapLM(str(EMBEDDED_TEACHER_DIR), decoder="ar", device="cpu")
+    theirs = HFLM(pretrained=str(EMBEDDED_TEACHER_DIR), device="cpu", batch_size=1)
+    for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(requests), theirs.loglikelihood(requests)):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert ours.loglikelihood_rolling(texts) == pytest.approx(theirs.loglikelihood_rolling(texts), abs=1e-4)
