@@ -9,8 +9,9 @@ log-likelihood requests score the model itself, which no decoder changes.
 
 lm-eval 0.4.13 finds models only in its own registry, so ``leaplm lm-eval`` imports this module
 (which registers ``leaplm``) and then runs lm-eval's command line with the arguments it was given.
-pyproject.toml also declares the model under the ``lm_eval.models`` entry-point group, for
-lm-eval versions that load plugins from entry points.
+pyproject.toml also declares the model under an ``lm_eval.models`` entry point, for lm-eval
+versions that load model plugins (EleutherAI/lm-evaluation-harness#4013); 0.4.13 does not, and the
+group name has not been checked against such a release.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from leaplm.inference.loader import load
 class LeapLM(LM):
     def __init__(self, pretrained: str, decoder: str | None = None, dtype: str = "float32", device: str | None = None,
                  batch_size: int | str = 16, max_batch_size: int | None = None, **settings: Any):
+        # lm-eval passes batch_size ("auto" included) and max_batch_size to every model; a fixed
+        # batch is used, since decoders' memory needs differ from the forward lm-eval would probe.
         super().__init__()
         self.fast = load(pretrained, device=device or default_device(), dtype=dtype, decoder=decoder, **settings)
         self.tokenizer = self.fast.tokenizer
