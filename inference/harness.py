@@ -81,7 +81,8 @@ class LeapLM(LM):
         model, device = self.fast.model, self.fast.engine.device
         ids = torch.tensor([context + continuation], device=device)  # [1, c + n]
         with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # [n, v]: predicts each continuation token
+            # [n, v]: the logits at the last context token and at each continuation token but the last
+            logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
         logprobs = logits.log_softmax(-1)
         target = torch.tensor(continuation, device=device)  # [n]
         return float(logprobs.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all())

@@ -280,6 +280,11 @@ def find_checkpoint(source: str | Path) -> Path:
     if (source / ckpt.STATE_FILE).is_file() or (source / "state").is_dir():
         path = source
     else:
+        # A recipe run in stages (Recipe.stages, e.g. jacobi_forcing's method.stages) trains stage k
+        # in OUTPUT_DIR/stage_k: its model is the last stage's.
+        stages = {int(p.name[len("stage_"):]): p for p in source.glob("stage_*") if p.name[len("stage_"):].isdigit()}
+        if stages and not ckpt.list_checkpoints(source):
+            source = stages[max(stages)]
         found = ckpt.list_checkpoints(source)
         if not found:
             raise ExportError(f"{source} is neither a checkpoint (with {ckpt.STATE_FILE}) nor a run directory "

@@ -18,7 +18,7 @@ from leaplm.data.tasks import make_split
 from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.export import LEAPLM_KEY, ExportError, push
-from leaplm.train.trainer import Trainer
+from leaplm.train.trainer import Trainer, train
 
 from conftest import RECIPE_SMOKE
 
@@ -67,6 +67,16 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
     text = make_split("copy", "test", 1, 0)[0].prompt
     assert fast.generate([text], max_new_tokens=24).sequences == before[:1]
     assert f"recipe `{recipe}`" in (out / "README.md").read_text()
+
+
+def test_a_run_in_stages_exports_its_last_stage(tmp_path):
+    stages = "method.stages=[{block_size: 4, max_steps: 1}, {block_size: 8, max_steps: 1}]"
+    cfg = load_config(REPO / "configs" / "jacobi_forcing" / "tiny_teacher.yaml",
+                      [*RECIPE_SMOKE["jacobi_forcing"], stages, f"output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    section = json.loads((tmp_path / "export" / "config.json").read_text())[LEAPLM_KEY]
+    assert section["block_size"] == 8 and "stage_2" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_lora_export_keeps_the_adapter_or_merges_it(tmp_path):

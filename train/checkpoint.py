@@ -68,9 +68,8 @@ def validate(path: Path) -> dict:
         if not found.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}, which it was written with. {fix}")
         if found.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {name} has {found.stat().st_size} bytes, it was written with {size}. {fix}"
-            )
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {found.stat().st_size} bytes, "
+                                  f"it was written with {size}. {fix}")
     return state
 
 
