@@ -144,7 +144,8 @@ class EvalConfig:
 class ExportConfig:
     dir: str | None = None  # write the final model (safetensors + tokenizer + card) here
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # halve the files; None = the training dtype
-    push_to: str | None = None  # Hub repo id (issue #8)
+    push_to: str | None = None  # Hub repo id to upload the export to (token from HF_TOKEN)
+    merge_lora: bool = True  # LoRA runs: merge the adapter into the weights; false = base + adapter/
 
 
 @dataclass

@@ -21,6 +21,12 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --exclusive
 #SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=TERM@120
+# Preemption and the time limit: SLURM sends SIGTERM (here also 120 s before the limit) to each
+# node's accelerate, torchrun forwards it to the ranks, and they finish the step in flight, write a
+# checkpoint and exit (leaplm/train/trainer.py). A requeued job starts this script again, and
+# train.resume_from=latest (the first override, so yours win) continues from that checkpoint.
 # One task per node on purpose: accelerate (torchrun) starts the per-GPU ranks itself; a task
 # per GPU would start GPUS_PER_NODE launchers per node, each trying to start all ranks.
 
@@ -57,4 +63,4 @@ srun --kill-on-bad-exit=1 bash -c 'exec accelerate launch \
     --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MAIN_IP" \
     --main_process_port "$MAIN_PORT" \
-    -m leaplm.train "$@"' leaplm-node "$CONFIG" "$@"
+    -m leaplm.train "$@"' leaplm-node "$CONFIG" train.resume_from=latest "$@"

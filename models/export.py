@@ -1,9 +1,27 @@
-"""Write a trained model in the Hub layout: safetensors, config, tokenizer and a model card."""
+"""Write a trained model in the Hub layout, and push it to the Hub.
+
+Layout of an export directory (``leaplm export RUN_OR_CHECKPOINT --out DIR`` or ``export.dir``):
+
+  model.safetensors, config.json   the weights, loadable with plain transformers; config.json has a
+                                   ``leaplm`` section (:func:`leaplm_section`) that
+                                   ``leaplm.inference.load(DIR)`` restores the fast decoder from
+  generation_config.json           greedy, the stop tokens, the eval's max_new_tokens
+  tokenizer files
+  adapter/                         a LoRA run exported without merging: the peft adapter; the
+                                   weights beside it are then the base model's
+  files a recipe adds              e.g. draft heads, listed in ``leaplm.files``
+  leaplm_config.yaml               the training config
+  eval.json / bench.*              the numbers (and bench.png, the speed/quality plot) of the card
+  README.md                        the model card (:data:`CARD_TEMPLATE`)
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -12,86 +30,335 @@ import jinja2
 import leaplm
 from leaplm.models.zoo import DTYPES
 
+LEAPLM_KEY = "leaplm"  # the section of config.json that holds the decoder and recipe settings
+ADAPTER_DIR = "adapter"
+CARD_LIBRARIES = ("leaplm", "torch", "transformers", "accelerate", "peft", "safetensors")
+
+
+class ExportError(RuntimeError):
+    """An export or push that cannot be done; the message says what to change."""
+
+
 CARD_TEMPLATE = jinja2.Template(
     """---
 library_name: transformers
-tags:
-- leaplm
-- {{ recipe }}
----
+{% if base_id %}base_model: {{ base_id }}
+{% endif %}tags:
+{% for tag in tags %}- {{ tag }}
+{% endfor %}---
 # {{ name }}
 
-Trained with [leaplm](https://github.com/leaplm/leaplm) recipe `{{ recipe }}`
-(leaplm {{ version }}). Loads with plain transformers:
+Trained with [leaplm](https://github.com/leaplm/leaplm) recipe `{{ recipe }}`; decodes fastest with
+the `{{ decoder }}` decoder{% if settings %} (`{{ settings }}`){% endif %}.
 
 ```python
+# plain transformers (autoregressive decoding)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{{ name }}")
 tokenizer = AutoTokenizer.from_pretrained("{{ name }}")
-```
 
+# leaplm: the {{ decoder }} decoder with the settings stored in config.json
+import leaplm.inference
+decoder = leaplm.inference.load("{{ name }}")
+print(decoder.generate(["Reverse the list: 3 1 2"]).texts)
+```
+{% if adapter %}
+The weights here are the base model's; the LoRA adapter is in `adapter/` (peft).
+`leaplm.inference.load` applies it; with transformers and peft installed, `model.load_adapter("{{ name }}/adapter")` does too.
+{% endif %}
 ## Model
-- architecture: `{{ architecture }}`, {{ n_params }} parameters, vocabulary {{ vocab_size }}
 - base: {{ base }}
+- architecture: `{{ architecture }}`, {{ n_params }} parameters, vocabulary {{ vocab_size }}
+- leaplm settings (`config.json` → `leaplm`): `{{ section }}`
 
 ## Training
+- recipe: `{{ recipe }}`
 - data: `{{ data_source }}`{% if tasks %} (tasks: {{ tasks }}){% endif %}
-- steps: {{ steps }}, effective batch {{ batch }}, lr {{ lr }} ({{ schedule }})
+- steps: {{ steps }}, effective batch {{ batch }}, lr {{ lr }} ({{ schedule }}, warmup {{ warmup }}){% if lora %}, LoRA rank {{ lora }}{% endif %}
+- precision: {{ precision }}
 - reproduce: `{{ command }}`
 
 {% if rows %}## Evaluation
-Greedy decoding with the `{{ rows[0].decoder }}` decoder on the held-out test split.
+Greedy decoding on the held-out test split of each task. Speedup is tokens/s over Hugging Face
+`generate` (autoregressive, KV cache) on the same prompts in the same process{% if not has_speedup %}; this
+export has no bench, so it is not given (`leaplm export ... --bench-n 20` measures it){% endif %}.
 
-| task | n | accuracy | tokens/forward | tokens/s |
-|---|---|---|---|---|
-{% for r in rows %}| {{ r.task }} | {{ r.n }} | {{ "%.1f" % (100 * r.accuracy) }}% | {{ "%.2f" % r.tokens_per_forward }} | {{ "%.0f" % r.tokens_per_s }} |
-{% endfor %}{% endif %}"""
+| decoder | task | n | accuracy | tokens/forward | speedup over AR |
+|---|---|---|---|---|---|
+{% for r in rows %}| {{ r.label }} | {{ r.task }} | {{ r.n }} | {{ "%.1f" % (100 * r.accuracy) }}% | {{ "%.2f" % r.tokens_per_forward }} | {{ r.speedup }} |
+{% endfor %}{% if plot %}
+![accuracy against speedup]({{ plot }})
+{% endif %}{% endif %}
+## Library versions
+{% for name, v in versions %}- {{ name }} {{ v }}
+{% endfor %}- python {{ python }}
+"""
 )
 
 
-def render_card(model, cfg, rows: list[dict[str, Any]], command: str) -> str:
+def library_versions() -> list[tuple[str, str]]:
+    out = []
+    for name in CARD_LIBRARIES:
+        try:
+            out.append((name, version(name)))
+        except PackageNotFoundError:  # leaplm run from a checkout rather than installed
+            out.append((name, getattr(leaplm, "__version__", "?") if name == "leaplm" else "not installed"))
+    return out
+
+
+def leaplm_section(cfg, model, out_dir: Path) -> dict[str, Any]:
+    """The ``leaplm`` section of config.json: recipe, decoder and its settings, plus what the recipe adds.
+
+    A recipe's ``export_settings(cfg, model, out_dir)`` hook returns its own entries (block size,
+    heads) and may write extra files under ``out_dir``, which it lists under ``"files"``.
+    """
+    from leaplm.train.recipes import get_recipe
+
+    section: dict[str, Any] = {
+        "version": leaplm.__version__,
+        "recipe": cfg.recipe,
+        "decoder": cfg.eval.decoder,
+        "decoder_settings": dict(cfg.eval.decoder_args),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "files": [],
+    }
+    hook = get_recipe(cfg.recipe).export_settings
+    if hook is not None:
+        section.update(hook(cfg, model, out_dir))
+    return section
+
+
+def _card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
+        speedup = r.get("speedup_vs_generate")
+        out.append({**r, "label": f"{r['decoder']}" + (f" ({settings})" if settings else ""),
+                    "speedup": "-" if speedup is None else f"{speedup:.2f}x"})
+    return out
+
+
+def render_card(model, cfg, rows: list[dict[str, Any]], command: str, section: dict[str, Any], name: str, *,
+                plot: str | None = None, adapter: bool = False) -> str:
     t = cfg.train
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from_scratch = cfg.model.init is not None
+    base = "random initialisation (pretrained from scratch)" if from_scratch else f"`{cfg.model.name_or_path}`"
     return CARD_TEMPLATE.render(
-        name=Path(cfg.export.dir or cfg.output_dir).name,
+        name=name,
         recipe=cfg.recipe,
-        version=leaplm.__version__,
-        architecture=model.config.model_type,
-        n_params=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
-        vocab_size=model.config.vocab_size,
-        base=cfg.model.name_or_path if cfg.model.init is None else "random initialisation (pretrained from scratch)",
+        decoder=section["decoder"],
+        settings=json.dumps(section["decoder_settings"]) if section["decoder_settings"] else "",
+        section=json.dumps(section, sort_keys=True),
+        tags=["leaplm", cfg.recipe, section["decoder"], "parallel-decoding"],
+        # Only Hub ids go in the card's metadata: a local path means nothing on the Hub.
+        base_id=None if from_scratch or Path(cfg.model.name_or_path).exists() or "/" not in cfg.model.name_or_path
+        else cfg.model.name_or_path,
+        base=base,
+        architecture=base_model.config.model_type,
+        n_params=f"{sum(p.numel() for p in base_model.parameters()) / 1e6:.2f}M",
+        vocab_size=base_model.config.vocab_size,
         data_source=cfg.data.source,
         tasks=", ".join(cfg.data.tasks or []) or None,
         steps=t.max_steps,
         batch=(f"{t.micro_batch_size * t.grad_accum} packed rows of {cfg.data.max_length} tokens" if cfg.data.packing
-               else f"{t.micro_batch_size * t.grad_accum} samples"),
+               else f"{t.micro_batch_size * t.grad_accum} samples") + " per process",
         lr=t.lr,
         schedule=t.lr_schedule,
+        warmup=t.warmup_steps,
+        lora=cfg.model.lora.r,
+        precision=f"{t.mixed_precision} mixed precision" if t.mixed_precision != "no" else cfg.model.dtype,
         command=command,
-        rows=rows,
+        rows=_card_rows(rows),
+        has_speedup=any(r.get("speedup_vs_generate") is not None for r in rows),
+        plot=plot,
+        adapter=adapter,
+        versions=library_versions(),
+        python=platform.python_version(),
     )
 
 
+def _write_generation_config(model, tokenizer, cfg, out: Path) -> None:
+    """Greedy decoding that stops where the engine stops, so `generate` and leaplm agree by default."""
+    from leaplm.inference.engine import _default_stop_ids
+
+    generation = copy.deepcopy(model.generation_config)
+    stops = list(dict.fromkeys(_default_stop_ids(model, tokenizer)))
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    generation.do_sample = False
+    generation.max_new_tokens = cfg.eval.max_new_tokens
+    generation.save_pretrained(out)
+
+
 def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str, Any]] | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, *, merge_lora: bool | None = None, plot: str | None = None,
+                 name: str | None = None) -> Path:
+    """Write ``model`` (plain or peft LoRA) with its tokenizer, settings and card to ``out_dir``.
+
+    ``merge_lora`` (default ``cfg.export.merge_lora``): merge a LoRA adapter into standalone
+    weights, or keep the base weights and write the adapter to ``adapter/``. ``name`` is what the
+    card's code loads (default: ``export.push_to``, else the directory's name).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
-        # A LoRA run exports a standalone model (adapter merged into the weights), so plain
-        # `from_pretrained` loads it without peft or the base checkpoint.
-        model = model.merge_and_unload()
+    merge_lora = cfg.export.merge_lora if merge_lora is None else merge_lora
+    adapter = hasattr(model, "merge_and_unload") and not merge_lora
+    if adapter:
+        model.save_pretrained(out / ADAPTER_DIR)
+        # The hook and the card read the adapter-wrapped model; the weights saved are the base's.
+        weights = copy.deepcopy(model).unload()
+    elif hasattr(model, "merge_and_unload"):
+        # A merged LoRA run is a standalone model: plain `from_pretrained` loads it without peft.
+        model = weights = copy.deepcopy(model).merge_and_unload()
+    else:
+        weights = model
     if cfg.export.dtype is None:
-        model.save_pretrained(out, safe_serialization=True)
+        weights.save_pretrained(out, safe_serialization=True)
     else:  # cast a copy of the weights, not the live model, and say so in config.json
         dtype = DTYPES[cfg.export.dtype]
-        model.save_pretrained(out, safe_serialization=True,
-                              state_dict={name: tensor.to(dtype) for name, tensor in model.state_dict().items()})
-        config = copy.deepcopy(model.config)
+        weights.save_pretrained(out, safe_serialization=True,
+                                state_dict={name: tensor.to(dtype) for name, tensor in weights.state_dict().items()})
+        config = copy.deepcopy(weights.config)
         config.dtype = dtype
         config.save_pretrained(out)
+    _write_generation_config(weights, tokenizer, cfg, out)
     tokenizer.save_pretrained(out)
+    section = leaplm_section(cfg, model, out)
+    config_file = out / "config.json"
+    config_json = json.loads(config_file.read_text())
+    config_json[LEAPLM_KEY] = section
+    config_file.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     cfg.save(out / "leaplm_config.yaml")
     if rows:
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
     command = command or cfg.origin or f"leaplm train <config> (recipe {cfg.recipe})"
-    (out / "README.md").write_text(render_card(model, cfg, rows or [], command))
+    name = name or cfg.export.push_to or out.name
+    (out / "README.md").write_text(render_card(model, cfg, rows or [], command, section, name, plot=plot,
+                                               adapter=adapter))
     return out
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def push(out_dir: str | Path, repo_id: str) -> str:
+    """Upload an export directory to the Hub repo ``repo_id`` (created if needed); returns its URL.
+
+    The token comes from the environment (``HF_TOKEN``). Nothing local is removed, whatever happens.
+    """
+    out = Path(out_dir)
+    keep = f"The export in {out} is kept; push it later with `leaplm export {out} --out {out} --push {repo_id}`."
+    if not (out / "config.json").is_file():
+        raise ExportError(f"{out} is not an export directory (no config.json); run `leaplm export` first")
+    if _truthy("HF_HUB_OFFLINE"):
+        raise ExportError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set (offline mode). Unset it. {keep}")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        raise ExportError(f"cannot push to {repo_id}: no Hub token. Set HF_TOKEN to a write token "
+                          f"(https://huggingface.co/settings/tokens). {keep}")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="Upload leaplm export")
+    except Exception as err:  # network, auth and permission errors all come here; the message says which
+        raise ExportError(f"push to {repo_id} failed: {type(err).__name__}: {err}. {keep}") from err
+    return str(getattr(commit, "commit_url", f"https://huggingface.co/{repo_id}"))
+
+
+# ----- `leaplm export RUN_OR_CHECKPOINT --out DIR` ---------------------------------------------
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """A checkpoint directory as given, or the newest finished one of a run directory; validated."""
+    from leaplm.train import checkpoint as ckpt
+
+    source = Path(source)
+    if (source / ckpt.STATE_FILE).is_file() or (source / "state").is_dir():
+        path = source
+    else:
+        # A recipe run in stages (Recipe.stages, e.g. jacobi_forcing's method.stages) trains stage k
+        # in OUTPUT_DIR/stage_k: its model is the last stage's.
+        stages = {int(p.name[len("stage_"):]): p for p in source.glob("stage_*") if p.name[len("stage_"):].isdigit()}
+        if stages and not ckpt.list_checkpoints(source):
+            source = stages[max(stages)]
+        found = ckpt.list_checkpoints(source)
+        if not found:
+            raise ExportError(f"{source} is neither a checkpoint (with {ckpt.STATE_FILE}) nor a run directory "
+                              "with finished checkpoints under checkpoints/; pass the output_dir of a training run")
+        path = found[-1]
+    ckpt.validate(path)
+    return path
+
+
+def load_checkpoint(path: Path):
+    """(model, tokenizer, cfg) of a checkpoint; a LoRA checkpoint comes back as the peft model."""
+    from leaplm.config import load_config
+    from leaplm.models.zoo import load_model, load_tokenizer
+
+    cfg = load_config(path / "config.yaml")
+    model_dir = path / "model"
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from leaplm.train.recipes import get_recipe
+
+        base, _ = get_recipe(cfg.recipe).build_model(cfg)  # the recipe's base: conversions (mask token) included
+        model, tokenizer = PeftModel.from_pretrained(base, model_dir), load_tokenizer(str(model_dir))
+    else:
+        model, tokenizer = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation)
+    return model.eval(), tokenizer, cfg
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, merge_lora: bool | None = None, bench_n: int = 0,
+                      command: str | None = None, name: str | None = None) -> Path:
+    """Export a run's newest checkpoint (or a given one), with its eval rows and, if ``bench_n``, a bench.
+
+    The bench decodes ``bench_n`` test prompts per task with ``ar`` and the recipe's decoder beside
+    HF generate (bench.json/.md/.png in the export), which gives the card its speedups and plot.
+    """
+    path = find_checkpoint(source)
+    model, tokenizer, cfg = load_checkpoint(path)
+    out = Path(out_dir)
+    step = json.loads((path / "trainer_state.json").read_text())["step"]
+    eval_file = path.parent.parent / f"eval-step-{step:06d}.json"
+    rows = json.loads(eval_file.read_text()) if eval_file.is_file() else []
+    plot = None
+    if bench_n > 0:
+        from leaplm.inference.bench import run_bench
+
+        decoders: list = ["ar"]
+        if cfg.eval.decoder != "ar":
+            decoders.append({"decoder": cfg.eval.decoder, "settings": dict(cfg.eval.decoder_args)})
+        rows = run_bench(out.name, decoders, cfg.eval.tasks or cfg.data.tasks, bench_n, cfg.eval.batch_size,
+                         cfg.eval.max_new_tokens, out, model=model, tokenizer=tokenizer, command=command)
+        plot = "bench.png"
+    return export_model(model, tokenizer, cfg, out, rows, command=cfg.origin, merge_lora=merge_lora, plot=plot,
+                        name=name)
+
+
+def _run(args) -> None:
+    import shlex
+
+    command = shlex.join(["leaplm", "export", str(args.source), "--out", str(args.out)]
+                         + (["--bench-n", str(args.bench_n)] if args.bench_n else []))
+    out = export_checkpoint(args.source, args.out, merge_lora=args.merge_lora,
+                            bench_n=args.bench_n, command=command, name=args.push)
+    print(f"exported to {out}")
+    if args.push:
+        print(f"pushed: {push(out, args.push)}")
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("export", help="write a run's model in the Hub layout with its model card; optionally push it")
+    p.add_argument("source", help="a run's output_dir (its newest checkpoint) or one checkpoint directory")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--push", metavar="REPO_ID", help="upload the export to this Hub repo (token from HF_TOKEN)")
+    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA run's adapter into standalone "
+                   "weights (default: the base weights plus adapter/)")
+    p.add_argument("--bench-n", type=int, default=0, help="bench N test prompts per task against HF generate "
+                   "for the card's speedups and plot (default: the run's eval rows only)")
+    p.set_defaults(func=_run)

@@ -97,3 +97,24 @@ def static_flex_compile():
     """
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         yield
+
+
+# Overrides that shrink each landed recipe's shipped CPU config (configs/<recipe>/tiny_teacher.yaml)
+# to a two-step smoke run (tests/test_export.py, tests/test_launch.py).
+_SMOKE_COMMON = ["eval.at_end=false", "export.dir=null", "logging.wandb=false", "logging.progress_bar=false",
+                 "train.warmup_steps=0", "train.save_every=0", "train.max_steps=2"]
+_SMOKE_ROLLOUT = ["data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4", "method.block_size=8",
+                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "eval.decoder_args={block_size: 8}"]
+RECIPE_SMOKE = {
+    "pretrain": [*_SMOKE_COMMON, "model.tokenizer=tiny-teacher", "model.init.hidden_size=32",
+                 "model.init.intermediate_size=64", "model.init.num_hidden_layers=1",
+                 "model.init.num_attention_heads=2", "model.init.num_key_value_heads=1", "data.train_per_task=8",
+                 "train.micro_batch_size=8", "train.lr=1e-2"],
+    "ar2bd": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=8", "data.max_length=128",
+              "method.block_size=4", "method.block_size_curriculum=[]", "method.curriculum_steps=0",
+              "train.micro_batch_size=4", "train.lr=1e-3",
+              "export.dtype=null"],  # the config ships float16; round trips compare float32 weights exactly
+    "cllm": [*_SMOKE_COMMON, *_SMOKE_ROLLOUT, "train.micro_batch_size=4"],
+    "jacobi_forcing": [*_SMOKE_COMMON, *_SMOKE_ROLLOUT, "method.window_size=2", "method.min_noise_ratio=0.0",
+                       "train.micro_batch_size=2"],
+}

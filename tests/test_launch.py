@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from leaplm.models.zoo import TINY_FAMILIES
+
+from conftest import RECIPE_SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -178,7 +182,8 @@ def test_slurm_launches_one_accelerate_per_node_with_its_rank(tmp_path):
         assert argv == [
             "launch", "--config_file", "launch/accelerate/multi_gpu.yaml", "--num_machines", "3",
             "--num_processes", "12", "--machine_rank", str(rank), "--main_process_ip", "gpu-node-07",
-            "--main_process_port", "29500", "-m", "leaplm.train", "configs/pretrain/tiny_teacher.yaml", *overrides,
+            "--main_process_port", "29500", "-m", "leaplm.train", "configs/pretrain/tiny_teacher.yaml",
+            "train.resume_from=latest", *overrides,
         ]
 
 
@@ -238,3 +243,52 @@ def test_deepspeed_accepts_the_json_and_takes_a_step(tmp_path, stage):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"stage {stage} loss" in proc.stdout
+
+
+# ----- every recipe under the 2-rank CPU config -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPE_SMOKE))
+def test_each_recipe_trains_under_two_cpu_ranks(tmp_path, recipe):
+    """`accelerate launch --config_file launch/accelerate/cpu.yaml` on each landed recipe's smoke run:
+    both gloo ranks train (rollout recipes shard their rollouts by rank and merge them), and the
+    checkpoint is complete."""
+    from leaplm.train import checkpoint as ckpt
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
+           "-m", "leaplm.train", f"configs/{recipe}/tiny_teacher.yaml", *RECIPE_SMOKE[recipe],
+           "train.log_every=1", f"output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "stage_1" if (tmp_path / "stage_1").is_dir() else tmp_path
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    assert ckpt.validate(ckpt.list_checkpoints(run)[-1])["step"] == 2
+    if recipe in ("cllm", "jacobi_forcing"):
+        assert not list((run / "rollouts").rglob("*.shards")), "rank shards were not merged"
+        assert list((run / "rollouts").rglob("dataset_info.json"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_rank_launch_checkpoints_on_every_rank(tmp_path):
+    """SLURM preemption signals the launcher; torchrun forwards SIGTERM to both ranks, which finish
+    the step in flight, write one checkpoint together and exit. (torchrun itself then exits with
+    its SignalException: the launcher's status, not the ranks'.)"""
+    from leaplm.train import checkpoint as ckpt
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
+           "-m", "leaplm.train", "configs/pretrain/tiny_teacher.yaml", *RECIPE_SMOKE["pretrain"],
+           "train.max_steps=100000", "train.micro_batch_size=4", "train.log_every=1", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert ckpt.validate(ckpt.list_checkpoints(tmp_path)[-1])["step"] == logged[-1]
+    assert output.count(f"preempted: checkpoint at step {logged[-1]}") == 2, output[-3000:]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,96 @@ def test_incomplete_checkpoint_is_rejected_with_a_clear_message(tmp_path):
     (ckpt.checkpoint_root(tmp_path) / "step-000002" / ckpt.STATE_FILE).unlink()
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         train(tiny_config(tmp_path, "train.max_steps=3", "train.resume_from=latest"))
+
+
+def test_corrupt_checkpoint_files_are_named_before_loading(tmp_path):
+    train(tiny_config(tmp_path, "train.max_steps=2"))
+    found = ckpt.list_checkpoints(tmp_path)[-1]
+    optimizer = next((found / "state").glob("optimizer*"))
+    data = optimizer.read_bytes()
+    optimizer.write_bytes(data[: len(data) // 2])  # a partial copy / full disk
+    with pytest.raises(ckpt.CheckpointError, match=rf"corrupt: state/{optimizer.name} has {len(data) // 2} bytes"):
+        train(tiny_config(tmp_path, "train.max_steps=3", "train.resume_from=latest"))
+    optimizer.write_bytes(b"\0" * len(data))  # right size, wrong bytes: caught when loading
+    with pytest.raises(ckpt.CheckpointError, match="could not be loaded"):
+        train(tiny_config(tmp_path, "train.max_steps=3", "train.resume_from=latest"))
+    (found / "model" / "config.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing model/config.json"):
+        ckpt.validate(found)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_curve_is_unchanged(tmp_path):
+    full = train(tiny_config(tmp_path / "full", "train.max_steps=6")).losses
+    run = tmp_path / "preempted"
+    trainer = Trainer(tiny_config(run, "train.max_steps=6"))
+    recipe_loss = trainer.recipe.loss
+
+    def preempt_in_step_3(model, batch, cfg):
+        if batch["step"] == 2:  # the scheduler's signal arrives in the middle of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return recipe_loss(model, batch, cfg)
+
+    trainer.recipe = dataclasses.replace(trainer.recipe, loss=preempt_in_step_3)
+    result = trainer.fit()
+    assert result.preempted and result.steps == 3  # the step in flight finished, none after it
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000003"]
+    resumed = train(tiny_config(run, "train.max_steps=6", "train.resume_from=latest"))
+    torch.testing.assert_close(torch.tensor(result.losses + resumed.losses), torch.tensor(full), rtol=1e-6, atol=1e-6)
+
+
+def test_sigterm_to_the_train_command_exits_cleanly_with_a_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "leaplm.train", str(TEACHER_CONFIG), *TINY, "train.max_steps=100000",
+           "train.log_every=1", f"output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    last = ckpt.list_checkpoints(tmp_path)[-1]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert ckpt.validate(last)["step"] == logged[-1] < 100000
+    assert f"preempted: checkpoint at step {logged[-1]}" in out
+
+
+# Runs a training and SIGKILLs itself while the step-4 checkpoint is being written: its state is on
+# disk in the temporary directory, the marker that completes it is not.
+KILLED_IN_CHECKPOINT = """
+import os, signal, sys
+from leaplm.config import load_config
+from leaplm.train import checkpoint as ckpt
+from leaplm.train.trainer import train
+
+finalize = ckpt.finalize
+
+def killed_at_step_4(output_dir, step, *args, **kwargs):
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return finalize(output_dir, step, *args, **kwargs)
+
+ckpt.finalize = killed_at_step_4
+train(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    full = train(tiny_config(tmp_path / "full", "train.max_steps=6")).losses
+    run = tmp_path / "killed"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_CHECKPOINT)
+    args = [*TINY, "train.max_steps=6", "train.save_every=2", "train.keep_last=5", f"output_dir={run}"]
+    proc = subprocess.run([sys.executable, str(script), str(TEACHER_CONFIG), *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002"]
+    assert (ckpt.temporary_dir(run, 4) / "state").is_dir()  # the half-written one is there, and ignored
+    resumed = train(tiny_config(run, "train.max_steps=6", "train.save_every=2", "train.resume_from=latest"))
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full[2:]), rtol=1e-6, atol=1e-6)
+    assert not list(ckpt.checkpoint_root(run).glob(".tmp-*"))
 
 
 def test_non_finite_loss_stops_training(tmp_path):

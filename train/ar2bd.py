@@ -141,4 +141,5 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     new_token_ids=lambda model: [spec_of(model).mask_token_id],
+    export_settings=lambda cfg, model, out_dir: {"block_size": spec_of(model).block_size},
 )

@@ -4,7 +4,13 @@ Layout of ``OUTPUT_DIR/checkpoints/step-000100/``:
   state/               accelerate.save_state: model, optimizer, scheduler, per-rank RNG
   model/               HF layout (safetensors + config + tokenizer), loadable by transformers
   config.yaml          the resolved config of the run
-  trainer_state.json   step and consumed samples; written last, its presence marks completion
+  trainer_state.json   step, consumed samples and the size of every file above; written last,
+                       its presence marks completion
+
+A crash (SIGKILL, node loss) while writing leaves only ``.tmp-step-N/``, which is never listed,
+so ``resume_from=latest`` takes the previous checkpoint. A checkpoint damaged afterwards (a file
+truncated or deleted by a full disk or a partial copy) no longer matches its recorded sizes,
+and :func:`validate` names the file instead of letting a load fail deep inside torch.
 """
 
 from __future__ import annotations
@@ -39,18 +45,32 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def file_sizes(path: Path) -> dict[str, int]:
+    """Size in bytes of every file under ``path``, keyed by its relative POSIX path."""
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+
+
 def validate(path: Path) -> dict:
-    """Return the trainer state of a complete checkpoint, or raise naming what is missing."""
+    """Return the trainer state of a complete, undamaged checkpoint, or raise naming the problem."""
+    path = Path(path)
+    fix = "Delete it, or resume from an earlier one with train.resume_from=<dir>."
     state_file = path / STATE_FILE
     if not state_file.is_file() or not (path / "state").is_dir():
         raise CheckpointError(
-            f"checkpoint {path} is incomplete (no {STATE_FILE} or state/); it was not written to the end. "
-            "Delete it, or resume from an earlier one with train.resume_from=<dir>."
+            f"checkpoint {path} is incomplete (no {STATE_FILE} or state/); it was not written to the end. {fix}"
         )
     try:
-        return json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}: {err}") from err
+        raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}: {err}. {fix}") from err
+    for name, size in state.get("files", {}).items():
+        found = path / name
+        if not found.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}, which it was written with. {fix}")
+        if found.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {found.stat().st_size} bytes, "
+                                  f"it was written with {size}. {fix}")
+    return state
 
 
 def resolve_resume(output_dir: str | Path, resume_from: str) -> Path | None:
@@ -69,9 +89,9 @@ def temporary_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def finalize(output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Mark the temporary checkpoint complete, rename it into place and prune old ones."""
+    """Record the files' sizes, mark the temporary checkpoint complete, rename it into place, prune old ones."""
     tmp = temporary_dir(output_dir, step)
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "files": file_sizes(tmp)}, indent=2))
     final = checkpoint_root(output_dir) / step_dir_name(step)
     if final.exists():
         shutil.rmtree(final)

@@ -172,4 +172,5 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     rollout=rollout,
+    export_settings=lambda cfg, model, out_dir: {"block_size": cfg.method.block_size},  # the Jacobi block trained on
 )

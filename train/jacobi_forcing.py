@@ -235,4 +235,5 @@ RECIPE = Recipe(
     loss=loss,
     rollout=rollout,
     stages=stage_configs,
+    export_settings=lambda cfg, model, out_dir: {"block_size": cfg.method.block_size},  # the last stage's n
 )

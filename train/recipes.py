@@ -2,7 +2,7 @@
 
 A recipe plugs into the one trainer loop by naming five things: its method config, model
 builder, dataset (with an optional rollout step that makes the data with the inference engine),
-collator and loss. Everything else (accumulation, precision, LoRA, checkpoints, resume,
+collator and loss (and, optionally, what its export records: ``export_settings``). Everything else (accumulation, precision, LoRA, checkpoints, resume,
 logging, eval, export) is the trainer's.
 """
 
@@ -42,6 +42,9 @@ class Recipe:
     new_token_ids: Callable[[Any], list[int]] | None = None
     # (cfg) -> configs run one after another, each by its own Trainer (progressive stages); None = [cfg]
     stages: Callable[[Any], list[Any]] | None = None
+    # (cfg, model, out_dir) -> entries of config.json's `leaplm` section on export (block size, heads);
+    # may write extra files (heads) under out_dir and list them under "files". See models/export.py.
+    export_settings: Callable[[Any, Any, Any], dict[str, Any]] | None = None
 
 
 def get_recipe(name: str) -> Recipe:

@@ -19,6 +19,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,33 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # one per optimizer step run in this call
     eval_rows: list[dict] = field(default_factory=list)
+    preempted: bool = False  # stopped early by SIGTERM, after saving a checkpoint at `steps`
+
+
+class PreemptionFlag:
+    """Turns SIGTERM (what SLURM and cloud schedulers send before they kill a job) into a flag.
+
+    The loop checks it between optimizer steps, so the checkpoint it then writes holds a whole
+    step: resuming from it continues the loss curve exactly. Any rank's signal stops every rank
+    (the flag is summed over processes), since a checkpoint needs all of them.
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionFlag":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class StepSampler:
@@ -220,11 +250,20 @@ class Trainer:
             log.warning("train.resume_from=latest: no checkpoint in %s yet, starting from scratch", self.output_dir)
             return
         state = ckpt.validate(path)
-        self.accelerator.load_state(str(path / "state"))
+        try:
+            self.accelerator.load_state(str(path / "state"))
+        except Exception as err:  # a file whose bytes are damaged but whose size matches the record
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); it is corrupt or was written "
+                "by a different model or topology. Resume from an earlier one with train.resume_from=<dir>."
+            ) from err
         self.start_step = state["step"]
         log.info("resumed from %s at step %d", path, self.start_step)
 
     # ----- Loop ---------------------------------------------------------------------------
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self._reduce_sum(torch.tensor(float(flag))).item() > 0)
 
     def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to(self.accelerator.device, torch.float64)
@@ -282,34 +321,46 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, desc=cfg.recipe,
                    disable=not (acc.is_main_process and cfg.logging.progress_bar))
         window_tokens, window_start = 0.0, time.perf_counter()
-        for step in range(self.start_step, cfg.train.max_steps):
-            stats = self.train_step(step)
-            done = step + 1
-            result.losses.append(stats["loss"])
-            result.steps = done
-            window_tokens += stats["tokens"]
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                stats["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                if torch.cuda.is_available():
-                    stats["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                window_tokens, window_start = 0.0, time.perf_counter()
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
-            self.metrics.log(done, stats)
-            bar.update(1)
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
-                self.save_checkpoint(done)
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.max_steps:
-                self.evaluate(done)
+        with PreemptionFlag() as preemption:
+            for step in range(self.start_step, cfg.train.max_steps):
+                if self._any_rank(preemption.raised):
+                    result.preempted = True
+                    break
+                stats = self.train_step(step)
+                done = step + 1
+                result.losses.append(stats["loss"])
+                result.steps = done
+                window_tokens += stats["tokens"]
+                if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    stats["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    if torch.cuda.is_available():
+                        stats["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    window_tokens, window_start = 0.0, time.perf_counter()
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+                self.metrics.log(done, stats)
+                bar.update(1)
+                if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.train.max_steps:
+                    self.save_checkpoint(done)
+                if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.max_steps:
+                    self.evaluate(done)
         bar.close()
+        if result.preempted:
+            self.save_checkpoint(result.steps)
+            log.warning("preempted after step %d: checkpoint saved; rerun with train.resume_from=latest to continue",
+                        result.steps)
+            self.metrics.close()
+            return result
         if self.start_step < cfg.train.max_steps or not ckpt.list_checkpoints(self.output_dir):
             self.save_checkpoint(cfg.train.max_steps)
         if cfg.eval.at_end:
             result.eval_rows = self.evaluate(cfg.train.max_steps)
         if cfg.export.dir and acc.is_main_process:
-            from leaplm.models.export import export_model
+            from leaplm.models.export import export_model, push
 
             export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows)
+            if cfg.export.push_to:
+                push(cfg.export.dir, cfg.export.push_to)
         acc.wait_for_everyone()
         self.metrics.close()
         return result
@@ -322,6 +373,8 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
         tmp = ckpt.temporary_dir(self.output_dir, step)
+        if acc.is_main_process:  # a crash may have left a partial write of this step behind
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
@@ -378,6 +431,8 @@ def train(cfg: Config) -> TrainResult:
         log.info("stage %d/%d in %s, from %s", k, len(stages), stage.output_dir, stage.model.name_or_path)
         trainer = Trainer(stage)
         result = trainer.fit()
+        if result.preempted:  # the stage is unfinished: no marker, and later stages wait for the rerun
+            return result
         if trainer.accelerator.is_main_process:
             marker.write_text(json.dumps(settings(stage), indent=2))
         trainer.accelerator.wait_for_everyone()
