@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from leaplm.inference.cli import add_inference_commands
     from leaplm.inference.rollout_bench import add_command as add_rollout_bench
+    from leaplm.inference.kernels.bench import add_command as add_kernel_bench
     from leaplm.train.attention_bench import add_command as add_attention_bench
+    from leaplm.train.loss_bench import add_command as add_loss_bench
 
     add_inference_commands(sub)
     add_attention_bench(sub)
     add_rollout_bench(sub)
+    add_kernel_bench(sub)
+    add_loss_bench(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

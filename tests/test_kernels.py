@@ -10,7 +10,7 @@ import torch
 
 from leaplm.inference import kernels
 from leaplm.inference.kernels.commit import CommitStats, _one_pass, commit_stats, commit_stats_reference
-from leaplm.inference.kernels.verify import _block, verify_block, verify_block_reference, verify_tree
+from leaplm.inference.kernels.verify import verify_block, verify_block_reference, verify_tree
 
 
 def _logits(shape, seed, dtype=torch.float32):
@@ -52,17 +52,21 @@ def test_one_pass_formulas_match_reference(shape):
 
 
 def test_compiled_commit_stats_match_reference():
-    for shape in SHAPES:  # one compilation serves them all (dynamic shapes, rows flattened)
-        logits = _logits(shape, seed=1)
-        _assert_stats_close(commit_stats(logits), commit_stats_reference(logits))
+    with kernels.use_backend("compiled"):
+        for shape in SHAPES:  # one compilation serves them all (dynamic shapes, rows flattened)
+            logits = _logits(shape, seed=1)
+            _assert_stats_close(commit_stats(logits), commit_stats_reference(logits))
 
 
-def test_reference_switch():
-    logits = _logits((2, 9), seed=3)
-    assert kernels.backend(logits) == "compiled"
-    with kernels.reference_kernels():
-        assert kernels.backend(logits) == "reference"
-    assert kernels.backend(logits) == "compiled"
+def test_dispatch_and_reference_switch(monkeypatch):
+    small, large = torch.zeros(2, 9), torch.zeros(1, kernels.COMPILED_MIN_VOCAB)
+    assert (kernels.backend(small), kernels.backend(large)) == ("reference", "compiled")
+    with kernels.use_backend("reference"):
+        assert kernels.backend(large) == "reference"
+    monkeypatch.setenv("LEAPLM_KERNELS", "reference")
+    assert kernels.backend(large) == "reference"
+    with pytest.raises(ValueError, match="compiled"):
+        kernels.use_backend("fast").__enter__()
 
 
 def _candidates(predicted: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +97,9 @@ def test_compiled_verify_block_matches_reference():
         logits = _logits(shape, seed=4)
         candidates, lengths = _candidates(logits.argmax(-1), seed=5)
         want = verify_block_reference(logits, candidates, lengths)
-        for got in (verify_block(logits, candidates, lengths), _block(logits, candidates, lengths)):
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        with kernels.use_backend("compiled"):
+            got = verify_block(logits, candidates, lengths)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_verify_tree_by_hand():
@@ -106,8 +111,9 @@ def test_verify_tree_by_hand():
     paths = torch.tensor([[0, 2, -1], [0, 1, 3]])
     verdict = verify_tree(logits, tokens, paths)
     assert (verdict.path.item(), verdict.accepted.item(), verdict.next_token.item()) == (1, 2, 9)
-    with kernels.reference_kernels():
-        assert verify_tree(logits, tokens, paths) == verdict
+    for name in ("reference", "compiled"):
+        with kernels.use_backend(name):
+            assert verify_tree(logits, tokens, paths) == verdict
     with pytest.raises(ValueError, match="root"):
         verify_tree(logits, tokens, torch.tensor([[1, 2]]))
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from leaplm.inference.kernels import backend, compiled
+from leaplm.inference.kernels import backend, compiled, first_argmax
 
 
 class CommitStats(NamedTuple):
@@ -46,7 +46,7 @@ def _no_second(probs: torch.Tensor) -> torch.Tensor:
 def _one_pass(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The formulas of the module docstring, written for inductor to fuse into one loop per row."""
     z = logits.float()  # [..., v]
-    m, token = z.max(-1)  # [...]
+    m, token = first_argmax(z)  # [...]
     shifted = z - m[..., None]  # [..., v]
     e = shifted.exp()
     s = e.sum(-1)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from leaplm.inference.kernels import backend, compiled
+from leaplm.inference.kernels import backend, compiled, first_argmax
 
 
 class BlockVerdict(NamedTuple):
@@ -45,12 +45,18 @@ def _check_block(logits: torch.Tensor, candidates: torch.Tensor) -> None:
                          "after the candidates)")
 
 
-def _block(logits: torch.Tensor, candidates: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    predicted = logits.argmax(-1)  # [b, k + 1]
+def _block(logits: torch.Tensor, candidates: torch.Tensor, lengths: torch.Tensor, *,
+           argmax=lambda x: x.argmax(-1)) -> tuple[torch.Tensor, ...]:
+    predicted = argmax(logits)  # [b, k + 1]
     k = candidates.shape[1]
     counted = torch.arange(k, device=logits.device)[None] < lengths[:, None]  # [b, k]
     accepted = ((candidates == predicted[:, :k]) & counted).long().cumprod(-1).sum(-1)  # [b]
     return predicted, accepted, predicted.gather(1, accepted[:, None]).squeeze(1)
+
+
+def _block_one_pass(logits: torch.Tensor, candidates: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_block` with the argmax written for inductor (see :func:`first_argmax`)."""
+    return _block(logits, candidates, lengths, argmax=lambda x: first_argmax(x)[1])
 
 
 def verify_block_reference(logits: torch.Tensor, candidates: torch.Tensor,
@@ -74,7 +80,7 @@ def verify_block(logits: torch.Tensor, candidates: torch.Tensor, lengths: torch.
         from leaplm.inference.kernels.triton_kernels import verify_block_triton
 
         return BlockVerdict(*verify_block_triton(logits, candidates, lengths))
-    return BlockVerdict(*compiled(_block)(logits, candidates, lengths))
+    return BlockVerdict(*compiled(_block_one_pass)(logits, candidates, lengths))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
