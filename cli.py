@@ -5,6 +5,7 @@
     leaplm bench MODEL --decoders ar --out DIR
     leaplm quickstart
     leaplm bench-attention --lengths 512,2048 --out DIR
+    leaplm bench-report              (regenerates the measured section of docs/benchmarks.md)
     leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
 """
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.max_length=512")
     p.set_defaults(func=_train)
 
+    from leaplm.inference.bench_report import add_command as add_bench_report
     from leaplm.inference.cli import add_inference_commands
     from leaplm.inference.rollout_bench import add_command as add_rollout_bench
     from leaplm.inference.kernels.bench import add_command as add_kernel_bench
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     add_rollout_bench(sub)
     add_kernel_bench(sub)
     add_loss_bench(sub)
+    add_bench_report(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -84,7 +84,8 @@ def run(vocabs: list[int], seq: int, hidden: int, chunk_size: int) -> list[dict[
             rows[-1].update(
                 loss_rel_diff=float((chunked["loss"] - plain["loss"]).abs() / plain["loss"].abs()),
                 grad_max_abs_diff=max(float((chunked[k] - plain[k]).abs().max()) for k in ("hidden", "head")),
-                peak_ratio=rows[-1]["peak_mb"] / rows[-2]["peak_mb"],
+                # nan when plain CE did not grow the peak RSS at all (tiny sizes fit in memory already touched)
+                peak_ratio=rows[-1]["peak_mb"] / rows[-2]["peak_mb"] if rows[-2]["peak_mb"] > 0 else float("nan"),
                 speed_ratio=rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"],
             )
     return rows
