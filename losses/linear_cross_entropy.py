@@ -39,7 +39,8 @@ def _chunks(n: int, chunk_size: int):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Σ_i w_i * CE_ε(h_i @ W.T, y_i) over rows whose label is not ``ignore_index``."""
+    """Σ_i w_i * CE_ε(h_i @ W.T, y_i) over rows whose label is not ``ignore_index``, and the
+    unweighted CE of every row (0 where ignored), which carries no gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, row_weights, ignore_index, label_smoothing, chunk_size):
@@ -47,7 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w32 = weight.float()  # [v, h] no copy when the head is fp32 already
         v = w32.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        per_row = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [n] unweighted CE
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None  # [n, h]
         grad_weight = torch.zeros_like(w32) if needs_grad else None  # [v, h]
         for start, end in _chunks(hidden.shape[0], chunk_size):
@@ -60,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ce = lse - target
             if label_smoothing:
                 ce = (1 - label_smoothing) * ce + label_smoothing * (lse - logits.mean(-1))
-            total += (ce * scale).sum()
+            per_row[start:end] = ce * (y != ignore_index)
             if needs_grad:
                 # dCE/dlogits = softmax - (1 - ε) onehot(y) - ε / v, written over the logits in place.
                 grad = logits.sub_(lse[:, None]).exp_()  # [c, v] softmax
@@ -73,10 +74,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.dtypes = hidden.dtype, weight.dtype
-        return total
+        ctx.mark_non_differentiable(per_row)
+        return (per_row * row_weights).sum(), per_row
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_rows):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype),
@@ -141,21 +143,41 @@ def _rows(hidden: torch.Tensor, weight: torch.Tensor, row_weights: torch.Tensor 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                              row_weights: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                             label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                             label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK,
+                             return_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Σ over rows of ``row_weights`` x CE(``hidden`` @ ``weight``.T, ``labels``), never holding the full logits.
 
     ``hidden`` [..., h] and ``labels`` [...] (and ``row_weights`` [...] if given) are flattened to
     rows; ``weight`` is the head's [v, h]. Equals ``(F.cross_entropy(hidden @ weight.T, labels,
     reduction="none", ignore_index=..., label_smoothing=...) * row_weights).sum()`` computed in fp32.
+    With ``return_rows`` also returns each row's unweighted CE [n] (detached; 0 where ignored), for metrics.
     """
     h = hidden.reshape(-1, hidden.shape[-1])  # [n, h]
     y = labels.reshape(-1)  # [n]
-    liger = _liger_cross_entropy() if hidden.is_cuda and row_weights is None else None
+    liger = _liger_cross_entropy() if hidden.is_cuda and row_weights is None and not return_rows else None
     if liger is not None:
         out = liger(h, weight, y, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
         return out[0] if isinstance(out, tuple) else out
-    return _LinearCrossEntropy.apply(h, weight, y, _rows(h, weight, row_weights, len(y)), ignore_index,
-                                     float(label_smoothing), chunk_size)
+    total, rows = _LinearCrossEntropy.apply(h, weight, y, _rows(h, weight, row_weights, len(y)), ignore_index,
+                                            float(label_smoothing), chunk_size)
+    return (total, rows) if return_rows else total
+
+
+def final_hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [b, s, h] after the final norm, head weight [v, h]) from one forward of
+    ``model`` (possibly DDP-wrapped) that computes the logits of the last position only.
+
+    For the losses above: their logits are ``hidden @ weight.T`` exactly when the head is a plain
+    linear layer without bias or logit soft-capping, which is checked here.
+    """
+    core = getattr(model, "module", model)  # the model inside a DDP wrapper
+    head = core.get_output_embeddings()
+    softcap = getattr(core.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(core).__name__} post-processes its logits (soft-capping {softcap}, or a head bias), "
+                         "which the fused loss does not reproduce; set method.fused_loss=false for this model")
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1], head.weight
 
 
 def linear_soft_cross_entropy_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum, linear_soft_cross_entropy_sum
+from leaplm.losses.linear_cross_entropy import (
+    final_hidden_states, linear_cross_entropy_sum, linear_soft_cross_entropy_sum,
+)
+from leaplm.models.block_diffusion import convert
+from leaplm.models.zoo import tiny_model
+from leaplm.train import ar2bd, pretrain
 
 
 def test_zero_hidden_gives_log_vocab_per_row():
@@ -86,3 +93,51 @@ def test_bad_shapes_are_named():
         linear_cross_entropy_sum(torch.zeros(2, 4), torch.zeros(4, 7), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy_sum(torch.zeros(2, 4), torch.zeros(7, 4), torch.zeros(2, dtype=torch.long), chunk_size=0)
+
+
+# ----- Wired into the recipes -----------------------------------------------------------------
+
+
+def _loss_and_grads(recipe_loss, model, batch, cfg):
+    model.zero_grad()
+    torch.manual_seed(0)  # ar2bd draws its noise from the global generator
+    loss, metrics = recipe_loss(model, batch, cfg)
+    loss.backward()
+    return loss.detach(), metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _assert_fused_equals_plain(recipe_loss, method, model, batch, **settings):
+    plain = _loss_and_grads(recipe_loss, model, batch, SimpleNamespace(method=method(**settings)))
+    fused = _loss_and_grads(recipe_loss, model, batch, SimpleNamespace(method=method(**settings, fused_loss=True)))
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert fused[1].keys() == plain[1].keys()
+    for key in plain[1]:
+        assert fused[1][key] == pytest.approx(plain[1][key], rel=1e-5)
+    assert len(fused[2]) == len(plain[2])
+    for got, want in zip(fused[2], plain[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ar2bd_fused_loss_equals_the_logits_loss():
+    model, tokenizer = tiny_model("qwen3")
+    tokenizer = copy.deepcopy(tokenizer)  # the mask token must not leak into other tests' tokenizer
+    convert(model, tokenizer, 4, "causal")
+    batch = {"prompts": [[5, 6, 7], [8, 9]], "responses": [[10, 11, 12, 13, 14, 15], [16, 17, 18]], "step": 0}
+    _assert_fused_equals_plain(ar2bd.loss, ar2bd.AR2BDConfig, model.train(), batch, block_size=4, ar_weight=0.5,
+                               inverse_t_weight=True)
+
+
+def test_pretrain_fused_loss_equals_the_logits_loss(tiny):
+    model, _ = tiny("llama")
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10], [-100, 4, 5, 6, -100, -100]])
+    batch = {"input_ids": labels.clamp(min=3), "attention_mask": torch.ones_like(labels), "labels": labels}
+    try:
+        _assert_fused_equals_plain(pretrain.loss, pretrain.PretrainConfig, model.train(), batch)
+    finally:
+        model.eval().zero_grad(set_to_none=True)
+
+
+def test_fused_loss_refuses_soft_capped_logits(tiny):
+    model, _ = tiny("gemma2")
+    with pytest.raises(ValueError, match="fused_loss=false"):
+        final_hidden_states(model, input_ids=torch.tensor([[3, 4]]))
