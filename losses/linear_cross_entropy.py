@@ -87,36 +87,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _LinearSoftCrossEntropy(torch.autograd.Function):
     """Σ_i w_i * T² * Σ_v -p_i(v) log q_i(v) (minus the teacher entropy for KL), where
-    q = softmax(h_s @ W.T / T) and p = softmax(h_t @ W.T / T) with the teacher detached."""
+    q = softmax(h_s @ W.T / T) and p = softmax(h_t @ W.T / T) with the teacher detached; and every
+    row's unweighted T² soft CE and KL, which carry no gradient."""
 
     @staticmethod
     def forward(ctx, student, teacher, weight, row_weights, temperature, kl, chunk_size):
         # student, teacher [n, h], weight [v, h], row_weights [n] float
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         w32 = weight.float()  # [v, h]
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        soft_rows = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)  # [n]
+        kl_rows = torch.zeros_like(soft_rows)  # [n]
         grad_student = torch.zeros_like(student, dtype=torch.float32) if needs_grad else None  # [n, h]
         grad_weight = torch.zeros_like(w32) if needs_grad else None  # [v, h]
         for start, end in _chunks(student.shape[0], chunk_size):
             h = student[start:end].float()  # [c, h]
-            scale = row_weights[start:end] * temperature ** 2  # [c]
             log_q = (h @ w32.T).div_(temperature).log_softmax(-1)  # [c, v]
             log_p = (teacher[start:end].float() @ w32.T).div_(temperature).log_softmax(-1)  # [c, v]
             p = log_p.exp()  # [c, v]
-            per_row = -(p * (log_q - log_p if kl else log_q)).sum(-1)  # [c]
-            total += (per_row * scale).sum()
+            soft_rows[start:end] = -(p * log_q).sum(-1) * temperature ** 2
+            kl_rows[start:end] = (p * log_p).sum(-1) * temperature ** 2 + soft_rows[start:end]
             if needs_grad:
                 # d/dz_student of T² * soft CE(z / T) = T * (q - p)
-                grad = log_q.exp_().sub_(p).mul_((scale / temperature)[:, None])  # [c, v]
+                scale = row_weights[start:end] * temperature  # [c]
+                grad = log_q.exp_().sub_(p).mul_(scale[:, None])  # [c, v]
                 grad_student[start:end] = grad @ w32  # [c, h]
                 grad_weight.addmm_(grad.T, h)  # [v, h]
         if needs_grad:
             ctx.save_for_backward(grad_student, grad_weight)
             ctx.dtypes = student.dtype, weight.dtype
-        return total
+        ctx.mark_non_differentiable(soft_rows, kl_rows)
+        return ((kl_rows if kl else soft_rows) * row_weights).sum(), soft_rows, kl_rows
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_soft, _grad_kl):
         grad_student, grad_weight = ctx.saved_tensors
         student_dtype, weight_dtype = ctx.dtypes
         return ((grad_student * grad_output).to(student_dtype), None, (grad_weight * grad_output).to(weight_dtype),
@@ -182,12 +185,14 @@ def final_hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def linear_soft_cross_entropy_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
                                   *, row_weights: torch.Tensor | None = None, temperature: float = 1.0,
-                                  kl: bool = False, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                                  kl: bool = False, chunk_size: int = DEFAULT_CHUNK,
+                                  return_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Σ over rows of ``row_weights`` x T² x soft CE (or KL with ``kl``) from the teacher's
     distribution to the student's, both through the head ``weight`` [v, h] at temperature T.
 
     ``student_hidden`` and ``teacher_hidden`` [..., h] are flattened to rows; the teacher is
     detached (stop-gradient), so soft CE and KL differ by a constant and have the same gradient.
+    With ``return_rows`` also returns each row's unweighted T² soft CE and KL [n] (detached), for metrics.
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"student {tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)} hidden "
@@ -196,5 +201,6 @@ def linear_soft_cross_entropy_sum(student_hidden: torch.Tensor, teacher_hidden: 
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [n, h]
     t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # [n, h]
-    return _LinearSoftCrossEntropy.apply(s, t, weight, _rows(s, weight, row_weights, s.shape[0]), float(temperature),
-                                         kl, chunk_size)
+    total, soft_rows, kl_rows = _LinearSoftCrossEntropy.apply(s, t, weight, _rows(s, weight, row_weights, s.shape[0]),
+                                                              float(temperature), kl, chunk_size)
+    return (total, soft_rows, kl_rows) if return_rows else total

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leaplm.losses import jacobi_forcing as jf_loss
 from leaplm.losses.linear_cross_entropy import (
     final_hidden_states, linear_cross_entropy_sum, linear_soft_cross_entropy_sum,
 )
 from leaplm.models.block_diffusion import convert
 from leaplm.models.zoo import tiny_model
-from leaplm.train import ar2bd, pretrain
+from leaplm.train import ar2bd, jacobi_forcing, pretrain
 
 
 def test_zero_hidden_gives_log_vocab_per_row():
@@ -80,6 +81,11 @@ def test_soft_cross_entropy_matches_dense_loss_and_grads(kl, temperature):
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert teacher.grad is None  # the teacher is detached
+    _, soft_rows, kl_rows = linear_soft_cross_entropy_sum(student, teacher, weight, temperature=temperature,
+                                                          return_rows=True)
+    entropy = -(log_p.exp() * log_p).sum(-1) * temperature ** 2  # [n]
+    torch.testing.assert_close(soft_rows, -(log_p.exp() * log_q).sum(-1).detach() * temperature ** 2)
+    torch.testing.assert_close(kl_rows, soft_rows - entropy, rtol=1e-5, atol=1e-5)
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -112,7 +118,7 @@ def _assert_fused_equals_plain(recipe_loss, method, model, batch, **settings):
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     assert fused[1].keys() == plain[1].keys()
     for key in plain[1]:
-        assert fused[1][key] == pytest.approx(plain[1][key], rel=1e-5)
+        assert fused[1][key] == pytest.approx(plain[1][key], rel=1e-5, abs=1e-5)  # the KL: a difference of sums
     assert len(fused[2]) == len(plain[2])
     for got, want in zip(fused[2], plain[2]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -141,3 +147,15 @@ def test_fused_loss_refuses_soft_capped_logits(tiny):
     model, _ = tiny("gemma2")
     with pytest.raises(ValueError, match="fused_loss=false"):
         final_hidden_states(model, input_ids=torch.tensor([[3, 4]]))
+
+
+def test_jacobi_forcing_fused_loss_equals_the_logits_loss(tiny):
+    model, _ = tiny("qwen2")
+    pairs = [[([20, 40, 41, 42], [20, 21, 22, 23]), ([44, 45], [28, 29])], [([30, 31, 32, 46], [30, 31, 32, 33])]]
+    layout, targets = jf_loss.build_batch([[5, 6, 7], [8, 9, 10, 11, 12]], pairs)
+    try:
+        _assert_fused_equals_plain(jacobi_forcing.loss, jacobi_forcing.JacobiForcingConfig, model.train(),
+                                   {"layout": layout, "targets": targets}, block_size=4, temperature=2.0,
+                                   attention="dense")
+    finally:
+        model.eval().zero_grad(set_to_none=True)
