@@ -73,6 +73,13 @@ def test_dispatch_and_reference_switch(monkeypatch):
         kernels.use_backend("fast").__enter__()
 
 
+@pytest.mark.parametrize("device, has_triton, expected", [("cpu", False, "compiled"), ("cuda", True, "triton"),
+                                                          ("cuda", False, "reference"), ("meta", True, "reference")])
+def test_fused_backend_by_device(monkeypatch, device, has_triton, expected):
+    monkeypatch.setattr(kernels, "triton_available", lambda: has_triton)
+    assert kernels.fused_backend(torch.device(device)) == expected
+
+
 def _candidates(predicted: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates equal to the argmax up to a random first mismatch per row, and random lengths."""
     g = torch.Generator().manual_seed(seed)

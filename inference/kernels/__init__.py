@@ -50,8 +50,11 @@ def triton_available() -> bool:
 
 
 def fused_backend(device: torch.device) -> str:
-    """The fused implementation for ``device``: Triton on CUDA (when installed), compiled elsewhere."""
-    return "triton" if device.type == "cuda" and triton_available() else "compiled"
+    """The fused implementation for ``device``: Triton on CUDA, compiled on CPU, else the reference
+    (CUDA without triton has no compiler for either)."""
+    if device.type == "cuda":
+        return "triton" if triton_available() else "reference"
+    return "compiled" if device.type == "cpu" else "reference"
 
 
 def backend(x: torch.Tensor) -> str:
