@@ -5,7 +5,9 @@
     leaplm bench MODEL --decoders ar --out DIR
     leaplm quickstart
     leaplm bench-attention --lengths 512,2048 --out DIR
+    leaplm bench-report              (regenerates the measured section of docs/benchmarks.md)
     leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
+    leaplm bench-kernels / bench-loss   (decode-step kernels and chunked cross-entropy against their references)
     leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora] [--bench-n N]
     leaplm lm-eval --model leaplm --model_args pretrained=DIR[,decoder=NAME,setting=value] --tasks ...
 """
@@ -49,15 +51,21 @@ def main(argv: list[str] | None = None) -> None:
                        "every argument goes to lm_eval, e.g. --model leaplm --model_args pretrained=DIR --tasks NAME")
     p.set_defaults(func=_lm_eval)
 
+    from leaplm.inference.bench_report import add_command as add_bench_report
     from leaplm.inference.cli import add_inference_commands
+    from leaplm.inference.kernels.bench import add_command as add_kernel_bench
     from leaplm.inference.rollout_bench import add_command as add_rollout_bench
     from leaplm.models.export import add_command as add_export
     from leaplm.train.attention_bench import add_command as add_attention_bench
+    from leaplm.train.loss_bench import add_command as add_loss_bench
 
     add_inference_commands(sub)
     add_attention_bench(sub)
     add_rollout_bench(sub)
     add_export(sub)
+    add_kernel_bench(sub)
+    add_loss_bench(sub)
+    add_bench_report(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command != "lm-eval" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -77,6 +77,7 @@ from leaplm.inference.engine import (
     new_cache,
     register_decoder,
 )
+from leaplm.inference.kernels.commit import commit_stats
 from leaplm.models.block_diffusion import BlockDiffusionError, spec_of
 
 RULES = ("threshold", "entropy", "factor", "top_k")
@@ -258,11 +259,9 @@ def block_diffusion(
             forwards += 1
             row_forwards += unfinished
 
-            probs = shifted.float().softmax(-1)  # [b, hi - first_open, v]
-            confidence, predicted = probs.max(-1)  # [b, hi - first_open]
-            entropy = torch.special.entr(probs).sum(-1) if rule == "entropy" else None
-            chosen = select_commits(confidence, entropy, open_slots[:, first_open:hi], rule, **settings)
-            block[:, first_open:hi] = torch.where(chosen, predicted, block[:, first_open:hi])
+            stats = commit_stats(shifted)  # [b, hi - first_open] each; one fused pass over the vocabulary
+            chosen = select_commits(stats.prob, stats.entropy, open_slots[:, first_open:hi], rule, **settings)
+            block[:, first_open:hi] = torch.where(chosen, stats.token, block[:, first_open:hi])
             committed[:, first_open:hi] |= chosen
             settle(block, committed, start)
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 
 class DecoderError(ValueError):
@@ -461,18 +462,38 @@ def _synchronize(device: torch.device) -> None:
 # ----- Built-in decoders --------------------------------------------------------------------
 
 
+_compiled_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_model(model: PreTrainedModel) -> Callable:
+    """``torch.compile(model)`` built once per model, for decode steps of static shape: with CUDA
+    graphs on a GPU (``mode="reduce-overhead"``), inductor's generated code on CPU."""
+    if model not in _compiled_models:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        _compiled_models[model] = torch.compile(model, mode=mode, dynamic=False)
+    return _compiled_models[model]
+
+
 @register_decoder("ar")
 def autoregressive(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, compile_step: bool = False,
 ) -> DecodeResult:
     """One token per forward over the KV cache: the baseline every parallel decoder must beat.
 
     Greedy (temperature 0) equals ``model.generate(do_sample=False)`` token for token.
+    ``compile_step`` runs the one-token steps through :func:`compiled_model` over a static cache
+    sized for the prompt plus ``max_new_tokens`` and a full-length padding mask, so every step
+    has the same shapes (CUDA graphs on a GPU). The first call per batch shape compiles (about
+    two minutes on 2 CPU cores for the tiny teacher), so it is off by default and pays only on
+    long decodes of one shape.
     """
+    if not isinstance(compile_step, bool):
+        raise DecoderError(f"compile_step must be true or false, got {compile_step!r}")
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
     b = batch.size
-    cache = new_cache()
+    span = batch.width + max_new_tokens
+    cache = StaticCache(config=engine.model.config, max_cache_len=span) if compile_step else new_cache()
     padding = PaddingMask(batch, max_new_tokens)
     tokens = torch.full((b, max_new_tokens), engine.pad_token_id, dtype=torch.long, device=engine.device)  # [b, n]
     lengths = torch.zeros(b, dtype=torch.long, device=engine.device)  # [b]
@@ -489,8 +510,14 @@ def autoregressive(
         unfinished &= ~engine.is_stop(next_tokens)
         if step + 1 == max_new_tokens or not unfinished.any():
             break
-        out = engine.forward(next_tokens[:, None], cache, positions, padding.upto(batch.width + step + 1),
-                             logits_to_keep=1)
+        if compile_step:  # static shapes: the whole mask, the cache slot as a tensor
+            out = compiled_model(engine.model)(
+                input_ids=next_tokens[:, None], past_key_values=cache, position_ids=positions,
+                attention_mask=padding.upto(span), cache_position=torch.tensor([batch.width + step], device=engine.device),
+                use_cache=True, logits_to_keep=1)
+        else:
+            out = engine.forward(next_tokens[:, None], cache, positions, padding.upto(batch.width + step + 1),
+                                 logits_to_keep=1)
         positions += 1
         forwards += 1
     return DecodeResult(tokens[:, :forwards], lengths, forwards, row_forwards=lengths)

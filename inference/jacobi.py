@@ -103,6 +103,7 @@ from leaplm.inference.engine import (
     register_decoder,
     shift_cache_rows,
 )
+from leaplm.inference.kernels.verify import verify_block
 
 INITS = ("prompt", "pad", "repeat")
 
@@ -177,8 +178,11 @@ class GreedyRule:
 
     def verify(self, logits: torch.Tensor, guesses: torch.Tensor, drawn: torch.Tensor,
                index: torch.Tensor) -> torch.Tensor:
-        self.predicted = logits.argmax(-1)  # [b, w]
-        return guesses == self.predicted
+        """The accepted prefix as a mask [b, w]: the fused kernel checks column j's guess against
+        column j's argmax; the last column's guess lies past every row's guessed span."""
+        verdict = verify_block(logits, guesses[:, :-1])
+        self.predicted = verdict.predicted  # [b, w]
+        return torch.arange(guesses.shape[1], device=guesses.device)[None] < verdict.accepted[:, None]
 
     def update(self, frontier: torch.Tensor, guesses: torch.Tensor, ends: torch.Tensor,
                index: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum
 from leaplm.models.two_stream import CLEAN, NOISY, PAD, StreamLayout
 
 NOISY_TARGET, BLOCK_START_TARGET, AR_TARGET = 0, 1, 2
@@ -143,13 +144,24 @@ def _add(rows, cols, labels, weights, kinds, row: int, col: torch.Tensor, label:
     kinds.append(torch.full_like(col, kind))
 
 
-def block_diffusion_loss_sum(logits: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted CE summed over ``targets`` from ``logits`` [b, T, V]; mean CE per kind as metrics."""
-    picked = logits[targets.rows, targets.cols].float()  # [n, V]
-    ce = F.cross_entropy(picked, targets.labels, reduction="none")  # [n]
+def block_diffusion_loss_sum(logits: torch.Tensor, targets: Targets, *,
+                             head: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted CE summed over ``targets`` from ``logits`` [b, T, V]; mean CE per kind as metrics.
+
+    With ``head`` (the LM head weight [V, h]), ``logits`` are the final hidden states [b, T, h]
+    instead and only the targeted positions' logits are computed, a chunk at a time
+    (:func:`~leaplm.losses.linear_cross_entropy.linear_cross_entropy_sum`).
+    """
+    picked = logits[targets.rows, targets.cols]  # [n, V], or [n, h] with a head
+    if head is None:
+        ce = F.cross_entropy(picked.float(), targets.labels, reduction="none")  # [n]
+        total = (ce * targets.weights).sum()
+    else:
+        total, ce = linear_cross_entropy_sum(picked, head, targets.labels, row_weights=targets.weights,
+                                             return_rows=True)
     metrics = {}
     for kind, name in TARGET_KINDS.items():
         chosen = targets.kinds == kind
         if chosen.any():
             metrics[f"ce_{name}"] = float(ce[chosen].detach().mean())
-    return (ce * targets.weights).sum(), metrics
+    return total, metrics

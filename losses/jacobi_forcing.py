@@ -62,6 +62,7 @@ from typing import Collection, Sequence
 import torch
 import torch.nn.functional as F
 
+from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum, linear_soft_cross_entropy_sum
 from leaplm.models.jacobi_forcing import JacobiForcingError, Pair, pack_rows
 from leaplm.models.two_stream import StreamLayout
 
@@ -168,8 +169,13 @@ def build_batch(prompts: Sequence[Sequence[int]], pairs: Sequence[Sequence[Pair]
 
 
 def jacobi_forcing_loss_sum(logits: torch.Tensor, targets: JacobiTargets, *, ar_weight: float,
-                            temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                            temperature: float = 1.0,
+                            head: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Consistency soft CE + ``ar_weight`` x AR CE, summed over ``targets``, from one forward's ``logits`` [b, T, V].
+
+    With ``head`` (the LM head weight [V, h]), ``logits`` are the final hidden states [b, T, h]
+    instead and only the targeted positions' logits are computed, a chunk at a time
+    (``losses/linear_cross_entropy.py``).
 
     Metrics: ``ce_ar`` and ``soft_ce_consistency`` / ``kl_consistency`` (means per target; the KL
     is the soft CE less the teacher's entropy, 0 when the noisy logits match the clean ones), and
@@ -177,16 +183,24 @@ def jacobi_forcing_loss_sum(logits: torch.Tensor, targets: JacobiTargets, *, ar_
     """
     if temperature <= 0:
         raise JacobiForcingError(f"temperature must be positive, got {temperature}")
-    ar_ce = F.cross_entropy(logits[targets.ar_rows, targets.ar_cols].float(), targets.ar_labels,
-                            reduction="none")  # [n_ar]
-    student = F.log_softmax(logits[targets.rows, targets.student_cols].float() / temperature, dim=-1)  # [n_c, V]
-    teacher = F.log_softmax(logits[targets.rows, targets.teacher_cols].detach().float() / temperature, dim=-1)
-    soft_ce = -(teacher.exp() * student).sum(-1) * temperature**2  # [n_c]
+    ar_picked = logits[targets.ar_rows, targets.ar_cols]  # [n_ar, V], or [n_ar, h] with a head
+    student_picked = logits[targets.rows, targets.student_cols]  # [n_c, V] or [n_c, h]
+    teacher_picked = logits[targets.rows, targets.teacher_cols].detach()  # [n_c, V] or [n_c, h]
+    if head is None:
+        ar_ce = F.cross_entropy(ar_picked.float(), targets.ar_labels, reduction="none")  # [n_ar]
+        student = F.log_softmax(student_picked.float() / temperature, dim=-1)  # [n_c, V]
+        teacher = F.log_softmax(teacher_picked.float() / temperature, dim=-1)
+        soft_ce = -(teacher.exp() * student).sum(-1) * temperature**2  # [n_c]
+        kl = (teacher.exp() * (teacher - student.detach())).sum(-1) * temperature**2
+        ar_sum, consistency_sum = ar_ce.sum(), soft_ce.sum()
+    else:
+        ar_sum, ar_ce = linear_cross_entropy_sum(ar_picked, head, targets.ar_labels, return_rows=True)
+        consistency_sum, soft_ce, kl = linear_soft_cross_entropy_sum(student_picked, teacher_picked, head,
+                                                                     temperature=temperature, return_rows=True)
     metrics = {"consistency_fraction": len(soft_ce) / max(len(ar_ce), 1)}
     if len(ar_ce):
         metrics["ce_ar"] = float(ar_ce.detach().mean())
     if len(soft_ce):
         metrics["soft_ce_consistency"] = float(soft_ce.detach().mean())
-        kl = (teacher.exp() * (teacher - student.detach())).sum(-1) * temperature**2
         metrics["kl_consistency"] = float(kl.mean())
-    return soft_ce.sum() + ar_weight * ar_ce.sum(), metrics
+    return consistency_sum + ar_weight * ar_sum, metrics

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors under its interpreter, which is chosen when triton
+# is first imported (transformers imports it with the model classes): so before leaplm is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from leaplm.models.zoo import TINY_CONFIGS, build_from_config, tiny_model
 

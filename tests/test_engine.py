@@ -352,3 +352,12 @@ def test_greedy_ar_equals_hf_generate_on_the_embedded_teacher():
     prompts = chat_prompts(tokenizer, tasks=("copy", "arith", "word", "story"))
     ours = Engine(model.eval(), tokenizer).generate(prompts, "ar", max_new_tokens=64)
     assert ours.sequences == hf_greedy(model, prompts, 64, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+@pytest.mark.slow  # compiles the model: about two minutes on 2 CPU cores
+def test_compiled_ar_step_equals_ar():
+    model, tokenizer = load_model("tiny-teacher")
+    engine = Engine(model, tokenizer)
+    prompts = chat_prompts(tokenizer, tasks=("copy", "word", "story"))  # different lengths: left padding
+    want = engine.generate(prompts, "ar", 24).sequences
+    assert engine.generate(prompts, "ar", 24, compile_step=True).sequences == want

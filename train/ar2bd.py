@@ -22,6 +22,7 @@ import torch
 from leaplm.config import Config, ConfigError
 from leaplm.data.sft import IGNORE_INDEX, load_source, tokenize_dataset
 from leaplm.losses.block_diffusion import block_diffusion_loss_sum, build_batch, sample_masks
+from leaplm.losses.linear_cross_entropy import final_hidden_states
 from leaplm.models.block_diffusion import (
     CLEAN_ATTENTION,
     MASK_TOKEN,
@@ -51,6 +52,9 @@ class AR2BDConfig:
     ar_weight: float = 0.0  # auxiliary AR loss on the clean stream (NBDiff); needs clean_attention=causal
     attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
     mask_token: str = MASK_TOKEN
+    # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
+    # instead of [rows, 2 x length, vocab] logits: the memory of large vocabularies.
+    fused_loss: bool = False
 
     def __post_init__(self):
         check_block_size(self.block_size, what="method.block_size")
@@ -126,9 +130,14 @@ def loss(model, batch, cfg: Config):
     layout = layout.to(device)
     backend = resolve_backend(m.attention, device)
     with attention_backend(core, backend):
-        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                       attention_mask=training_attention(core, layout, backend), use_cache=False).logits  # [v*b, T, V]
-    loss_sum, metrics = block_diffusion_loss_sum(logits, targets.to(device))
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                      attention_mask=training_attention(core, layout, backend), use_cache=False)
+        if m.fused_loss:
+            hidden, head = final_hidden_states(model, **inputs)  # [v*b, T, h], [V, h]
+            loss_sum, metrics = block_diffusion_loss_sum(hidden, targets.to(device), head=head)
+        else:
+            logits = model(**inputs).logits  # [v*b, T, V]
+            loss_sum, metrics = block_diffusion_loss_sum(logits, targets.to(device))
     return loss_sum, {**metrics, "block_size": float(block_size)}
 
 

@@ -46,6 +46,7 @@ from leaplm.config import Config, ConfigError
 from leaplm.data.rollouts import SETTINGS_FILE, RolloutError, current_rollouts, load_rollouts
 from leaplm.inference.jacobi import INITS
 from leaplm.losses.jacobi_forcing import STRATEGIES, build_batch, jacobi_forcing_loss_sum, pick_states
+from leaplm.losses.linear_cross_entropy import final_hidden_states
 from leaplm.models.jacobi_forcing import NOISY_CONTEXTS, training_attention
 from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
@@ -78,6 +79,9 @@ class JacobiForcingConfig:
     temperature: float = 1.0  # of the consistency soft CE (scaled by T^2); the reference's distill_temperature
     noisy_context: str = "noisy"  # a noisy block sees earlier noisy blocks (reference) | clean blocks
     attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
+    # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
+    # instead of [rows, packed length, vocab] logits: the memory of large vocabularies.
+    fused_loss: bool = False
     init: str = "prompt"  # rollout initial guesses: prompt (tokens drawn from the prompt, as the reference) | pad | repeat
     max_prompts: int = 0  # prompts to roll out (per stage), drawn from the configured data; 0 = all of them
     stages: list[Stage] = field(default_factory=list)  # progressive stages; empty = one run at block_size
@@ -219,9 +223,13 @@ def loss(model, batch, cfg: Config):
     backend = resolve_backend(m.attention, device)
     layout, targets = batch["layout"].to(device), batch["targets"].to(device)
     with attention_backend(core, backend):
-        attention = training_attention(core, layout, backend, m.noisy_context)
-        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
-                       use_cache=False).logits  # [b, T, V]
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                      attention_mask=training_attention(core, layout, backend, m.noisy_context), use_cache=False)
+        if m.fused_loss:
+            hidden, head = final_hidden_states(model, **inputs)  # [b, T, h], [V, h]
+            return jacobi_forcing_loss_sum(hidden, targets, ar_weight=m.ar_weight, temperature=m.temperature,
+                                           head=head)
+        logits = model(**inputs).logits  # [b, T, V]
     return jacobi_forcing_loss_sum(logits, targets, ar_weight=m.ar_weight, temperature=m.temperature)
 
 
