@@ -20,6 +20,7 @@ RECIPE_MODULES = {
     "ar2bd": "leaplm.train.ar2bd",
     "cllm": "leaplm.train.cllm",
     "jacobi_forcing": "leaplm.train.jacobi_forcing",
+    "dparallel": "leaplm.train.dparallel",
 }
 
 
