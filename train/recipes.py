@@ -21,6 +21,8 @@ RECIPE_MODULES = {
     "cllm": "leaplm.train.cllm",
     "jacobi_forcing": "leaplm.train.jacobi_forcing",
     "dparallel": "leaplm.train.dparallel",
+    "cd4lm": "leaplm.train.cd4lm",
+    "learn2pd": "leaplm.train.learn2pd",
 }
 
 
