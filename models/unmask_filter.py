@@ -21,6 +21,7 @@ block attends to the clean earlier blocks and to itself, as the decoder's block 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -66,7 +67,15 @@ class UnmaskFilter(PreTrainedModel):
 
 
 def load_filter(path: str | Path) -> UnmaskFilter:
-    return UnmaskFilter.from_pretrained(str(path)).eval()
+    """The filter saved in ``path``, loaded once per version of its weights file (decoders call
+    this on every ``generate``)."""
+    weights = Path(path) / "model.safetensors"
+    return _load(str(path), weights.stat().st_mtime_ns if weights.is_file() else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, version: int) -> UnmaskFilter:
+    return UnmaskFilter.from_pretrained(path).eval()
 
 
 @torch.no_grad()
