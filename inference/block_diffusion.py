@@ -21,9 +21,9 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
    - ``factor`` (Fast-dLLM v1): with confidences sorted c_(1) >= c_(2) >= ..., the largest n
      such that c_(i) >= 1 - factor / (i + 1) for every i <= n, at least one;
    - ``top_k``: the ``top_k`` most confident (all of them when fewer remain);
-   - ``filter`` (Learn2PD): every slot a learned unmask filter accepts (``unmask_filter``, a file
-     written by :func:`leaplm.models.unmask_filter.save_filter`; probability > ``accept``), plus
-     the most confident one. The filter reads the whole block's confidences, committed slots as 1.
+   - ``filter`` (Learn2PD): every slot a learned unmask filter accepts (``unmask_filter``, the
+     directory ``train/learn2pd.py`` exports; probability > ``accept``), plus the most confident
+     one. The filter reads the whole block's confidences, committed slots as 1.
 
    Every rule commits at least one slot per step, and committed tokens never change.
    ``max_per_step`` > 0 caps any rule at that many slots (the best ranked): with ``threshold``
@@ -170,11 +170,13 @@ def check_settings(block_size: int, sub_block_size: int, rule: str, threshold: f
         raise DecoderError(f"max_per_step must be an integer >= 0 (0 = no cap; CD4LM uses 32), got {max_per_step!r}")
 
 
-def filter_for(path: str | None, rule: str, block_size: int, sub_block_size: int,
-                device: torch.device) -> Callable | None:
+def filter_for(path: str | None, rule: str, block_size: int, sub_block_size: int, accept: float,
+               device: torch.device) -> Callable | None:
     """The unmask filter of the ``filter`` rule, loaded from ``path`` and checked against the block."""
     if rule != "filter":
         return None
+    if not 0 <= accept <= 1:
+        raise DecoderError(f"accept must be in [0, 1] (Learn2PD uses 0.96), got {accept}")
     if path is None:
         raise DecoderError("rule=filter needs unmask_filter=PATH, a filter written by train/learn2pd.py")
     if sub_block_size != block_size:
@@ -248,7 +250,7 @@ def block_diffusion(
     check_settings(block_size, sub_block_size, rule, threshold, entropy_bound, factor, top_k, max_per_step)
     settings = dict(threshold=threshold, entropy_bound=entropy_bound, factor=factor, top_k=top_k,
                     max_per_step=max_per_step, accept=accept,
-                    unmask_filter=filter_for(unmask_filter, rule, block_size, sub_block_size, engine.device))
+                    unmask_filter=filter_for(unmask_filter, rule, block_size, sub_block_size, accept, engine.device))
 
     b, device = batch.size, engine.device
     span = -(-max_new_tokens // block_size) * block_size  # whole blocks
