@@ -39,8 +39,8 @@ def test_fill_after_stop():
     engine = Engine(model, tokenizer, stop_token_ids=[9])
     block = torch.tensor([[5, 7, 9, 8], [9, 1, 2, 3], [1, 2, 3, 4]])
     committed = torch.tensor([[True, False, True, False], [False, True, False, False], [True] * 4])
-    fill_after_stop(engine, block, committed)
-    assert block.tolist() == [[5, 7, 9, 9], [9, 1, 2, 3], [1, 2, 3, 4]]  # row 1's stop is not committed
+    fill_after_stop(engine, block, committed, 0)
+    assert block.tolist() == [[5, 7, 9, 0], [9, 1, 2, 3], [1, 2, 3, 4]]  # row 1's stop is not committed
     assert committed.tolist() == [[True, False, True, True], [False, True, False, False], [True] * 4]
 
 
