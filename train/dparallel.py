@@ -24,8 +24,9 @@ threshold, ``entropy_bound: 0.5``) or the confidence threshold.
 Where we differ from the reference (czg1225/dParallel): blocks are the model's own (response
 aligned, slot 0 from the clean stream), so the later blocks need no masking (a noisy block never
 sees them) and ``method.blocks: all`` may noise every block of a row at once for the same forward;
-the entropy is summed over the correct tokens and the sum divided by the masked-token count (the
-reference averages over the correct tokens); block-start tokens keep a CE term, as ar2bd trains them.
+the entropy is summed over the correct tokens and the sum divided by the step's target count,
+masked tokens and block starts (the reference averages over the correct tokens); block-start
+tokens keep a CE term, as ar2bd trains them.
 """
 
 from __future__ import annotations
