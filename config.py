@@ -122,6 +122,7 @@ class TrainConfig:
 class RolloutConfig:
     # How a recipe makes its own training data through the inference engine.
     decoder: str = "ar"
+    decoder_args: dict[str, Any] = field(default_factory=dict)  # settings of `decoder` (answer rollouts)
     max_new_tokens: int = 128
     batch_size: int = 32
     temperature: float = 0.0  # 0 = greedy

@@ -1,4 +1,9 @@
-"""Jacobi rollouts: the training data of consistency distillation, made by the model itself.
+"""Rollouts: training data made by the model itself through the shared engine.
+
+Two kinds share the prompts, the sharding, the settings key and the reuse: Jacobi trajectories
+(CLLM, Jacobi Forcing; described below) and the final answers of any engine decoder
+(:func:`collect_decoded_rollouts`, columns :data:`ANSWER_FEATURES`: dParallel's self-generated
+targets from the ``block_diffusion`` decoder, keyed by the decoder and its settings too).
 
 1. :func:`choose_prompts` draws prompts from the configured data (a seeded shuffle, chat
    formatted as the decoders see them), keeping each synthetic prompt's task and reference answer
@@ -41,7 +46,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import torch
@@ -66,6 +71,14 @@ FEATURES = datasets.Features({
     "block_index": datasets.Value("int64"),
     "states": datasets.Sequence(_TOKENS),
     "fixed_point": _TOKENS,
+    "task": datasets.Value("string"),
+    "correct": datasets.Value("bool"),
+})
+# Final answers of a decoder (``collect_decoded_rollouts``), one row per prompt.
+ANSWER_FEATURES = datasets.Features({
+    "prompt_index": datasets.Value("int64"),
+    "prompt_ids": _TOKENS,
+    "answer_ids": _TOKENS,
     "task": datasets.Value("string"),
     "correct": datasets.Value("bool"),
 })
@@ -141,11 +154,18 @@ def rollout_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rollout_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, block_size: int,
-                     max_new_tokens: int, init: str, seed: int) -> dict[str, Any]:
+def base_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, max_new_tokens: int,
+                  seed: int) -> dict[str, Any]:
+    """What every kind of rollout depends on: format, model, prompts, token budget, seed."""
     prompt_hash = hashlib.sha256(json.dumps([p.ids for p in prompts]).encode()).hexdigest()
     return {"format": FORMAT_VERSION, "model": model_id, "prompts": len(prompts), "prompts_sha256": prompt_hash,
-            "block_size": block_size, "max_new_tokens": max_new_tokens, "init": init, "seed": seed}
+            "max_new_tokens": max_new_tokens, "seed": seed}
+
+
+def rollout_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, block_size: int,
+                     max_new_tokens: int, init: str, seed: int) -> dict[str, Any]:
+    return {**base_settings(model_id, prompts, max_new_tokens=max_new_tokens, seed=seed),
+            "block_size": block_size, "init": init}
 
 
 # ----- Collection ---------------------------------------------------------------------------
@@ -184,17 +204,62 @@ def collect_jacobi_rollouts(
     slice of the prompts, rank 0 merges the slices. Also records the key as the directory's
     current rollouts (:func:`current_rollouts`).
     """
+    def decode(engine: Engine, ids: list[list[int]], rank_seed: int):
+        found = collect_jacobi_trajectories(engine, ids, block_size, max_new_tokens, init=init, seed=rank_seed,
+                                            batch_size=batch_size)
+        answers: dict[int, list[int]] = {}
+        for row in found:
+            answers.setdefault(row["prompt_index"], []).extend(row["fixed_point"])
+        return found, answers
+
+    settings = rollout_settings(model_id, prompts, block_size=block_size, max_new_tokens=max_new_tokens,
+                                init=init, seed=seed)
+    return collect_rollouts(model, tokenizer, prompts, out_dir, settings=settings, features=FEATURES, decode=decode,
+                            batch_size=batch_size, accelerator=accelerator, progress=progress)
+
+
+def collect_decoded_rollouts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[RolloutPrompt], out_dir: str | Path,
+    *, model_id: dict[str, Any], decoder: str, decoder_args: dict[str, Any], max_new_tokens: int = 256,
+    seed: int = 0, batch_size: int = 32, accelerator: Any = None, progress: bool = True,
+) -> Path:
+    """Collect (or reuse) the final answers ``decoder`` writes for ``prompts`` (columns
+    :data:`ANSWER_FEATURES`, one row per prompt): the self-generated targets of dParallel-style
+    distillation. Sharding, reuse and the settings key as :func:`collect_jacobi_rollouts`; the
+    key holds the decoder and its settings."""
+    def decode(engine: Engine, ids: list[list[int]], rank_seed: int):
+        torch.manual_seed(rank_seed)  # for decoders that sample; greedy ones ignore it
+        answers: dict[int, list[int]] = {}
+        for first in range(0, len(ids), batch_size):
+            out = engine.generate(ids[first:first + batch_size], decoder, max_new_tokens, **decoder_args)
+            answers.update({first + i: seq for i, seq in enumerate(out.sequences)})
+        rows = [{"prompt_index": i, "prompt_ids": ids[i], "answer_ids": answers[i]} for i in range(len(ids))]
+        return rows, answers
+
+    settings = {**base_settings(model_id, prompts, max_new_tokens=max_new_tokens, seed=seed),
+                "decoder": decoder, "decoder_args": decoder_args}
+    return collect_rollouts(model, tokenizer, prompts, out_dir, settings=settings, features=ANSWER_FEATURES,
+                            decode=decode, batch_size=batch_size, accelerator=accelerator, progress=progress)
+
+
+# (engine, prompt ids of a part, seed) -> (rows with a part-local ``prompt_index``, answer tokens per prompt)
+Decode = Callable[[Engine, list[list[int]], int], tuple[list[dict[str, Any]], dict[int, list[int]]]]
+
+
+def collect_rollouts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[RolloutPrompt],
+                     out_dir: str | Path, *, settings: dict[str, Any], features: datasets.Features, decode: Decode,
+                     batch_size: int, accelerator: Any = None, progress: bool = True) -> Path:
+    """Decode ``prompts`` with ``decode`` into a dataset of ``features`` keyed by ``settings`` (or
+    reuse it), sharded over the ranks of ``accelerator``; return the dataset directory."""
     if not prompts:
         raise RolloutError("no prompts to roll out; check the data section (data.source, data.tasks)")
     acc = accelerator or _OneProcess()
     out_dir = Path(out_dir)
-    settings = rollout_settings(model_id, prompts, block_size=block_size, max_new_tokens=max_new_tokens,
-                                init=init, seed=seed)
     key = rollout_key(settings)
     final = out_dir / key
     with _quiet_datasets():
-        _collect_or_reuse(model, tokenizer, prompts, out_dir, key, settings, batch_size=batch_size, acc=acc,
-                          progress=progress)
+        _collect_or_reuse(model, tokenizer, prompts, out_dir, key, settings, features=features, decode=decode,
+                          batch_size=batch_size, acc=acc, progress=progress)
     if acc.is_main_process:
         (out_dir / CURRENT_FILE).write_text(key + "\n")
     acc.wait_for_everyone()
@@ -202,7 +267,8 @@ def collect_jacobi_rollouts(
 
 
 def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: Path, key: str,
-                      settings: dict[str, Any], *, batch_size: int, acc: Any, progress: bool) -> None:
+                      settings: dict[str, Any], *, features: datasets.Features, decode: Decode, batch_size: int,
+                      acc: Any, progress: bool) -> None:
     final = out_dir / key
     if (final / SETTINGS_FILE).is_file():
         log.info("rollouts: reusing %s (same model, prompts and settings)", final)
@@ -211,13 +277,11 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
     rank, world = acc.process_index, acc.num_processes
     lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world
     start = time.perf_counter()
-    rows = _collect_slice(Engine(model, tokenizer), prompts, lo, hi, block_size=settings["block_size"],
-                          max_new_tokens=settings["max_new_tokens"], init=settings["init"],
-                          seed=settings["seed"] + rank, batch_size=batch_size,
-                          progress=progress and acc.is_main_process)
+    rows = _collect_slice(Engine(model, tokenizer), prompts, lo, hi, decode=decode, seed=settings["seed"] + rank,
+                          batch_size=batch_size, progress=progress and acc.is_main_process)
     # datasets can save a dataset of no rows but not load it back: a rank without prompts saves nothing.
     if rows:
-        shard = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in FEATURES}, features=FEATURES)
+        shard = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
         shard.save_to_disk(str(shards / f"rank-{rank:05d}"))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -232,25 +296,21 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
         (tmp / SETTINGS_FILE).write_text(json.dumps({**settings, "stats": stats}, indent=2))
         tmp.rename(final)
         shutil.rmtree(shards, ignore_errors=True)
-        log.info("rollouts: %d blocks of %d prompts in %.0fs (%.1f blocks/s) -> %s",
+        log.info("rollouts: %d rows of %d prompts in %.0fs (%.1f rows/s) -> %s",
                  len(merged), len(prompts), seconds, len(merged) / seconds, final)
 
 
-def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, block_size: int,
-                   max_new_tokens: int, init: str, seed: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
+def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, decode: Decode, seed: int,
+                   batch_size: int, progress: bool) -> list[dict[str, Any]]:
     """Rows of prompts[lo:hi], ``prompt_index`` global, each with its answer's task and grade.
 
-    Decoded in parts of 16 batches, for progress; the collector groups each part's prompts by length.
+    Decoded in parts of 16 batches, for progress.
     """
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=hi - lo, desc="rollouts", unit="prompt", disable=not progress)
     for first in range(lo, hi, 16 * batch_size):
         part = prompts[first:min(first + 16 * batch_size, hi)]
-        found = collect_jacobi_trajectories(engine, [p.ids for p in part], block_size, max_new_tokens,
-                                            init=init, seed=seed, batch_size=batch_size)
-        answers: dict[int, list[int]] = {}
-        for row in found:
-            answers.setdefault(row["prompt_index"], []).extend(row["fixed_point"])
+        found, answers = decode(engine, [p.ids for p in part], seed)
         grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
         for row in found:
             prompt = part[row["prompt_index"]]
@@ -278,23 +338,24 @@ def current_rollouts(out_dir: str | Path) -> Path:
     return Path(out_dir) / pointer.read_text().strip()
 
 
-def load_rollouts(path: str | Path, drop_wrong: bool = False) -> datasets.Dataset:
-    """Load a rollout dataset, check its columns, and with ``drop_wrong`` drop the blocks of answers
-    that fail their checker (answers without a checker stay)."""
+def load_rollouts(path: str | Path, drop_wrong: bool = False,
+                  features: datasets.Features = FEATURES) -> datasets.Dataset:
+    """Load a rollout dataset, check it has the columns of ``features``, and with ``drop_wrong``
+    drop the rows of answers that fail their checker (answers without a checker stay)."""
     path = Path(path)
     if not (path / "dataset_info.json").is_file():
         raise RolloutError(f"{path} is not a saved rollout dataset (no dataset_info.json); collect rollouts first")
     ds = datasets.load_from_disk(str(path))
-    missing = [c for c in FEATURES if c not in ds.column_names]
+    missing = [c for c in features if c not in ds.column_names]
     if missing:
         raise RolloutError(f"rollout dataset {path} lacks columns {missing}; it has {ds.column_names}. "
-                           "Collect it again with leaplm.data.rollouts.collect_jacobi_rollouts")
+                           "Collect it again (rerun the recipe's rollout step)")
     if drop_wrong:
         with _quiet_datasets():
             kept = ds.filter(lambda correct: correct is not False, input_columns="correct")
         wrong = len({i for i, c in zip(ds["prompt_index"], ds["correct"]) if c is False})
         if wrong:
-            log.warning("rollouts: dropped the %d blocks of %d answers that fail their task's checker",
+            log.warning("rollouts: dropped the %d rows of %d answers that fail their task's checker",
                         len(ds) - len(kept), wrong)
         if len(kept) == 0:
             raise RolloutError(f"every rollout answer in {path} fails its task's checker; the model does not solve "

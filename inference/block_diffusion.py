@@ -20,9 +20,17 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
      lowest-entropy one (LLaDA, NBDiff);
    - ``factor`` (Fast-dLLM v1): with confidences sorted c_(1) >= c_(2) >= ..., the largest n
      such that c_(i) >= 1 - factor / (i + 1) for every i <= n, at least one;
-   - ``top_k``: the ``top_k`` most confident (all of them when fewer remain).
+   - ``top_k``: the ``top_k`` most confident (all of them when fewer remain);
+   - ``filter`` (Learn2PD): every slot a learned unmask filter accepts (``unmask_filter``, the
+     directory ``train/learn2pd.py`` exports; probability > ``accept``), plus the most confident
+     one. The filter reads the whole block's confidences, committed slots as 1.
 
    Every rule commits at least one slot per step, and committed tokens never change.
+   ``max_per_step`` > 0 caps any rule at that many slots (the best ranked): with ``threshold``
+   (0.95) it is CD4LM's confidence-adaptive top-k, ``k = clamp(#{conf > 0.95}, 1, max_per_step)``.
+   ``eos_fill`` (Learn2PD's end-of-text prediction): once a row commits a stop token, every later
+   slot of the block counts as committed (fed as the mask token, the padding training puts after
+   an answer), so no step is spent on slots after the end.
 3. A row is **done with the block** when all its slots are committed, or when it has committed
    a stop token with every slot before it committed; the stop ends the row for good.
 4. **Commit pass.** The finished block is fed once more with the clean attention (causal, or
@@ -64,6 +72,8 @@ With ``block_size=1`` there are no denoising steps and the decoder is exactly ``
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import DynamicCache
 
@@ -80,19 +90,22 @@ from leaplm.inference.engine import (
 from leaplm.inference.kernels.commit import commit_stats
 from leaplm.models.block_diffusion import BlockDiffusionError, spec_of
 
-RULES = ("threshold", "entropy", "factor", "top_k")
+RULES = ("threshold", "entropy", "factor", "top_k", "filter")
 
 
 def select_commits(confidence: torch.Tensor, entropy: torch.Tensor | None, open_slots: torch.Tensor, rule: str, *,
                    threshold: float = 0.9, entropy_bound: float = 0.5, factor: float = 1.0,
-                   top_k: int = 1) -> torch.Tensor:
+                   top_k: int = 1, max_per_step: int = 0, unmask_filter: Callable | None = None,
+                   accept: float = 0.96) -> torch.Tensor:
     """Which open slots each row commits this step, by ``rule``; bool [b, s].
 
     ``confidence`` [b, s] is the probability of each slot's argmax token, ``entropy`` [b, s] its
     predictive entropy (read by the ``entropy`` rule only, None is fine otherwise), and
     ``open_slots`` [b, s] marks the uncommitted slots a row may commit now. A row with an open
     slot commits at least one (its best: most confident, or lowest entropy); a row without
-    commits nothing. Pure tensor code, so the rules are tested on hand-made numbers.
+    commits nothing; ``max_per_step`` > 0 keeps at most that many, the best. ``unmask_filter``
+    maps confidences [b, s] (closed slots read as 1) to acceptance probabilities [b, s] for the
+    ``filter`` rule. Pure tensor code, so the rules are tested on hand-made numbers.
     """
     if rule == "entropy":
         if entropy is None:
@@ -118,14 +131,20 @@ def select_commits(confidence: torch.Tensor, entropy: torch.Tensor | None, open_
         chosen = by_rank(rank <= n)
     elif rule == "top_k":
         chosen = by_rank((rank <= top_k).expand_as(ranked))
+    elif rule == "filter":
+        if unmask_filter is None:
+            raise DecoderError("the filter rule needs unmask_filter (a filter trained by train/learn2pd.py)")
+        chosen = unmask_filter(confidence.masked_fill(~open_slots, 1.0)) > accept
     else:
         raise DecoderError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     chosen = chosen | by_rank((rank == 1).expand_as(ranked))  # the best slot: progress every step
+    if max_per_step:
+        chosen = chosen & by_rank((rank <= max_per_step).expand_as(ranked))
     return chosen & open_slots
 
 
 def check_settings(block_size: int, sub_block_size: int, rule: str, threshold: float, entropy_bound: float,
-                   factor: float, top_k: int) -> None:
+                   factor: float, top_k: int, max_per_step: int = 0) -> None:
     """Refuse settings the decoder cannot use, naming the fix."""
     for name, size in (("block_size", block_size), ("sub_block_size", sub_block_size)):
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -148,6 +167,43 @@ def check_settings(block_size: int, sub_block_size: int, rule: str, threshold: f
         raise DecoderError(f"factor must be > 0 (Fast-dLLM v1 uses 1.0), got {factor}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise DecoderError(f"top_k must be an integer >= 1 (slots committed per step), got {top_k!r}")
+    if not isinstance(max_per_step, int) or isinstance(max_per_step, bool) or max_per_step < 0:
+        raise DecoderError(f"max_per_step must be an integer >= 0 (0 = no cap; CD4LM uses 32), got {max_per_step!r}")
+
+
+def filter_for(path: str | None, rule: str, block_size: int, sub_block_size: int, accept: float,
+               device: torch.device) -> Callable | None:
+    """The unmask filter of the ``filter`` rule, loaded from ``path`` and checked against the block."""
+    if rule != "filter":
+        return None
+    if not 0 <= accept <= 1:
+        raise DecoderError(f"accept must be in [0, 1] (Learn2PD uses 0.96), got {accept}")
+    if path is None:
+        raise DecoderError("rule=filter needs unmask_filter=PATH, a filter written by train/learn2pd.py")
+    if sub_block_size != block_size:
+        raise DecoderError("rule=filter reads a whole block's confidences: leave sub_block_size at block_size")
+    from leaplm.models.unmask_filter import load_filter
+
+    net = load_filter(path).to(device)
+    if net.width != block_size - 1:
+        raise DecoderError(f"the unmask filter in {path} reads blocks of {net.width + 1} slots, the decoder uses "
+                           f"block_size={block_size}; train a filter for this block size")
+    return net.accept_probability
+
+
+def fill_after_stop(engine: Engine, block: torch.Tensor, committed: torch.Tensor, fill_token: int) -> None:
+    """End-of-text prediction: every slot after a row's first committed stop token becomes
+    ``fill_token``, committed; ``block`` and ``committed`` [b, B] are changed in place.
+
+    The decoder fills with the mask token: training pads every answer past its end with it, so
+    the later steps of the block see what the model was trained on (feeding stop tokens there cost
+    the tiny teacher 35 points on word problems); the returned sequence ends at the stop either way.
+    """
+    stops = engine.is_stop(block) & committed  # [b, B]
+    first = torch.where(stops.any(-1), stops.long().argmax(-1), block.shape[1])  # [b] first committed stop
+    after = torch.arange(block.shape[1], device=block.device)[None] > first[:, None]  # [b, B]
+    block.masked_fill_(after, fill_token)
+    committed |= after
 
 
 def sub_block_forward(engine: Engine, cache: DynamicCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -181,7 +237,8 @@ def block_diffusion(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     block_size: int | None = None, sub_block_size: int | None = None, rule: str = "threshold",
     threshold: float = 0.9, entropy_bound: float = 0.5, factor: float = 1.0, top_k: int = 1,
-    sub_block_cache: bool = False,
+    sub_block_cache: bool = False, max_per_step: int = 0, unmask_filter: str | None = None, accept: float = 0.96,
+    eos_fill: bool = False,
 ) -> DecodeResult:
     """Greedy block-diffusion decoding of a converted model (see the module docstring).
 
@@ -195,8 +252,10 @@ def block_diffusion(
         raise DecoderError(str(err)) from err
     block_size = spec.block_size if block_size is None else block_size
     sub_block_size = block_size if sub_block_size is None else sub_block_size
-    check_settings(block_size, sub_block_size, rule, threshold, entropy_bound, factor, top_k)
-    settings = dict(threshold=threshold, entropy_bound=entropy_bound, factor=factor, top_k=top_k)
+    check_settings(block_size, sub_block_size, rule, threshold, entropy_bound, factor, top_k, max_per_step)
+    settings = dict(threshold=threshold, entropy_bound=entropy_bound, factor=factor, top_k=top_k,
+                    max_per_step=max_per_step, accept=accept,
+                    unmask_filter=filter_for(unmask_filter, rule, block_size, sub_block_size, accept, engine.device))
 
     b, device = batch.size, engine.device
     span = -(-max_new_tokens // block_size) * block_size  # whole blocks
@@ -263,6 +322,8 @@ def block_diffusion(
             chosen = select_commits(stats.prob, stats.entropy, open_slots[:, first_open:hi], rule, **settings)
             block[:, first_open:hi] = torch.where(chosen, stats.token, block[:, first_open:hi])
             committed[:, first_open:hi] |= chosen
+            if eos_fill:
+                fill_after_stop(engine, block, committed, spec.mask_token_id)
             settle(block, committed, start)
 
         tokens[:, start:start + block_size] = block

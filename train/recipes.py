@@ -20,6 +20,9 @@ RECIPE_MODULES = {
     "ar2bd": "leaplm.train.ar2bd",
     "cllm": "leaplm.train.cllm",
     "jacobi_forcing": "leaplm.train.jacobi_forcing",
+    "dparallel": "leaplm.train.dparallel",
+    "cd4lm": "leaplm.train.cd4lm",
+    "learn2pd": "leaplm.train.learn2pd",
 }
 
 

@@ -1,0 +1,82 @@
+"""The distillation recipes' data paths: decoded rollouts (reuse, sharding), the dParallel and
+CD4LM batches, on a tiny random block-diffusion model."""
+
+import pytest
+import torch
+
+from leaplm.config import load_config
+from leaplm.data.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
+from leaplm.inference.engine import Engine
+from leaplm.losses.block_diffusion import NOISY_TARGET
+from leaplm.models.two_stream import NOISY
+from leaplm.train import cd4lm, dparallel
+from tests.test_block_diffusion_decoder import converted, prompts_of
+from tests.test_cllm import run_ranks
+
+
+@pytest.fixture(scope="module")
+def tiny_bd():
+    return converted("llama", 4)
+
+
+def test_decoded_rollouts_are_reused_and_keyed_by_decoder_settings(tiny_bd, tmp_path):
+    model, tokenizer = tiny_bd
+    prompts = [RolloutPrompt(ids) for ids in prompts_of(tokenizer)]
+    settings = dict(model_id={"name": "tiny"}, decoder="block_diffusion", decoder_args={"threshold": 1.0},
+                    max_new_tokens=8, batch_size=2, progress=False)
+    path = collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **settings)
+    ds = load_rollouts(path, features=ANSWER_FEATURES)
+    expected = Engine(model, tokenizer).generate([p.ids for p in prompts], "block_diffusion", 8, threshold=1.0).sequences
+    assert ds["answer_ids"] == expected and ds["prompt_index"] == [0, 1, 2]
+    mtime = (path / "dataset_info.json").stat().st_mtime_ns
+    assert collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **settings) == path
+    assert (path / "dataset_info.json").stat().st_mtime_ns == mtime  # reused, not rewritten
+    other = collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **{**settings, "decoder_args": {"threshold": 0.5}})
+    assert other != path
+    sharded = run_ranks(2, lambda acc: collect_decoded_rollouts(model, tokenizer, prompts, tmp_path / "two",
+                                                                 **settings, accelerator=acc))[0]
+    assert load_rollouts(sharded, features=ANSWER_FEATURES)["answer_ids"] == expected
+
+
+def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp_path, monkeypatch):
+    model, tokenizer = tiny_bd
+    cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=one"])
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    prompts = prompts_of(tokenizer)
+    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts, (9, 4, 6))]
+    batch = dparallel.build_collator(cfg, tokenizer)(samples)
+    targets = batch["targets"]
+    noisy = targets.kinds == NOISY_TARGET
+    # one block per answer, both copies together mask its slots but the first exactly once
+    per_row = torch.bincount(targets.rows[noisy] % 3, minlength=3).tolist()
+    assert all(1 <= n <= 3 for n in per_row)
+    assert int(batch["n_targets"]) == len(targets.labels)
+    loss, metrics = dparallel.loss(model, {**batch, "step": 0}, cfg)
+    assert torch.isfinite(loss) and 0 <= metrics["masked_correct"] <= 1
+
+
+def test_cd4lm_teacher_sees_a_nested_less_masked_input(tiny_bd, monkeypatch):
+    model, tokenizer = tiny_bd
+    cfg = load_config(None, ["recipe=cd4lm"])
+    monkeypatch.setattr(cd4lm, "load_model_config", lambda cfg: model.config.block_diffusion)
+    mask_id = model.config.block_diffusion["mask_token_id"]
+    prompts = prompts_of(tokenizer)
+    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts, (12, 8, 10))]
+    torch.manual_seed(0)
+    batch = cd4lm.build_collator(cfg, tokenizer)(samples)
+    student, teacher = batch["student"], batch["teacher"]
+    noisy = student.stream == NOISY
+    s_masked, t_masked = (student.input_ids == mask_id) & noisy, (teacher.input_ids == mask_id) & noisy
+    assert not (t_masked & ~s_masked).any() and t_masked.sum() < s_masked.sum()
+    # outside the student's masks both see the same tokens
+    assert torch.equal(student.input_ids[~s_masked], teacher.input_ids[~s_masked])
+    # the KL is taken exactly at the teacher's masked answer slots (the padding past an answer is masked too)
+    padding = int(s_masked.sum()) - int((batch["targets"].kinds == NOISY_TARGET).sum())
+    assert int(batch["distilled"].sum()) == int(t_masked.sum()) - padding > 0
+    assert not (batch["distilled"] & (batch["targets"].kinds != NOISY_TARGET)).any()
+    object.__setattr__(model, cd4lm.TEACHER, model)
+    try:
+        loss, metrics = cd4lm.loss(model, {**batch, "step": 0}, cfg)
+    finally:
+        object.__delattr__(model, cd4lm.TEACHER)
+    assert torch.isfinite(loss) and metrics["lambda"] == 0.9

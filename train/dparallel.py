@@ -1,0 +1,156 @@
+"""Recipe: dParallel certainty forcing, a block-diffusion LM trained to be sure sooner on its own answers.
+
+    leaplm train configs/dparallel/tiny_teacher.yaml
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m leaplm.train configs/dparallel/qwen2.5-1.5b.yaml
+
+Model: an already adapted block-diffusion LM (``train/ar2bd.py``; e.g. ``tiny-teacher-bd``),
+LoRA by default in the configs (``model.lora.r``; 0 = full fine-tuning).
+Rollout: the model decodes the training prompts with its ``block_diffusion`` decoder
+(``rollout.decoder_args``; one token per step, ``threshold: 1.0``, as dParallel's 256-step
+trajectories), answers that fail their task's checker are dropped (``rollout.drop_wrong``); the
+answers are a ``datasets`` dataset reused on a rerun with the same settings
+(``data/rollouts.py::collect_decoded_rollouts`` through ``train/rollout_step.py``, sharded over ranks).
+Data: one (prompt, self-generated answer) per rollout.
+Batch: the two-stream ``[clean | noisy]`` rows of ``losses/block_diffusion.py::build_batch``,
+semi-AR noising (one block per row masked at ``rate``) and its complementary copy
+(``losses/dllm_distill.py::semi_ar_masks``), built in the collator so ``n_targets`` is exact.
+Loss: CE on the masked tokens (and the block starts, from the clean stream) plus
+``entropy_weight`` x entropy of ``softmax(logits / temperature)`` on the masked tokens already
+predicted right (``losses/dllm_distill.py::certainty_forcing_loss_sum``); weights 2.0 and T=0.5
+as the LLaDA reference.
+Decoder for eval and bench: ``block_diffusion`` with ``rule: entropy`` (dParallel's entropy
+threshold, ``entropy_bound: 0.5``) or the confidence threshold.
+
+Where we differ from the reference (czg1225/dParallel): blocks are the model's own (response
+aligned, slot 0 from the clean stream), so the later blocks need no masking (a noisy block never
+sees them) and ``method.blocks: all`` may noise every block of a row at once for the same forward;
+the entropy is summed over the correct tokens and the sum divided by the step's target count,
+masked tokens and block starts (the reference averages over the correct tokens); block-start
+tokens keep a CE term, as ar2bd trains them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import AutoConfig
+
+from leaplm.config import Config, ConfigError
+from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollouts
+from leaplm.losses.block_diffusion import build_batch
+from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
+from leaplm.models.block_diffusion import spec_of, training_attention
+from leaplm.models.two_stream import ATTENTION_BACKENDS, resolve_backend
+from leaplm.models.zoo import load_model, resolve
+from leaplm.train.jacobi_forcing import attention_implementation
+from leaplm.train.recipes import Recipe
+from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
+
+
+@dataclass
+class DParallelConfig:
+    rate: float = 0.5  # mask rate of the noised block (the reference's fixed t = 0.5)
+    blocks: str = "one"  # one block per row (reference) | all blocks of the row, each its own semi-AR input
+    entropy_weight: float = 2.0  # the LLaDA reference's 2 (Dream: 1)
+    temperature: float = 0.5  # of the softmax whose entropy is minimised
+    attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
+    max_prompts: int = 0  # prompts to roll out, drawn from the configured data; 0 = all of them
+
+    def __post_init__(self):
+        if not 0 < self.rate < 1:
+            raise ConfigError(f"method.rate must be in (0, 1) (dParallel uses 0.5), got {self.rate}")
+        for key, value, choices in [("blocks", self.blocks, NOISED_BLOCKS),
+                                    ("attention", self.attention, ATTENTION_BACKENDS)]:
+            if value not in choices:
+                raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
+        if self.entropy_weight < 0 or self.temperature <= 0:
+            raise ConfigError(f"need method.entropy_weight >= 0 and method.temperature > 0, got "
+                              f"{self.entropy_weight}, {self.temperature}")
+        if self.max_prompts < 0:
+            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
+
+
+def load_block_diffusion_model(cfg: Config, recipe: str):
+    """The block-diffusion model to distill, as the engine decodes it (sdpa/eager); the losses
+    switch to FlexAttention for their forward when the backend is flex."""
+    if cfg.model.attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(f"{recipe} rolls out and evaluates through the engine, which needs model.attn_implementation "
+                          f"sdpa or eager (got {cfg.model.attn_implementation!r}); method.attention=flex trains with "
+                          "FlexAttention anyway")
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                                  cfg.model.tokenizer)
+    spec_of(model)  # refuses a model that is not block diffusion, naming ar2bd as the fix
+    return model, tokenizer
+
+
+def build_model(cfg: Config):
+    check_rollout_sections(cfg, "dparallel", 1, decoder="block_diffusion")
+    return load_block_diffusion_model(cfg, "dparallel")
+
+
+def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
+    collect_answers(cfg, model, tokenizer, accelerator, max_prompts=cfg.method.max_prompts)
+
+
+def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
+    ds = load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong, ANSWER_FEATURES)
+    samples = [{"prompt": p, "response": a} for p, a in zip(ds["prompt_ids"], ds["answer_ids"]) if a]
+    if not samples:
+        raise ConfigError("every rollout answer is empty; check rollout.max_new_tokens and the model")
+    return samples
+
+
+def two_stream_forward(model, layout, backend: str) -> torch.Tensor:
+    """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``."""
+    core = getattr(model, "module", model)  # the model inside a DDP wrapper
+    impl = "flex_attention" if backend == "flex" else core.config._attn_implementation
+    with attention_implementation(core, impl):
+        attention = training_attention(core, layout, backend)
+        return model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
+                     use_cache=False).logits
+
+
+def build_collator(cfg: Config, tokenizer):
+    m: DParallelConfig = cfg.method
+    model_cfg = load_model_config(cfg)
+
+    def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
+        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], m.rate, m.blocks)
+        layout, targets = build_batch(prompts, responses, masks, [torch.ones(len(x)) for x in masks],
+                                      model_cfg["block_size"], model_cfg["mask_token_id"],
+                                      inverse_t_weight=False, ar_weight=0.0)
+        return {"layout": layout, "targets": targets, "n_targets": torch.tensor(len(targets.labels)),
+                "n_tokens": torch.tensor(int((layout.stream >= 0).sum()))}
+
+    return collate
+
+
+def load_model_config(cfg: Config) -> dict[str, Any]:
+    """The ``block_diffusion`` entry of the model's config (block size, mask token id), for the collator."""
+    entry = getattr(AutoConfig.from_pretrained(resolve(cfg.model.name_or_path)), "block_diffusion", None)
+    if not entry:
+        raise ConfigError(f"{cfg.model.name_or_path} is not a block-diffusion model; adapt it first with ar2bd")
+    return entry
+
+
+def loss(model, batch, cfg: Config):
+    m: DParallelConfig = cfg.method
+    device = next(model.parameters()).device
+    logits = two_stream_forward(model, batch["layout"].to(device), resolve_backend(m.attention, device))
+    return certainty_forcing_loss_sum(logits, batch["targets"].to(device), entropy_weight=m.entropy_weight,
+                                      temperature=m.temperature)
+
+
+RECIPE = Recipe(
+    name="dparallel",
+    description="dParallel certainty forcing on self-generated block-diffusion answers (CE + entropy on correct tokens)",
+    method_config=DParallelConfig,
+    build_model=build_model,
+    build_dataset=build_dataset,
+    build_collator=build_collator,
+    loss=loss,
+    rollout=rollout,
+)

@@ -1,0 +1,116 @@
+"""Recipe: Learn2PD, a small unmask filter for a frozen block-diffusion LM.
+
+    leaplm train configs/learn2pd/tiny_teacher.yaml
+
+Model trained: the filter of ``models/unmask_filter.py`` (``Linear(n, h) -> ReLU -> Linear(h, n)``
+over a block's n = block_size - 1 confidences); the block-diffusion LM (``model.name_or_path``)
+stays frozen and only makes the data.
+Rollout: the LM decodes the training prompts one token per step with its ``block_diffusion``
+decoder (``rollout.decoder_args``; the same stored answers as dParallel's rollouts, reused when
+the settings match), wrong answers dropped; then reference-guided decoding of those answers
+records (confidences, is-final labels) per block and step
+(``models/unmask_filter.py::reference_guided_examples``), saved next to the answers and reused.
+Loss: BCE with logits on the slots still masked at that step, summed (the trainer divides by
+their count).
+Decoder: ``block_diffusion`` with ``rule: filter, unmask_filter: EXPORT_DIR, accept: 0.96``,
+``eos_fill: true`` for the end-of-text prediction.
+
+Where we differ from the reference (ims-kdks/Learning-to-Parallel-Decoding): the trainer's
+mini-batch AdamW loop rather than 40k full-batch epochs (the data is small, so ``micro_batch_size``
+can cover most of it); the filter reads committed slots as confidence 1 and is trained on the
+open slots only; the commit rule is the filter plus the most confident slot, with no extra top-k
+schedule; end-of-text prediction fills the block after a *committed* stop token, not after a
+masked slot that merely predicts one. The exported directory holds the filter (its model card is
+the trainer's generic one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from leaplm.config import Config, ConfigError
+from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollouts
+from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig, reference_guided_examples
+from leaplm.models.zoo import resolve
+from leaplm.train.dparallel import load_block_diffusion_model, load_model_config
+from leaplm.train.recipes import Recipe
+from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
+
+EXAMPLES_FILE = "learn2pd_examples.pt"
+
+
+@dataclass
+class Learn2PDConfig:
+    hidden: int = 32  # the reference's hidden width (= its block of 32)
+    max_prompts: int = 0  # prompts to roll out; 0 = all of the data
+    label_batch_size: int = 16  # answers per forward of the reference-guided decoding
+
+    def __post_init__(self):
+        if self.hidden < 1 or self.label_batch_size < 1 or self.max_prompts < 0:
+            raise ConfigError("method.hidden and method.label_batch_size must be >= 1, method.max_prompts >= 0")
+
+
+def build_model(cfg: Config):
+    check_rollout_sections(cfg, "learn2pd", 1, decoder="block_diffusion")
+    if cfg.model.lora.r or cfg.eval.at_end or cfg.eval.every:
+        raise ConfigError("learn2pd trains a small filter, not the LM: set model.lora.r=0 and eval.at_end=false, "
+                          "eval.every=0; bench the LM with the filter rule instead")
+    spec = load_model_config(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.tokenizer or cfg.model.name_or_path))
+    return UnmaskFilter(UnmaskFilterConfig(width=spec["block_size"] - 1, hidden=cfg.method.hidden)), tokenizer
+
+
+def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
+    """The LM's careful answers, then the reference-guided examples (both reused when present)."""
+    lm, _ = load_block_diffusion_model(cfg, "learn2pd")
+    path = collect_answers(cfg, lm, tokenizer, accelerator, max_prompts=cfg.method.max_prompts)
+    if accelerator.is_main_process and not (path / EXAMPLES_FILE).is_file():
+        ds = load_rollouts(path, cfg.rollout.drop_wrong, ANSWER_FEATURES)
+        kept = [(p, a) for p, a in zip(ds["prompt_ids"], ds["answer_ids"]) if a]
+        examples = reference_guided_examples(lm.eval(), [p for p, _ in kept], [a for _, a in kept],
+                                             cfg.method.label_batch_size)
+        torch.save(examples, path / f"{EXAMPLES_FILE}.tmp")
+        (path / f"{EXAMPLES_FILE}.tmp").rename(path / EXAMPLES_FILE)
+    accelerator.wait_for_everyone()
+
+
+def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
+    confidence, label, opened = torch.load(current_rollouts(rollouts_dir(cfg)) / EXAMPLES_FILE)
+    return [{"confidence": c, "label": y, "open": o} for c, y, o in zip(confidence, label, opened)]
+
+
+def build_collator(cfg: Config, tokenizer):
+    def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        opened = torch.stack([s["open"] for s in samples])  # [b, n]
+        return {"confidence": torch.stack([s["confidence"] for s in samples]),  # [b, n]
+                "label": torch.stack([s["label"] for s in samples]), "open": opened,
+                "n_targets": opened.sum(), "n_tokens": opened.sum()}
+
+    return collate
+
+
+def loss(model, batch, cfg: Config):
+    logits = model(batch["confidence"]).float()  # [b, n]
+    bce = F.binary_cross_entropy_with_logits(logits, batch["label"], reduction="none")  # [b, n]
+    opened = batch["open"]
+    accepted = (logits > 0) & opened
+    metrics = {"accuracy": float(((logits > 0) == batch["label"].bool())[opened].float().mean()),
+               "precision": float(batch["label"].bool()[accepted].float().mean()) if accepted.any() else 1.0}
+    return (bce * opened).sum(), metrics
+
+
+RECIPE = Recipe(
+    name="learn2pd",
+    description="Learn2PD unmask filter over block confidences, labels from reference-guided decoding",
+    method_config=Learn2PDConfig,
+    build_model=build_model,
+    build_dataset=build_dataset,
+    build_collator=build_collator,
+    loss=loss,
+    rollout=rollout,
+)
