@@ -31,8 +31,18 @@ from functools import lru_cache
 
 import torch
 
-from leaplm.inference.draft_heads import Answers, keep_new_slots, real_slots
-from leaplm.inference.engine import DecodeResult, DecoderError, Engine, PromptBatch, TokenPicker, crop_cache, new_cache, register_decoder
+# The module, not its names: the engine imports both decoder modules, in either order.
+from leaplm.inference import draft_heads as tree_decoding
+from leaplm.inference.engine import (
+    DecodeResult,
+    DecoderError,
+    Engine,
+    PromptBatch,
+    TokenPicker,
+    crop_cache,
+    new_cache,
+    register_decoder,
+)
 from leaplm.models.draft_heads import heads_of
 
 
@@ -60,7 +70,7 @@ def _mask(cached: torch.Tensor, context: int, s: int) -> torch.Tensor | None:
     """Padding mask [b, context + s] over right-aligned cached tokens and s new ones; None without padding."""
     if bool((cached == context).all()):
         return None
-    return torch.cat([real_slots(cached, context), torch.ones(cached.shape[0], s, dtype=torch.bool,
+    return torch.cat([tree_decoding.real_slots(cached, context), torch.ones(cached.shape[0], s, dtype=torch.bool,
                                                                device=cached.device)], 1).long()
 
 
@@ -86,7 +96,7 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
     device, b = engine.device, batch.size
     rows = torch.arange(b, device=device)
-    answers = Answers(engine, batch, max_new_tokens, spare=limit + 2)
+    answers = tree_decoding.Answers(engine, batch, max_new_tokens, spare=limit + 2)
     cache, draft_cache = new_cache(), new_cache()
     padding = batch.attention_mask if batch.has_padding else None
     out = engine.forward(batch.input_ids, cache, batch.position_ids, padding, logits_to_keep=1)
@@ -168,8 +178,8 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
         answers.commit(new, accepted + 1)
         counts = torch.where(live, accepted + 1, 0)  # both caches keep accepted + 1 of the tokens they were fed
         order = torch.arange(n_drafts + 1, device=device)[None].expand(b, -1)
-        keep_new_slots([cache], context, order, counts)
-        keep_new_slots([draft_cache], draft_context, order, counts)
+        tree_decoding.keep_new_slots([cache], context, order, counts)
+        tree_decoding.keep_new_slots([draft_cache], draft_context, order, counts)
         cached += counts
         draft_cached += counts
     return answers.result()
