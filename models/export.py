@@ -1,4 +1,5 @@
-"""Write a trained model in the Hub layout: safetensors, config, tokenizer and a model card."""
+"""Write a trained model in the Hub layout: safetensors, config, tokenizer and a model card
+(and draft heads, when the model carries them, beside it: ``models/draft_heads.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import jinja2
 
 import leaplm
+from leaplm.models.draft_heads import HEADS_ATTR, save_heads
 from leaplm.models.zoo import DTYPES
 
 CARD_TEMPLATE = jinja2.Template(
@@ -88,6 +90,9 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         config = copy.deepcopy(model.config)
         config.dtype = dtype
         config.save_pretrained(out)
+    heads = getattr(model, HEADS_ATTR, None)
+    if heads is not None:  # draft heads go beside the base, in their own files
+        save_heads(heads, out)
     tokenizer.save_pretrained(out)
     cfg.save(out / "leaplm_config.yaml")
     if rows:

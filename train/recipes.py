@@ -20,6 +20,7 @@ RECIPE_MODULES = {
     "ar2bd": "leaplm.train.ar2bd",
     "cllm": "leaplm.train.cllm",
     "jacobi_forcing": "leaplm.train.jacobi_forcing",
+    "draft_heads": "leaplm.train.draft_heads",
 }
 
 
@@ -40,6 +41,8 @@ class Recipe:
     rollout: Callable[[Any, Any, Any, Any], None] | None = None
     # (model) -> ids of token rows the recipe added (e.g. a mask token): trained in full under LoRA
     new_token_ids: Callable[[Any], list[int]] | None = None
+    # submodules the recipe adds to the model (e.g. draft heads): stay fully trainable under LoRA
+    trained_in_full: tuple[str, ...] = ()
     # (cfg) -> configs run one after another, each by its own Trainer (progressive stages); None = [cfg]
     stages: Callable[[Any], list[Any]] | None = None
 
