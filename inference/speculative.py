@@ -11,10 +11,11 @@ bonus. The output is distributed exactly as sampling from the target with the sa
 output equals ``ar`` and ``model.generate`` token for token.
 
 **Draft length.** Fixed (``draft_tokens``), or adaptive with an acceptance head on the draft
-(``stop_threshold``; ``models/draft_heads.py``, trained by ``train/acceptance_head.py``): after
-draft step i the head predicts the chance the token just drafted is accepted, and drafting stops
-once 1 - prod(p_accept) exceeds the threshold, within ``[min_draft, max_draft]`` (SpecDec++; the
-first step is not counted, as the reference's).
+(``stop_threshold``; ``models/draft_heads.py``, trained by ``train/acceptance_head.py``). Each
+draft forward feeds the token drafted by the one before; the head reads the draft's last hidden
+state there and predicts the chance that token is accepted. Drafting stops once
+1 - prod(p_accept) exceeds the threshold, within ``[min_draft, max_draft]`` (SpecDec++; the first
+forward feeds a committed token, so it is not counted, as in the reference).
 
 **Caches.** The target's cache holds every committed token but the newest; the draft's every
 committed token but the two newest, so each round's first draft forward feeds exactly two

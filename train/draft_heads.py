@@ -39,15 +39,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import current_rollouts, load_rollouts
+from leaplm.data.rollouts import answer_samples, current_rollouts, load_rollouts
 from leaplm.data.sft import IGNORE_INDEX, PadCollator
-from leaplm.models.draft_heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads
+from leaplm.models.draft_heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads, unwrap_heads
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
@@ -134,12 +132,9 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
     """One sample per answered prompt: prompt + answer, labels on the answer."""
-    ds = load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong)
-    answers: dict[int, tuple[list[int], list[int]]] = {}
-    for index, prompt, block in zip(ds["prompt_index"], ds["prompt_ids"], ds["fixed_point"]):
-        answers.setdefault(index, (prompt, []))[1].extend(block)  # blocks come in order per prompt
-    return [{"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
-            for prompt, answer in answers.values()]
+    samples = answer_samples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
+    return [{"input_ids": s["prompt_ids"] + s["answer_ids"],
+             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]} for s in samples]
 
 
 def build_collator(cfg: Config, tokenizer):
@@ -147,13 +142,6 @@ def build_collator(cfg: Config, tokenizer):
 
 
 # ----- Loss ---------------------------------------------------------------------------------
-
-
-def _parts(model) -> tuple[Any, DraftHeads]:
-    """(the causal LM, maybe under LoRA, and its heads) inside whatever wraps the model."""
-    inner = getattr(model, "module", model)  # DDP
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return inner, getattr(base, HEADS_ATTR)
 
 
 def head_inputs(heads: DraftHeads, embed, input_ids: torch.Tensor, hidden: torch.Tensor, k: int):
@@ -180,7 +168,7 @@ def record_accuracy(heads: DraftHeads, k: int, logits: torch.Tensor, targets: to
 
 def loss(model, batch, cfg: Config):
     m: DraftHeadsMethodConfig = cfg.method
-    inner, heads = _parts(model)
+    inner, heads = unwrap_heads(model)
     input_ids, labels = batch["input_ids"], batch["labels"]
     answer = labels != IGNORE_INDEX  # [b, T] answer tokens: the targets
     joint = m.variant == "medusa2"

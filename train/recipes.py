@@ -21,6 +21,7 @@ RECIPE_MODULES = {
     "cllm": "leaplm.train.cllm",
     "jacobi_forcing": "leaplm.train.jacobi_forcing",
     "draft_heads": "leaplm.train.draft_heads",
+    "acceptance_head": "leaplm.train.acceptance_head",
 }
 
 

@@ -36,11 +36,14 @@ def rollouts_dir(cfg: Config) -> Path:
 
 
 def collect_rollouts(cfg: Config, model, tokenizer, accelerator, *, block_size: int, init: str,
-                     max_prompts: int) -> Path:
-    """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank."""
+                     max_prompts: int, model_name: str | None = None) -> Path:
+    """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank.
+
+    ``model_name`` names ``model`` when it is not ``cfg.model`` (e.g. a target answering for a draft).
+    """
     prompts = choose_prompts(cfg.data, tokenizer, max_prompts, cfg.rollout.max_new_tokens, cfg.seed)
     model.to(accelerator.device)
-    model_id = {**model_fingerprint(cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
+    model_id = {**model_fingerprint(model_name or cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
                 "dtype": cfg.model.dtype}
     return collect_jacobi_rollouts(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
                                    block_size=block_size, max_new_tokens=cfg.rollout.max_new_tokens, init=init,
