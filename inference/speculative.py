@@ -29,6 +29,7 @@ mean accepted length plus one); the draft's forwards are in the wall-clock time 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -78,11 +79,14 @@ def _mask(cached: torch.Tensor, context: int, s: int) -> torch.Tensor | None:
 @register_decoder("speculative")
 def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draft=None, draft_tokens: int = 4,
                 stop_threshold: float | None = None, min_draft: int = 2, max_draft: int = 20,
-                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> DecodeResult:
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                observer: Callable[[int, int], None] | None = None) -> DecodeResult:
     """Speculative decoding with ``draft`` (see the module docstring).
 
     ``draft_tokens`` drafts per round; with ``stop_threshold`` set, the draft's acceptance head
-    chooses the length per round within ``[min_draft, max_draft]`` instead.
+    chooses the length per round within ``[min_draft, max_draft]`` instead. ``observer`` is
+    called after every round with the tokens drafted and accepted in it (summed over the rows
+    that were unfinished), e.g. by :func:`draft_efficiency`.
     """
     drafter = draft_model_for(engine, draft)
     adaptive = stop_threshold is not None
@@ -176,6 +180,8 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
         new = torch.cat([drafts, nxt[:, None]], 1)
         new.scatter_(1, accepted[:, None], nxt[:, None])
         live = answers.unfinished.clone()
+        if observer is not None:
+            observer(int(n_drafted[live].sum()), int(accepted[live].sum()))
         answers.commit(new, accepted + 1)
         counts = torch.where(live, accepted + 1, 0)  # both caches keep accepted + 1 of the tokens they were fed
         order = torch.arange(n_drafts + 1, device=device)[None].expand(b, -1)
@@ -184,3 +190,24 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
         cached += counts
         draft_cached += counts
     return answers.result()
+
+
+def draft_efficiency(engine: Engine, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 1,
+                     **settings) -> dict[str, float]:
+    """Decode ``prompts`` with ``speculative`` and ``settings``; report drafted and rejected draft
+    tokens per generated token, tokens per target forward and tokens/s (SpecDec++'s comparison)."""
+    counts = [0, 0]
+
+    def observe(drafted: int, accepted: int) -> None:
+        counts[0] += drafted
+        counts[1] += accepted
+
+    tokens, forwards, seconds = 0, 0, 0.0
+    for first in range(0, len(prompts), batch_size):
+        out = engine.generate(prompts[first:first + batch_size], "speculative", max_new_tokens, observer=observe,
+                              **settings)
+        tokens, forwards, seconds = (tokens + out.stats.new_tokens, forwards + out.stats.sequence_forwards,
+                                     seconds + out.stats.wall_time_s)
+    return {"drafted_per_token": counts[0] / tokens, "rejected_per_token": (counts[0] - counts[1]) / tokens,
+            "tokens_per_forward": tokens / forwards, "tokens_per_s": tokens / seconds}
+

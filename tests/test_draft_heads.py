@@ -9,6 +9,7 @@ import torch
 
 from leaplm.inference.draft_heads import grow_tree, keep_new_slots, make_tree
 from leaplm.inference.engine import DecoderError, Engine, new_cache
+from leaplm.inference.speculative import draft_efficiency
 from leaplm.inference.evaluate import task_prompts
 from leaplm.data.tasks import make_split
 from leaplm.models.draft_heads import DraftHeads, HeadsConfig, attach_heads, save_heads
@@ -164,3 +165,15 @@ def test_decoder_errors(tiny):
         assert 0 < len(sampled.sequences[0]) <= 8
     finally:
         del model.draft_heads
+
+
+def test_draft_efficiency_counts_rejections(lively_tiny):
+    model, tokenizer = lively_tiny("llama")
+    draft, _ = lively_tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    itself = draft_efficiency(engine, prompts, MAX_NEW, batch_size=2, draft=model, draft_tokens=3)
+    assert itself["rejected_per_token"] == 0 and itself["tokens_per_forward"] > 3
+    other = draft_efficiency(engine, prompts, MAX_NEW, draft=draft, draft_tokens=3)
+    assert other["rejected_per_token"] > 0
+    assert other["drafted_per_token"] == pytest.approx(3 / other["tokens_per_forward"], rel=0.2)
