@@ -128,6 +128,8 @@ class Tree:
     rank: torch.Tensor  # [N] rank of the node's token among its head's predictions
     ancestors: torch.Tensor  # [N, N] bool: column j is node i itself or one of its ancestors
     path_nodes: torch.Tensor  # [N, D + 1] the nodes from the root to node i, padded with node i
+    # per depth d = 1..D: (its nodes [c], their distinct parents [P], each node's parent among them [c])
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @property
     def size(self) -> int:
@@ -139,7 +141,8 @@ class Tree:
 
     def to(self, device) -> Tree:
         return Tree(self.paths, *(t.to(device) for t in (self.parent, self.depth, self.rank, self.ancestors,
-                                                          self.path_nodes)))
+                                                          self.path_nodes)),
+                    [tuple(t.to(device) for t in level) for level in self.levels])
 
 
 def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int) -> Tree:
@@ -160,8 +163,14 @@ def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int) ->
         chain = [index[p[:d]] for d in range(len(p) + 1)]
         ancestors[i, chain] = True
         path_nodes[i] = torch.tensor(chain + [i] * (depth + 1 - len(chain)))
-    return Tree(ordered, parent, torch.tensor([len(p) for p in ordered]),
-                torch.tensor([p[-1] if p else 0 for p in ordered]), ancestors, path_nodes)
+    depths = torch.tensor([len(p) for p in ordered])
+    levels = []
+    for d in range(1, depth + 1):
+        nodes = (depths == d).nonzero().squeeze(1)
+        parents, slot = torch.unique(parent[nodes], return_inverse=True)
+        levels.append((nodes, parents, slot))
+    return Tree(ordered, parent, depths, torch.tensor([p[-1] if p else 0 for p in ordered]), ancestors, path_nodes,
+                levels)
 
 
 def grow_tree(accuracy: torch.Tensor, size: int) -> list[tuple[int, ...]]:
@@ -218,9 +227,7 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
                            for k in range(tree.max_depth)], dim=1)  # [b, D, R]
         tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]
         return tokens
-    for d in range(1, tree.max_depth + 1):  # Hydra: one head call per parent, on its path's embeddings
-        nodes = (tree.depth == d).nonzero().squeeze(1)  # [c]
-        parents, slot = torch.unique(tree.parent[nodes], return_inverse=True)  # [P], [c]
+    for d, (nodes, parents, slot) in enumerate(tree.levels, 1):  # Hydra: one head call per parent, on its path
         path = tokens[:, tree.path_nodes[parents, :d]]  # [b, P, d] root .. parent
         logits = heads.head(d - 1, hidden[:, None].expand(-1, len(parents), -1), embed(path))  # [b, P, V]
         top = logits.topk(max_rank, dim=-1).indices  # [b, P, R]
