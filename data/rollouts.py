@@ -362,3 +362,13 @@ def load_rollouts(path: str | Path, drop_wrong: bool = False,
                                "these prompts. Set rollout.drop_wrong=false to train on its answers anyway")
         ds = kept
     return ds
+
+
+def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
+    """One sample per answered prompt, its blocks joined: ``prompt_ids`` and ``answer_ids`` (the
+    model's whole answer), in prompt order."""
+    answers: dict[int, tuple[list[int], list[int]]] = {}
+    for index, prompt, block in zip(ds["prompt_index"], ds["prompt_ids"], ds["fixed_point"]):
+        answers.setdefault(index, (prompt, []))[1].extend(block)  # a prompt's blocks are stored in order
+    return [{"prompt_ids": prompt, "answer_ids": answer} for _, (prompt, answer) in sorted(answers.items())]
+

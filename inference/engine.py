@@ -13,8 +13,8 @@ A decoder is a function ``(engine, batch, max_new_tokens, **settings) -> DecodeR
 registered by name with :func:`register_decoder`. The engine gives decoders the building blocks
 they share: :meth:`Engine.forward` (new tokens at given positions on top of a cache, with a
 padding mask or a custom attention pattern), :func:`crop_cache` (roll back rejected tokens),
-:func:`fork_cache`, :func:`select_cache_rows` and :func:`shift_cache_rows` (rows that keep
-different numbers of tokens per step).
+:func:`fork_cache`, :func:`select_cache_rows`, :func:`shift_cache_rows` and
+:func:`gather_cache_slots` (rows that keep different numbers of tokens per step).
 
 Conventions every decoder keeps:
 
@@ -180,7 +180,15 @@ def shift_cache_rows(cache: DynamicCache, shifts: torch.Tensor, length: int) -> 
     if not bool(shifts.any()):
         crop_cache(cache, length)
         return
-    source = torch.arange(length, device=shifts.device)[None] - shifts[:, None]  # [b, length]
+    gather_cache_slots(cache, torch.arange(length, device=shifts.device)[None] - shifts[:, None])
+
+
+def gather_cache_slots(cache: DynamicCache, source: torch.Tensor) -> None:
+    """Rebuild the cache in place so that slot j of row b holds what slot ``source[b, j]`` held.
+
+    ``source`` [b, length]; out-of-range sources are clamped (their slots hold junk the caller
+    masks out). Tree and speculative decoders use it to keep only the accepted new tokens.
+    """
     source = source.clamp(0, cache.get_seq_length() - 1)[:, None, :, None]  # [b, 1, length, 1]
     for layer in cache.layers:
         layer.keys = layer.keys.gather(2, source.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
@@ -547,4 +555,4 @@ def hf_generate(engine: Engine, batch: PromptBatch, max_new_tokens: int) -> Deco
 
 # Decoders kept in their own modules register themselves on import. Importing them here (last,
 # since they import this module) makes every decoder available wherever the engine is used.
-from leaplm.inference import block_diffusion, jacobi  # noqa: E402,F401
+from leaplm.inference import block_diffusion, draft_heads, jacobi, speculative  # noqa: E402,F401

@@ -28,6 +28,7 @@ from typing import Any
 import jinja2
 
 import leaplm
+from leaplm.models.draft_heads import CONFIG_FILE, HEADS_ATTR, WEIGHTS_FILE, save_heads
 from leaplm.models.zoo import DTYPES
 
 LEAPLM_KEY = "leaplm"  # the section of config.json that holds the decoder and recipe settings
@@ -223,8 +224,13 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         config.dtype = dtype
         config.save_pretrained(out)
     _write_generation_config(weights, tokenizer, cfg, out)
+    heads = getattr(model, HEADS_ATTR, None)
+    if heads is not None:  # draft heads go beside the base, in their own files
+        save_heads(heads, out)
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
+    if heads is not None:
+        section["files"] += [WEIGHTS_FILE, CONFIG_FILE]
     config_file = out / "config.json"
     config_json = json.loads(config_file.read_text())
     config_json[LEAPLM_KEY] = section

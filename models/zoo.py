@@ -96,13 +96,20 @@ def load_model(
     tokenizer: str | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a supported causal LM and its tokenizer; unsupported families fail with a clear error."""
+    """Load a supported causal LM and its tokenizer; unsupported families fail with a clear error.
+
+    Heads saved beside the weights (``draft_heads.safetensors``) are attached as ``model.draft_heads``.
+    """
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=attention_for(config.model_type, attn_implementation)
     )
+    if Path(path).is_dir():  # draft or acceptance heads saved beside the weights ride along
+        from leaplm.models.draft_heads import attach_saved_heads
+
+        attach_saved_heads(model, path)
     if device is not None:
         model.to(device)
     return model, load_tokenizer(tokenizer or name_or_path)

@@ -23,6 +23,8 @@ RECIPE_MODULES = {
     "dparallel": "leaplm.train.dparallel",
     "cd4lm": "leaplm.train.cd4lm",
     "learn2pd": "leaplm.train.learn2pd",
+    "draft_heads": "leaplm.train.draft_heads",
+    "acceptance_head": "leaplm.train.acceptance_head",
 }
 
 
@@ -43,6 +45,8 @@ class Recipe:
     rollout: Callable[[Any, Any, Any, Any], None] | None = None
     # (model) -> ids of token rows the recipe added (e.g. a mask token): trained in full under LoRA
     new_token_ids: Callable[[Any], list[int]] | None = None
+    # submodules the recipe adds to the model (e.g. draft heads): stay fully trainable under LoRA
+    trained_in_full: tuple[str, ...] = ()
     # (cfg) -> configs run one after another, each by its own Trainer (progressive stages); None = [cfg]
     stages: Callable[[Any], list[Any]] | None = None
     # (cfg, model, out_dir) -> entries of config.json's `leaplm` section on export (block size, heads);

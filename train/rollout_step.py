@@ -45,18 +45,22 @@ def rollouts_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "rollouts"
 
 
-def _prompts_and_model(cfg: Config, model, tokenizer, accelerator, max_prompts: int) -> tuple[list[RolloutPrompt], dict]:
+def _prompts_and_model(cfg: Config, model, tokenizer, accelerator, max_prompts: int,
+                       model_name: str | None = None) -> tuple[list[RolloutPrompt], dict]:
     prompts = choose_prompts(cfg.data, tokenizer, max_prompts, cfg.rollout.max_new_tokens, cfg.seed)
     model.to(accelerator.device)
-    model_id = {**model_fingerprint(cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
+    model_id = {**model_fingerprint(model_name or cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
                 "dtype": cfg.model.dtype}
     return prompts, model_id
 
 
 def collect_rollouts(cfg: Config, model, tokenizer, accelerator, *, block_size: int, init: str,
-                     max_prompts: int) -> Path:
-    """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank."""
-    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, max_prompts)
+                     max_prompts: int, model_name: str | None = None) -> Path:
+    """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank.
+
+    ``model_name`` names ``model`` when it is not ``cfg.model`` (e.g. a target answering for a draft).
+    """
+    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, max_prompts, model_name)
     return collect_jacobi_rollouts(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
                                    block_size=block_size, max_new_tokens=cfg.rollout.max_new_tokens, init=init,
                                    seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,

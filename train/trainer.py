@@ -204,6 +204,8 @@ class Trainer:
         if cfg.model.lora.r > 0:
             new_tokens = self.recipe.new_token_ids(model) if self.recipe.new_token_ids else None
             model = apply_lora(model, cfg, new_tokens)
+            for name in self.recipe.trained_in_full:
+                model.get_base_model().get_submodule(name).requires_grad_(True)
         if self.recipe.rollout is not None:
             self.recipe.rollout(cfg, model, self.tokenizer, acc)
         self.samples: Sequence[dict] = self.recipe.build_dataset(cfg, self.tokenizer)

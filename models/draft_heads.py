@@ -1,0 +1,233 @@
+"""Draft heads that ride on a causal LM's last hidden state: Medusa, Hydra and the Hydra++ prefix layer.
+
+**Medusa** (FasterDecoding/Medusa): head k (0-based) reads the base's last hidden state h_t and
+predicts token t+k+2 (the base's own LM head predicts t+1). A head is ``num_layers`` residual
+blocks ``x + SiLU(Linear(x))`` (weights zero-initialised, so a new head starts as the identity)
+and a vocabulary projection initialised from the base LM head.
+
+**Hydra** (zankner/Hydra): head k also sees the embeddings of the tokens drafted before it,
+``concat(h_t, E(x_{t+1}), ..., E(x_{t+k+1}))``. Its first block maps (k+2)H -> H with a learned
+linear residual projection; the rest are Medusa's blocks.
+
+**Hydra++ prefix layer**: one extra decoder layer over the base's hidden states before the heads
+(Hydra's ``prefix-mlp``), with its own KV cache at decode time. We build it as a Llama decoder
+layer sized like the base (as the reference does for its Llama bases) and, when the base is a
+Llama, start it from the base's last layer.
+
+**Acceptance head** (SpecDec++): residual blocks and ``Linear(H, 2)`` on a draft model's last
+hidden state, predicting (reject, accept) of the token drafted from it.
+
+Heads are saved beside the base model as ``draft_heads.safetensors`` + ``draft_heads.json``
+(:func:`save_heads`) and attached back to a loaded base by :func:`attach_saved_heads` (the zoo's
+``load_model`` does this when the files are there). On the model they live as the submodule
+``draft_heads``, left out of the base's own ``save_pretrained`` files.
+
+Where we differ from the references: each Medusa head has its own residual blocks (Medusa's
+``[ResBlock] * n`` repeats one instance, sharing the weights when n > 1); heads store the top-k
+accuracy per head measured during training (``accuracy``), from which the decoders grow a tree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEADS_ATTR = "draft_heads"
+WEIGHTS_FILE = "draft_heads.safetensors"
+CONFIG_FILE = "draft_heads.json"
+KINDS = ("medusa", "hydra", "acceptance")
+ACCURACY_TOP_K = 8  # ranks whose hit rate each head records, for growing trees
+
+
+@dataclass
+class HeadsConfig:
+    kind: str = "medusa"  # medusa | hydra | acceptance
+    num_heads: int = 4  # draft heads (1 for an acceptance head)
+    num_layers: int = 1  # residual blocks per head
+    hidden_size: int = 0
+    vocab_size: int = 0
+    prefix_layer: bool = False  # Hydra++: one decoder layer over the base's hidden states first
+    base: str = ""  # the base model the heads were trained on, for the record
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"heads kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.num_heads < 1 or self.num_layers < 0:
+            raise ValueError(f"heads need num_heads >= 1 and num_layers >= 0, got {self.num_heads}, {self.num_layers}")
+        if self.prefix_layer and self.kind != "hydra":
+            raise ValueError("the prefix layer is Hydra++'s: set kind='hydra' or prefix_layer=false")
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(Linear(x))``; ``zero_init`` makes a new block the identity (Medusa), SpecDec++ does not."""
+
+    def __init__(self, hidden: int, zero_init: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        if zero_init:
+            nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class HydraInput(nn.Module):
+    """Hydra's first block: (k+2)H inputs -> H, ``proj(x) + SiLU(Linear(x))``."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(width, hidden)
+        self.proj = nn.Linear(width, hidden, bias=False)
+        nn.init.zeros_(self.linear.weight)
+        with torch.no_grad():  # start as "take h_t": the residual projection copies the hidden state
+            self.proj.weight.zero_()
+            self.proj.weight[:, :hidden] = torch.eye(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + F.silu(self.linear(x))
+
+
+class PrefixLayer(nn.Module):
+    """One Llama decoder layer over hidden states [b, s, H], with rotary positions and its own cache."""
+
+    def __init__(self, base_config):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        heads = base_config.num_attention_heads
+        rope = getattr(base_config, "rope_parameters", None)
+        if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (Gemma3): take the global one
+            rope = rope["full_attention"]
+        config = LlamaConfig(
+            hidden_size=base_config.hidden_size, intermediate_size=base_config.intermediate_size,
+            num_attention_heads=heads, num_key_value_heads=getattr(base_config, "num_key_value_heads", heads),
+            head_dim=getattr(base_config, "head_dim", None) or base_config.hidden_size // heads,
+            rms_norm_eps=getattr(base_config, "rms_norm_eps", 1e-6),
+            max_position_embeddings=base_config.max_position_embeddings,
+            rope_parameters=rope,
+        )
+        config._attn_implementation = "sdpa"  # our own layer: the bool masks below are sdpa's form
+        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache=None) -> torch.Tensor:
+        """``allowed`` [b, s, kv] (True = may attend); ``cache`` (a DynamicCache) gets the s new K/V."""
+        position_embeddings = self.rotary(hidden, positions)
+        out = self.layer(hidden, attention_mask=allowed[:, None], position_ids=positions, past_key_values=cache,
+                         use_cache=cache is not None, position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class DraftHeads(nn.Module):
+    """Medusa or Hydra heads (or one acceptance head), see the module docstring."""
+
+    def __init__(self, config: HeadsConfig, base=None):
+        super().__init__()
+        self.config = config
+        h, v = config.hidden_size, config.vocab_size
+        if config.kind == "acceptance":
+            self.blocks = nn.ModuleList([nn.Sequential(*[ResBlock(h, zero_init=False) for _ in range(config.num_layers)],
+                                                       nn.Linear(h, 2))])
+        else:
+            self.blocks = nn.ModuleList()
+            for k in range(config.num_heads):
+                layers: list[nn.Module] = []
+                if config.kind == "hydra":
+                    layers.append(HydraInput((k + 2) * h, h))
+                layers += [ResBlock(h) for _ in range(config.num_layers - (config.kind == "hydra"))]
+                self.blocks.append(nn.Sequential(*layers))
+            self.lm_heads = nn.ModuleList([nn.Linear(h, v, bias=False) for _ in range(config.num_heads)])
+        self.prefix = PrefixLayer(base.config) if config.prefix_layer and base is not None else None
+        if config.prefix_layer and base is None:
+            raise ValueError("a Hydra++ prefix layer is sized from the base model: pass base=")
+        # accuracy[k, r]: how often the target of head k was its rank-r prediction (training average)
+        self.register_buffer("accuracy", torch.zeros(config.num_heads, ACCURACY_TOP_K))
+        if base is not None and config.kind != "acceptance":
+            self._init_from(base)
+
+    def _init_from(self, base) -> None:
+        with torch.no_grad():
+            for head in self.lm_heads:
+                head.weight.copy_(base.get_output_embeddings().weight)
+            if self.prefix is not None and base.config.model_type == "llama":
+                self.prefix.layer.load_state_dict(base.model.layers[-1].state_dict())
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def head(self, k: int, hidden: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [..., V] of head k at hidden states [..., H]; a Hydra head also takes the embeddings
+        [..., k+1, H] of the k+1 tokens before its target (the base's next token first)."""
+        x = hidden
+        if self.kind == "hydra":
+            x = torch.cat([hidden, embeds.flatten(-2)], dim=-1)  # [..., (k+2)H]
+        return self.lm_heads[k](self.blocks[k](x))
+
+    def accept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Acceptance head: (reject, accept) logits [..., 2] at draft hidden states [..., H]."""
+        return self.blocks[0](hidden)
+
+
+# ----- Attach, save, load --------------------------------------------------------------------
+
+
+def attach_heads(model, heads: DraftHeads) -> DraftHeads:
+    """Put ``heads`` on ``model`` as ``model.draft_heads`` (same device and dtype), out of its saved files."""
+    heads.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    heads.accuracy.data = heads.accuracy.data.float()
+    setattr(model, HEADS_ATTR, heads)
+    ignored = set(model._keys_to_ignore_on_save or ())
+    model._keys_to_ignore_on_save = ignored | {f"{HEADS_ATTR}.{k}" for k in heads.state_dict()}
+    return heads
+
+
+def heads_of(model, kind: tuple[str, ...] = ("medusa", "hydra")) -> DraftHeads:
+    heads = getattr(model, HEADS_ATTR, None)
+    if heads is None or heads.kind not in kind:
+        have = "no draft heads" if heads is None else f"{heads.kind} heads"
+        raise ValueError(
+            f"this decoder needs {' or '.join(kind)} heads on the model, which has {have}; load a directory with "
+            f"{WEIGHTS_FILE} (train one with configs/draft_heads/*.yaml) or attach_heads() them"
+        )
+    return heads
+
+
+def unwrap_heads(model) -> tuple:
+    """(the causal LM, maybe under LoRA, and its heads) inside whatever wraps it in training (DDP)."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return inner, getattr(base, HEADS_ATTR)
+
+
+def save_heads(heads: DraftHeads, directory: str | Path) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(asdict(heads.config), indent=2))
+    return out / WEIGHTS_FILE
+
+
+def load_heads(directory: str | Path, base) -> DraftHeads:
+    """The heads saved in ``directory``, attached to ``base``."""
+    directory = Path(directory)
+    config = HeadsConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    if config.kind != "acceptance" and config.hidden_size != base.config.hidden_size:
+        raise ValueError(f"heads in {directory} are for hidden size {config.hidden_size}, the model has "
+                         f"{base.config.hidden_size}; load them onto the base they were trained on ({config.base})")
+    heads = DraftHeads(config, base if config.prefix_layer else None)
+    heads.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return attach_heads(base, heads)
+
+
+def attach_saved_heads(model, directory: str | Path) -> None:
+    """Attach the heads saved in ``directory`` when there are any (a no-op otherwise)."""
+    if (Path(directory) / WEIGHTS_FILE).is_file():
+        load_heads(directory, model)

@@ -1,0 +1,179 @@
+"""Draft heads and their decoders: greedy ``medusa``/``hydra``/``speculative`` equal generate on every
+tiny family, hand-built trees and cache bookkeeping, speculative sampling against the exact
+distribution, heads saved and loaded back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leaplm.inference.draft_heads import grow_tree, keep_new_slots, make_tree
+from leaplm.inference.engine import DecoderError, Engine, new_cache
+from leaplm.inference.speculative import draft_efficiency
+from leaplm.inference.evaluate import task_prompts
+from leaplm.data.tasks import make_split
+from leaplm.models.draft_heads import DraftHeads, HeadsConfig, attach_heads, save_heads
+from leaplm.models.zoo import TINY_FAMILIES, load_model
+
+MAX_NEW = 24
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    """Chat-formatted prompts of different lengths, so a batch needs left padding."""
+    return task_prompts(tokenizer, [make_split(task, "test", 1)[0] for task in ("copy", "word", "sort")])
+
+
+def with_heads(model, kind: str, prefix: bool = False, num_heads: int = 3) -> DraftHeads:
+    config = HeadsConfig(kind=kind, num_heads=num_heads, hidden_size=model.config.hidden_size,
+                         vocab_size=model.config.vocab_size, prefix_layer=prefix)
+    return attach_heads(model, DraftHeads(config, model))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
+    model, tokenizer = lively_tiny(family)
+    draft, _ = lively_tiny("llama", scale=2.0)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    assert len({tuple(s) for s in reference}) > 1
+    gained = 0.0
+    try:
+        for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=[[0, 0, 0], [1], [0, 1]])),
+                                       ("hydra", False, {}), ("hydra", True, dict(tree_size=8))):
+            with_heads(model, kind, prefix)
+            out = engine.generate(prompts, kind, MAX_NEW, **settings)
+            assert out.sequences == reference, (kind, prefix, settings)
+            assert engine.generate(prompts[1:2], kind, MAX_NEW, **settings).sequences == reference[1:2]
+            gained = max(gained, out.stats.tokens_per_forward)
+    finally:
+        del model.draft_heads
+    for settings in (dict(draft_tokens=4), dict(draft_tokens=1)):
+        assert engine.generate(prompts, "speculative", MAX_NEW, draft=draft, **settings).sequences == reference
+    itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3)
+    assert itself.sequences == reference and itself.stats.tokens_per_forward > 3.0  # every draft accepted
+    assert gained > 1.0, "no tree node was ever accepted; parity would be the AR case only"
+
+
+def test_adaptive_speculative_equals_generate(lively_tiny):
+    model, tokenizer = lively_tiny("qwen3")
+    draft, _ = lively_tiny("llama", scale=2.0)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    config = HeadsConfig(kind="acceptance", num_heads=1, num_layers=1, hidden_size=draft.config.hidden_size)
+    attach_heads(draft, DraftHeads(config))
+    try:
+        for threshold in (0.1, 0.9):
+            out = engine.generate(prompts, "speculative", MAX_NEW, draft=draft, stop_threshold=threshold,
+                                  min_draft=1, max_draft=6)
+            assert out.sequences == reference
+    finally:
+        del draft.draft_heads
+
+
+def test_speculative_sampling_matches_the_target_distribution(lively_tiny):
+    """Two new tokens of one prompt, drawn 3000 times in one batch: the second token comes through
+    the acceptance rule (draft_tokens=1), and its frequencies match sum_t1 p(t1) p(t2 | t1)."""
+    model, tokenizer = lively_tiny("llama")
+    draft, _ = lively_tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of(tokenizer)[0]
+    sampling = dict(temperature=1.0, top_k=3)
+    out = engine.generate([prompt] * 3000, "speculative", 2, draft=draft, draft_tokens=1, seed=1, **sampling)
+    seconds = torch.tensor([s[1] for s in out.sequences if len(s) == 2])
+    with torch.no_grad():
+        def probs(ids):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            top = logits.topk(3)
+            return dict(zip(top.indices.tolist(), top.values.softmax(-1).tolist()))
+
+        exact: dict[int, float] = {}
+        for t1, p1 in probs(prompt).items():
+            for t2, p2 in probs(prompt + [t1]).items():
+                exact[t2] = exact.get(t2, 0.0) + p1 * p2
+    assert len(seconds) == 3000 and set(seconds.tolist()) <= set(exact)
+    for token, p in exact.items():
+        assert abs(float((seconds == token).float().mean()) - p) < 0.03, (token, p)
+
+
+def test_tree_from_paths_hand_checked():
+    tree = make_tree([[1], [0, 0], [0, 1, 0]], num_heads=3)  # (0,) and (0,1) are added
+    assert tree.paths == [(), (0,), (1,), (0, 0), (0, 1), (0, 1, 0)]
+    assert tree.parent.tolist() == [0, 0, 0, 1, 1, 4]
+    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.rank.tolist() == [0, 0, 1, 0, 1, 0]
+    assert tree.path_nodes[5].tolist() == [0, 1, 4, 5] and tree.path_nodes[2].tolist() == [0, 2, 2, 2]
+    assert tree.ancestors[5].nonzero().squeeze(1).tolist() == [0, 1, 4, 5]
+    assert tree.ancestors[3].nonzero().squeeze(1).tolist() == [0, 1, 3]
+    with pytest.raises(DecoderError, match="1 to 3 ranks"):
+        make_tree([[0, 0, 0, 0]], num_heads=3)
+
+
+def test_grow_tree_takes_best_products():
+    accuracy = torch.tensor([[0.6, 0.2], [0.5, 0.1]])
+    # scores: (0)=.6 (1)=.2 (0,0)=.3 (0,1)=.06 (1,0)=.1 (1,1)=.02
+    assert grow_tree(accuracy, 5) == [(0,), (0, 0), (1,), (1, 0)]
+
+
+def test_keep_new_slots_keeps_the_accepted_path_right_aligned():
+    cache = new_cache()
+    keys = torch.arange(2 * 7, dtype=torch.float).view(2, 1, 7, 1)  # two rows, 3 cached + 4 new slots
+    cache.update(keys, keys.clone(), 0)
+    kept = torch.tensor([[0, 2, 3, 3], [0, 1, 1, 1]])
+    keep_new_slots([cache], 3, kept, torch.tensor([3, 1]))
+    row0, row1 = cache.layers[0].keys[0, 0, :, 0].tolist(), cache.layers[0].keys[1, 0, :, 0].tolist()
+    assert row0 == [0, 1, 2, 3, 5, 6]  # cached 0-2, then new slots 0, 2, 3
+    assert row1[-4:] == [7 + 0, 7 + 1, 7 + 2, 7 + 3]  # shifted right by 2, then its new slot 0
+
+
+def test_heads_save_and_load_back(tmp_path, tiny):
+    model, tokenizer = tiny("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    heads = with_heads(model, "hydra", prefix=True)
+    try:
+        with torch.no_grad():
+            heads.accuracy[0, 0] = 0.5
+        save_heads(heads, tmp_path)
+        model.save_pretrained(tmp_path / "base")  # the heads stay out of the base's own files
+        from safetensors.torch import load_file
+        assert not any(k.startswith("draft_heads") for k in load_file(tmp_path / "base" / "model.safetensors"))
+    finally:
+        del model.draft_heads
+    loaded, _ = load_model(str(tmp_path))
+    assert loaded.draft_heads.kind == "hydra" and loaded.draft_heads.prefix is not None
+    for (name, a), b in zip(heads.state_dict().items(), loaded.draft_heads.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_decoder_errors(tiny):
+    model, tokenizer = tiny("llama")
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of(tokenizer)[:1]
+    with pytest.raises(ValueError, match="needs medusa heads"):
+        engine.generate(prompt, "medusa", 4)
+    with pytest.raises(DecoderError, match="needs a draft model"):
+        engine.generate(prompt, "speculative", 4)
+    with_heads(model, "medusa")
+    try:
+        with pytest.raises(DecoderError, match="typical acceptance samples"):
+            engine.generate(prompt, "medusa", 4, acceptance="typical")
+        with pytest.raises(DecoderError, match="list of rank paths"):
+            engine.generate(prompt, "medusa", 4, tree="wide")
+        sampled = engine.generate(prompt, "medusa", 8, acceptance="typical", temperature=0.7)
+        assert 0 < len(sampled.sequences[0]) <= 8
+    finally:
+        del model.draft_heads
+
+
+def test_draft_efficiency_counts_rejections(lively_tiny):
+    model, tokenizer = lively_tiny("llama")
+    draft, _ = lively_tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    itself = draft_efficiency(engine, prompts, MAX_NEW, batch_size=2, draft=model, draft_tokens=3)
+    assert itself["rejected_per_token"] == 0 and itself["tokens_per_forward"] > 3
+    other = draft_efficiency(engine, prompts, MAX_NEW, draft=draft, draft_tokens=3)
+    assert other["rejected_per_token"] > 0
+    assert other["drafted_per_token"] == pytest.approx(3 / other["tokens_per_forward"], rel=0.2)

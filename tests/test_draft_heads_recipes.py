@@ -1,0 +1,136 @@
+"""The draft_heads and acceptance_head recipes: head-loss schedule, the Medusa loss against a dense
+per-head reference, the weighted soft BCE by hand, each variant through the trainer with its
+export loading back, and the section errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leaplm.config import ConfigError, load_config
+from leaplm.data.sft import IGNORE_INDEX
+from leaplm.data.tasks import make_split
+from leaplm.inference.evaluate import task_prompts
+from leaplm.inference.engine import Engine
+from leaplm.models.zoo import load_model
+from leaplm.train import acceptance_head, draft_heads
+from leaplm.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "draft_heads"
+SMALL = [
+    "data.tasks=[copy,sort]",
+    "data.train_per_task=4",
+    "method.max_prompts=6",
+    "method.block_size=8",
+    "rollout.max_new_tokens=32",
+    "rollout.batch_size=4",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=0",
+    "eval.at_end=false",
+    "logging.progress_bar=false",
+]
+
+
+def test_schedule_weights():
+    assert draft_heads.schedule_weight("constant", 3, 10) == 1.0
+    assert draft_heads.schedule_weight("linear", 3, 10) == pytest.approx(0.3)
+    assert draft_heads.schedule_weight("sine", 5, 10) == pytest.approx(math.sin(math.pi / 4))
+    assert draft_heads.schedule_weight("sine_0.5", 1, 10) == pytest.approx(math.sin(0.2 * math.pi / 2))
+    assert draft_heads.schedule_weight("sine_0.5", 7, 10) == 1.0
+    with pytest.raises(ConfigError, match="sine_<r>"):
+        draft_heads.schedule_weight("sine_2", 1, 10)
+
+
+def test_medusa1_loss_matches_a_per_head_reference(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_teacher.yaml", [*SMALL, f"output_dir={tmp_path}", "method.num_heads=2"])
+    model, tokenizer = draft_heads.build_model(cfg)
+    heads = model.draft_heads
+    with torch.no_grad():  # heads that differ from the base's own LM head
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    samples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [IGNORE_INDEX] * 2 + [7, 8, 9, 10]},
+               {"input_ids": [11, 12, 13, 14], "labels": [IGNORE_INDEX, 12, 13, 14]}]
+    batch = {**draft_heads.build_collator(cfg, tokenizer)(samples), "step": 0}
+    total, metrics = draft_heads.loss(model, batch, cfg)
+    expected = 0.0
+    for s in samples:
+        ids = torch.tensor([s["input_ids"]])
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]  # [T, H]
+        for k in range(2):
+            for t in range(len(s["input_ids"]) - k - 2):
+                if s["labels"][t + k + 2] != IGNORE_INDEX:
+                    logits = heads.head(k, hidden[t])
+                    expected += 0.2 * 0.8 ** k * F.cross_entropy(logits[None], torch.tensor([s["input_ids"][t + k + 2]]))
+    assert total.detach().item() == pytest.approx(float(expected), rel=1e-4)
+    assert set(metrics) == {"head0_top1", "head1_top1"}
+
+
+def test_weighted_soft_bce_by_hand(tmp_path):
+    cfg = load_config(REPO / "configs" / "acceptance_head" / "tiny_teacher.yaml",
+                      [f"output_dir={tmp_path}", "model.name_or_path=tiny-teacher", "method.num_layers=0"])
+    model, tokenizer = acceptance_head.build_model(cfg)
+    with torch.no_grad():
+        head = model.draft_heads.blocks[0][-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, math.log(3.0)]))  # q_accept = 3/4 everywhere
+    samples = [{"input_ids": [5, 6, 7, 8], "accept": [IGNORE_INDEX, 1.0, 0.5, 0.0]}]
+    batch = acceptance_head.build_collator(cfg, tokenizer)(samples)
+    total, _ = acceptance_head.loss(model, batch, cfg)
+    w, la, lr = 6.0, -math.log(0.75), -math.log(0.25)
+    assert total.item() == pytest.approx(la + (w * 0.5 * lr + 0.5 * la) + w * lr, rel=1e-5)
+    assert batch["n_targets"].item() == pytest.approx(w * 1.5 + 1.5)
+
+
+@pytest.mark.parametrize("config", [pytest.param("tiny_teacher", marks=pytest.mark.slow),
+                                    pytest.param("tiny_teacher_medusa2", marks=pytest.mark.slow),
+                                    "tiny_teacher_hydra_pp"])
+def test_variants_train_export_and_decode_losslessly(config, tmp_path):
+    out = tmp_path / "model"
+    result = train(load_config(CONFIGS / f"{config}.yaml", [*SMALL, f"output_dir={tmp_path}", "train.max_steps=3",
+                                                            f"export.dir={out}"]))
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
+    model, tokenizer = load_model(str(out))
+    kind = model.draft_heads.kind
+    assert kind == ("hydra" if "hydra" in config else "medusa") and model.draft_heads.accuracy.any()
+    engine = Engine(model, tokenizer)
+    prompts = task_prompts(tokenizer, make_split("copy", "test", 2) + make_split("sort", "test", 1))
+    assert engine.generate(prompts, kind, 24).sequences == engine.generate(prompts, "hf_generate", 24).sequences
+
+
+@pytest.mark.slow
+def test_acceptance_head_trains_on_draft_labels(tmp_path):
+    draft_dir = tmp_path / "draft"
+    teacher, tokenizer = load_model("tiny-teacher")
+    teacher.save_pretrained(draft_dir)  # the teacher as its own draft: every greedy proposal is accepted
+    tokenizer.save_pretrained(draft_dir)
+    cfg = load_config(REPO / "configs" / "acceptance_head" / "tiny_teacher.yaml",
+                      [*SMALL, f"output_dir={tmp_path}", f"model.name_or_path={draft_dir}", "train.max_steps=2",
+                       f"export.dir={tmp_path / 'model'}"])
+    train(cfg)
+    samples = acceptance_head.build_dataset(cfg, tokenizer)
+    labels = [a for s in samples for a in s["accept"] if a != IGNORE_INDEX]
+    assert labels and all(a == 1.0 for a in labels)
+    loaded, _ = load_model(str(tmp_path / "model"))
+    assert loaded.draft_heads.kind == "acceptance"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.variant=medusa3", "method.variant"),
+    ("method.schedule=cosine", "sine_<r>"),
+    ("model.lora.r=8", "keeps the base frozen"),
+])
+def test_errors(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(CONFIGS / "tiny_teacher.yaml", [override])
+        draft_heads.check_sections(cfg)
+
+
+def test_medusa2_needs_lora():
+    with pytest.raises(ConfigError, match="model.lora.r > 0"):
+        draft_heads.check_sections(load_config(CONFIGS / "tiny_teacher_medusa2.yaml", ["model.lora.r=0"]))

@@ -1,0 +1,231 @@
+"""Recipe: draft heads on a causal LM, Medusa-1, Medusa-2 or Hydra++ (``method.variant``).
+
+    leaplm train configs/draft_heads/tiny_teacher.yaml            # Medusa-1
+    leaplm train configs/draft_heads/tiny_teacher_medusa2.yaml    # Medusa-2
+    leaplm train configs/draft_heads/tiny_teacher_hydra_pp.yaml   # Hydra++
+    accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m leaplm.train configs/draft_heads/qwen2.5-1.5b.yaml
+
+Data (self-distillation): the base model answers the configured data's prompts through the
+shared engine (the shared rollout step, ``train/rollout_step.py``: greedy, so the answers are
+exactly what the decoders will verify against; Jacobi decoding only makes the collection faster).
+Each sample is a prompt and the base's answer; every loss below counts answer tokens only.
+
+Heads (``models/draft_heads.py``): head k at position t predicts token t+k+2.
+
+- ``medusa1``: Medusa heads, base frozen. Loss = Σ_k decay^k · heads_coefficient · sched(step) · CE_k
+  (the Medusa fork's loss with ``medusa_only_heads``).
+- ``medusa2``: Medusa heads trained jointly with LoRA on the base (``model.lora.r > 0``; the heads
+  stay fully trainable). Loss = L_0 + the Medusa-1 head terms, where L_0 is the base's own
+  next-token loss: with ``self_distillation`` the KL from the adapter-disabled base's distribution
+  (Medusa's self-distillation), else CE on the answer.
+- ``hydra_pp``: Hydra heads (each sees the embeddings of the tokens before its target) over a
+  prefix decoder layer, base frozen. Loss = Σ_k teacher_weight · softCE(head_k, base distribution
+  of the same token) + lm_weight · CE_k (Hydra's ``_score_preds`` without the reconstruction term).
+
+``sched`` is ``constant``, ``linear`` (step/max), ``sine`` (sin(step/max · π/2)) or ``sine_<r>`` (a sine
+warm-up over the first fraction r of training), as in the Medusa fork. The heads' rank
+accuracies are averaged during training and saved with them; the ``medusa``/``hydra`` decoders
+grow their default tree from them. Export writes the base (merged, for Medusa-2) and
+``draft_heads.safetensors`` + ``draft_heads.json`` beside it.
+
+Where we differ from the references: self-distillation answers are greedy (Medusa samples at
+temperature 0.3); the heads share the base's learning rate (Medusa multiplies it by 4 for the heads
+through a second optimizer group; the trainer has one); each Medusa head has its own residual
+blocks (see ``models/draft_heads.py``); Hydra++ drops the hidden-state reconstruction loss and its
+dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+from leaplm.config import Config, ConfigError
+from leaplm.data.rollouts import answer_samples, current_rollouts, load_rollouts
+from leaplm.data.sft import IGNORE_INDEX, PadCollator
+from leaplm.models.draft_heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads, unwrap_heads
+from leaplm.models.zoo import load_model
+from leaplm.train.recipes import Recipe
+from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
+
+VARIANTS = ("medusa1", "medusa2", "hydra_pp")
+
+
+@dataclass
+class DraftHeadsMethodConfig:
+    variant: str = "medusa1"  # medusa1 (base frozen) | medusa2 (jointly with LoRA) | hydra_pp
+    num_heads: int = 4  # heads; head k drafts the token k+2 ahead. Medusa uses 5, Hydra++ 4
+    num_layers: int = 1  # residual blocks per head; Medusa uses 1, Hydra++ 4
+    heads_coefficient: float = 0.2  # Medusa: weight of the head losses (0.2 in stage 1, 0.01 in Zephyr's stage 2)
+    decay: float = 0.8  # Medusa: head k's loss weighted decay**k
+    schedule: str = "constant"  # Medusa: warm-up of the head weight: constant | linear | sine | sine_<r>
+    self_distillation: bool = True  # Medusa-2: L_0 = KL to the adapter-disabled base instead of CE
+    teacher_weight: float = 1.0  # Hydra++: soft CE to the base's distribution
+    lm_weight: float = 0.0  # Hydra++: CE to the answer tokens (Hydra++ uses 0)
+    block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy either way)
+    max_prompts: int = 0  # prompts to roll out from the configured data; 0 = all
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"method.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise ConfigError(f"method.num_heads and method.num_layers must be >= 1, got {self.num_heads}, "
+                              f"{self.num_layers}")
+        schedule_weight(self.schedule, 0, 1)  # raises on an unknown schedule
+        if self.max_prompts < 0:
+            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
+
+
+def schedule_weight(schedule: str, step: int, max_steps: int) -> float:
+    """The Medusa fork's head-loss schedule at ``step`` of ``max_steps``."""
+    progress = step / max(1, max_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return progress
+    if schedule == "sine":
+        return math.sin(progress * math.pi / 2)
+    if schedule.startswith("sine_"):
+        try:
+            ratio = float(schedule[len("sine_"):])
+        except ValueError:
+            ratio = 0.0
+        if 0 < ratio <= 1:
+            return math.sin(min(1.0, progress / ratio) * math.pi / 2)
+    raise ConfigError(f"method.schedule must be constant, linear, sine or sine_<r> with 0 < r <= 1, got {schedule!r}")
+
+
+def check_sections(cfg: Config) -> None:
+    m: DraftHeadsMethodConfig = cfg.method
+    check_rollout_sections(cfg, "draft_heads", m.block_size)
+    if m.variant == "medusa2" and cfg.model.lora.r == 0:
+        raise ConfigError("medusa2 trains the base jointly with LoRA: set model.lora.r > 0 (or variant medusa1)")
+    if m.variant != "medusa2" and cfg.model.lora.r > 0:
+        raise ConfigError(f"{m.variant} keeps the base frozen: set model.lora.r=0 (or variant medusa2)")
+
+
+# ----- Model and data -------------------------------------------------------------------------
+
+
+def build_model(cfg: Config):
+    check_sections(cfg)
+    m: DraftHeadsMethodConfig = cfg.method
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
+                                  cfg.model.tokenizer)
+    model.requires_grad_(False)  # medusa2's LoRA adapter is added (and trained) by the trainer
+    config = HeadsConfig(kind="hydra" if m.variant == "hydra_pp" else "medusa", num_heads=m.num_heads,
+                         num_layers=m.num_layers, hidden_size=model.config.hidden_size,
+                         vocab_size=model.config.vocab_size, prefix_layer=m.variant == "hydra_pp",
+                         base=cfg.model.name_or_path)
+    attach_heads(model, DraftHeads(config, model))
+    return model, tokenizer
+
+
+def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
+    """The base's greedy answers to the data's prompts (collected once, reused on a rerun)."""
+    m: DraftHeadsMethodConfig = cfg.method
+    collect_rollouts(cfg, model, tokenizer, accelerator, block_size=m.block_size, init="prompt",
+                     max_prompts=m.max_prompts)
+
+
+def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
+    """One sample per answered prompt: prompt + answer, labels on the answer."""
+    samples = answer_samples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
+    return [{"input_ids": s["prompt_ids"] + s["answer_ids"],
+             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]} for s in samples]
+
+
+def build_collator(cfg: Config, tokenizer):
+    return PadCollator(tokenizer.pad_token_id)
+
+
+# ----- Loss ---------------------------------------------------------------------------------
+
+
+def head_inputs(heads: DraftHeads, embed, input_ids: torch.Tensor, hidden: torch.Tensor, k: int):
+    """Head k's inputs at every position t that has a target t+k+2: hidden [b, T-k-2, H] and, for
+    Hydra, the embeddings of tokens t+1 .. t+k+1 [b, T-k-2, k+1, H]."""
+    t = input_ids.shape[1] - k - 2
+    if heads.kind != "hydra":
+        return hidden[:, :t], None
+    embeds = embed(input_ids)  # [b, T, H]
+    return hidden[:, :t], torch.stack([embeds[:, 1 + j:1 + j + t] for j in range(k + 1)], dim=2)
+
+
+def record_accuracy(heads: DraftHeads, k: int, logits: torch.Tensor, targets: torch.Tensor,
+                    counted: torch.Tensor) -> float:
+    """Update head k's running rank accuracies; return its top-1 accuracy on this batch."""
+    with torch.no_grad():
+        top = logits[counted].topk(ACCURACY_TOP_K, dim=-1).indices  # [n, R]
+        hits = (top == targets[counted][:, None]).float().mean(0)  # [R]
+        if counted.any():
+            seen = heads.accuracy[k].any()
+            heads.accuracy[k] = torch.where(seen, 0.95 * heads.accuracy[k] + 0.05 * hits, hits)
+        return float(hits[0])
+
+
+def loss(model, batch, cfg: Config):
+    m: DraftHeadsMethodConfig = cfg.method
+    inner, heads = unwrap_heads(model)
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    answer = labels != IGNORE_INDEX  # [b, T] answer tokens: the targets
+    joint = m.variant == "medusa2"
+    with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    use_cache=False)
+    hidden, base_logits = out.hidden_states[-1], out.logits  # [b, T, H], [b, T, V]
+    if heads.prefix is not None:
+        b, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)[None].expand(b, -1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None]  # right padding: causal is enough
+        hidden = heads.prefix(hidden, positions, causal.expand(b, -1, -1))
+    embed = inner.get_input_embeddings()
+    total = torch.zeros((), device=input_ids.device)
+    metrics: dict[str, float] = {}
+    weight = m.heads_coefficient * schedule_weight(m.schedule, batch["step"], cfg.train.max_steps)
+    for k in range(heads.config.num_heads):
+        shift = k + 2
+        if input_ids.shape[1] <= shift:
+            break
+        h, embeds = head_inputs(heads, embed, input_ids, hidden, k)
+        logits = heads.head(k, h, embeds).float()  # [b, T-shift, V] predicting tokens shift ahead
+        targets, counted = input_ids[:, shift:], answer[:, shift:]  # [b, T-shift]
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [b, T-shift]
+        ce_sum = (ce * counted).sum()
+        if m.variant == "hydra_pp":
+            # The base's distribution of the same token: its logits one position before the target.
+            teacher = F.softmax(base_logits[:, shift - 1:-1].detach().float(), dim=-1)  # [b, T-shift, V]
+            soft = -(teacher * F.log_softmax(logits, dim=-1)).sum(-1)  # [b, T-shift]
+            total = total + m.teacher_weight * (soft * counted).sum() + m.lm_weight * ce_sum
+        else:
+            total = total + weight * m.decay ** k * ce_sum
+        metrics[f"head{k}_top1"] = record_accuracy(heads, k, logits, targets, counted)
+    if joint:
+        predicted = answer[:, 1:]  # [b, T-1] positions whose next token is an answer token
+        student = base_logits[:, :-1].float()
+        if m.self_distillation:
+            with torch.no_grad(), inner.disable_adapter():
+                original = inner(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+            teacher = F.log_softmax(original[:, :-1].float(), dim=-1)  # [b, T-1, V]
+            kl = (teacher.exp() * (teacher - F.log_softmax(student, dim=-1))).sum(-1)  # [b, T-1]
+            base_term = (kl * predicted).sum()
+        else:
+            base_term = F.cross_entropy(student.transpose(1, 2), input_ids[:, 1:], reduction="none")[predicted].sum()
+        metrics["base_term"] = (base_term.detach() / batch["n_targets"]).item()
+        total = total + base_term
+    return total, metrics
+
+
+RECIPE = Recipe(
+    name="draft_heads",
+    description="Medusa-1 / Medusa-2 / Hydra++ draft heads on the base's own greedy answers",
+    method_config=DraftHeadsMethodConfig,
+    build_model=build_model,
+    build_dataset=build_dataset,
+    build_collator=build_collator,
+    loss=loss,
+    rollout=rollout,
+    trained_in_full=(HEADS_ATTR,),
+)
