@@ -42,9 +42,8 @@ from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollout
 from leaplm.losses.block_diffusion import build_batch
 from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
 from leaplm.models.block_diffusion import spec_of, training_attention
-from leaplm.models.two_stream import ATTENTION_BACKENDS, resolve_backend
+from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
-from leaplm.train.jacobi_forcing import attention_implementation
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
 
@@ -105,8 +104,7 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
 def two_stream_forward(model, layout, backend: str) -> torch.Tensor:
     """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``."""
     core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    impl = "flex_attention" if backend == "flex" else core.config._attn_implementation
-    with attention_implementation(core, impl):
+    with attention_backend(core, backend):
         attention = training_attention(core, layout, backend)
         return model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
                      use_cache=False).logits
