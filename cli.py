@@ -8,7 +8,7 @@
     leaplm bench-report              (regenerates the measured section of docs/benchmarks.md)
     leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
     leaplm bench-kernels / bench-loss   (decode-step kernels and chunked cross-entropy against their references)
-    leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora] [--bench-n N]
+    leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora | --no-merge-lora] [--bench-n N]
     leaplm lm-eval --model leaplm --model_args pretrained=DIR[,decoder=NAME,setting=value] --tasks ...
 """
 

@@ -52,7 +52,7 @@ def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float, blo
                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Certainty-forcing masks (bool [R_i] per row), then the complementary copies of every row.
 
-    ``blocks="one"``: one block per row (uniform over its blocks) is masked at ``rate``; its
+    ``blocks="one"``: one block per row (uniform over its blocks with a maskable slot) is masked at ``rate``; its
     complementary copy masks exactly the block's other maskable slots, and no other block.
     ``blocks="all"``: every block is masked at ``rate`` and the copy masks the complement.
     """
@@ -62,7 +62,9 @@ def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float, blo
     for length in response_lengths:
         maskable = _maskable(length, block_size)  # [R]
         if blocks == "one":
-            n_blocks = -(-length // block_size)
+            # uniform over the blocks with a maskable slot: a last block holding only its first
+            # slot has none, and drawing it would waste the row
+            n_blocks = max(1, -(-(length - 1) // block_size))
             k = int(torch.randint(n_blocks, (1,), generator=generator))
             maskable &= torch.arange(length) // block_size == k
         drawn = torch.rand(length, generator=generator) < rate  # [R]

@@ -97,6 +97,11 @@ def spec_of(model: PreTrainedModel) -> BlockDiffusionSpec:
     return BlockDiffusionSpec(**raw)
 
 
+def export_settings(cfg, model: PreTrainedModel, out_dir) -> dict[str, Any]:
+    """What an export of a block-diffusion recipe records in config.json's ``leaplm`` section."""
+    return {"block_size": spec_of(model).block_size}
+
+
 def add_mask_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TOKEN) -> int:
     """Give ``tokenizer`` a mask token and ``model`` an embedding row for it; return its id.
 

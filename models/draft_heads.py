@@ -215,6 +215,20 @@ def save_heads(heads: DraftHeads, directory: str | Path) -> Path:
     return out / WEIGHTS_FILE
 
 
+def save_attached_heads(model, directory: str | Path) -> list[str]:
+    """Save the heads ``model`` carries (under LoRA too) beside its weights; the file names, or [] without heads.
+
+    ``save_pretrained`` leaves them out of the base's weights, so a checkpoint or an export that
+    calls this keeps them, and the zoo's loader attaches them again.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = getattr(base, HEADS_ATTR, None)
+    if heads is None:
+        return []
+    save_heads(heads, directory)
+    return [WEIGHTS_FILE, CONFIG_FILE]
+
+
 def load_heads(directory: str | Path, base) -> DraftHeads:
     """The heads saved in ``directory``, attached to ``base``."""
     directory = Path(directory)

@@ -17,6 +17,7 @@ Layout of an export directory (``leaplm export RUN_OR_CHECKPOINT --out DIR`` or 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import jinja2
 
 import leaplm
-from leaplm.models.draft_heads import CONFIG_FILE, HEADS_ATTR, WEIGHTS_FILE, save_heads
+from leaplm.models.draft_heads import attach_saved_heads, save_attached_heads
 from leaplm.models.zoo import DTYPES
 
 LEAPLM_KEY = "leaplm"  # the section of config.json that holds the decoder and recipe settings
@@ -224,13 +225,10 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         config.dtype = dtype
         config.save_pretrained(out)
     _write_generation_config(weights, tokenizer, cfg, out)
-    heads = getattr(model, HEADS_ATTR, None)
-    if heads is not None:  # draft heads go beside the base, in their own files
-        save_heads(heads, out)
+    head_files = save_attached_heads(model, out)  # draft heads go beside the base, in their own files
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
-    if heads is not None:
-        section["files"] += [WEIGHTS_FILE, CONFIG_FILE]
+    section["files"] += head_files
     config_file = out / "config.json"
     config_json = json.loads(config_file.read_text())
     config_json[LEAPLM_KEY] = section
@@ -314,6 +312,7 @@ def load_checkpoint(path: Path):
 
         base, _ = get_recipe(cfg.recipe).build_model(cfg)  # the recipe's base: conversions (mask token) included
         model, tokenizer = PeftModel.from_pretrained(base, model_dir), load_tokenizer(str(model_dir))
+        attach_saved_heads(model.get_base_model(), model_dir)  # heads trained in full sit beside the adapter
     else:
         model, tokenizer = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation)
     return model.eval(), tokenizer, cfg
@@ -363,8 +362,9 @@ def add_command(sub) -> None:
     p.add_argument("source", help="a run's output_dir (its newest checkpoint) or one checkpoint directory")
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--push", metavar="REPO_ID", help="upload the export to this Hub repo (token from HF_TOKEN)")
-    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA run's adapter into standalone "
-                   "weights (default: the base weights plus adapter/)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge a LoRA run's adapter into standalone weights, or (--no-merge-lora) keep the base "
+                   "weights plus adapter/ (default: the run's export.merge_lora, true unless set)")
     p.add_argument("--bench-n", type=int, default=0, help="bench N test prompts per task against HF generate "
                    "for the card's speedups and plot (default: the run's eval rows only)")
     p.set_defaults(func=_run)

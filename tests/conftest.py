@@ -123,4 +123,13 @@ RECIPE_SMOKE = {
     "cllm": [*_SMOKE_COMMON, *_SMOKE_ROLLOUT, "train.micro_batch_size=4"],
     "jacobi_forcing": [*_SMOKE_COMMON, *_SMOKE_ROLLOUT, "method.window_size=2", "method.min_noise_ratio=0.0",
                        "train.micro_batch_size=2"],
+    # dLLM distillation of the shipped block-diffusion teacher (tiny-teacher-bd, block size 16)
+    "dparallel": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
+                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "rollout.drop_wrong=false",
+                  "train.micro_batch_size=2", "export.dtype=null"],
+    "cd4lm": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "data.max_length=128",
+              "train.micro_batch_size=2", "export.dtype=null"],
+    "draft_heads": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
+                    "method.num_heads=2", "rollout.max_new_tokens=32", "rollout.batch_size=4",
+                    "train.micro_batch_size=2"],
 }

@@ -63,6 +63,10 @@ def test_semi_ar_masks_one_block_and_its_complement():
         (b,) = chosen
         in_block = (slots // block == b) & (slots % block != 0)
         assert torch.equal(union, in_block)  # the copy masks exactly the rest; slot 0 never masked
+    # A last block holding only its (unmaskable) first slot is never the one drawn.
+    g = torch.Generator().manual_seed(0)
+    drawn = [semi_ar_masks([9], 8, rate=0.5, blocks="one", generator=g) for _ in range(50)]
+    assert all(torch.equal(m | c, (torch.arange(9) < 8) & (torch.arange(9) % 8 != 0)) for m, c in drawn)
     every = semi_ar_masks([9], 3, rate=0.5, blocks="all")
     assert torch.equal(every[0] | every[1], torch.arange(9) % 3 != 0)
 

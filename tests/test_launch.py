@@ -265,7 +265,7 @@ def test_each_recipe_trains_under_two_cpu_ranks(tmp_path, recipe):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
     assert ckpt.validate(ckpt.list_checkpoints(run)[-1])["step"] == 2
-    if recipe in ("cllm", "jacobi_forcing"):
+    if recipe in ("cllm", "jacobi_forcing", "dparallel", "draft_heads"):
         assert not list((run / "rollouts").rglob("*.shards")), "rank shards were not merged"
         assert list((run / "rollouts").rglob("dataset_info.json"))
 

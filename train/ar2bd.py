@@ -29,6 +29,7 @@ from leaplm.models.block_diffusion import (
     BlockDiffusionError,
     check_block_size,
     convert,
+    export_settings,
     spec_of,
     training_attention,
 )
@@ -150,5 +151,5 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     new_token_ids=lambda model: [spec_of(model).mask_token_id],
-    export_settings=lambda cfg, model, out_dir: {"block_size": spec_of(model).block_size},
+    export_settings=export_settings,
 )

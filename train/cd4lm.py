@@ -36,6 +36,7 @@ import torch
 from leaplm.config import Config, ConfigError
 from leaplm.losses.block_diffusion import NOISY_TARGET, build_batch
 from leaplm.losses.dllm_distill import consistency_lambda, consistency_loss_sum, nested_masks, target_keys
+from leaplm.models.block_diffusion import export_settings
 from leaplm.models.two_stream import ATTENTION_BACKENDS, resolve_backend
 from leaplm.train.ar2bd import build_dataset
 from leaplm.train.dparallel import load_block_diffusion_model, load_model_config, two_stream_forward
@@ -126,4 +127,5 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    export_settings=export_settings,
 )

@@ -41,7 +41,7 @@ from leaplm.config import Config, ConfigError
 from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollouts
 from leaplm.losses.block_diffusion import build_batch
 from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
-from leaplm.models.block_diffusion import spec_of, training_attention
+from leaplm.models.block_diffusion import export_settings, spec_of, training_attention
 from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
 from leaplm.train.recipes import Recipe
@@ -151,4 +151,5 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     rollout=rollout,
+    export_settings=export_settings,
 )

@@ -38,7 +38,7 @@ dropout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
@@ -228,4 +228,5 @@ RECIPE = Recipe(
     loss=loss,
     rollout=rollout,
     trained_in_full=(HEADS_ATTR,),
+    export_settings=lambda cfg, model, out_dir: {"draft_heads": asdict(unwrap_heads(model)[1].config)},
 )

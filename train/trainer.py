@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from leaplm.config import Config
+from leaplm.models.draft_heads import save_attached_heads
 from leaplm.train import checkpoint as ckpt
 from leaplm.train.recipes import Recipe, get_recipe
 
@@ -381,6 +382,7 @@ class Trainer:
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
             self.unwrapped_model().save_pretrained(tmp / "model", safe_serialization=True)
+            save_attached_heads(self.unwrapped_model(), tmp / "model")  # draft heads, when the recipe added them
             self.tokenizer.save_pretrained(tmp / "model")
             self.cfg.save(tmp / "config.yaml")
             final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step()},
