@@ -7,6 +7,7 @@
     leaplm bench-attention --lengths 512,2048 --out DIR
     leaplm bench-report              (regenerates the measured section of docs/benchmarks.md)
     leaplm bench-rollout MODEL --n 64 --block-size 16 --out DIR
+    leaplm bench-draft-length TARGET --draft DIR --out DIR   (fixed draft lengths vs the acceptance head)
     leaplm bench-kernels / bench-loss   (decode-step kernels and chunked cross-entropy against their references)
     leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora | --no-merge-lora] [--bench-n N]
     leaplm lm-eval --model leaplm --model_args pretrained=DIR[,decoder=NAME,setting=value] --tasks ...
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from leaplm.inference.bench_report import add_command as add_bench_report
     from leaplm.inference.cli import add_inference_commands
+    from leaplm.inference.draft_length_bench import add_command as add_draft_length_bench
     from leaplm.inference.kernels.bench import add_command as add_kernel_bench
     from leaplm.inference.rollout_bench import add_command as add_rollout_bench
     from leaplm.models.export import add_command as add_export
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     add_kernel_bench(sub)
     add_loss_bench(sub)
     add_bench_report(sub)
+    add_draft_length_bench(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command != "lm-eval" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

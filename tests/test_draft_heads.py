@@ -177,3 +177,23 @@ def test_draft_efficiency_counts_rejections(lively_tiny):
     other = draft_efficiency(engine, prompts, MAX_NEW, draft=draft, draft_tokens=3)
     assert other["rejected_per_token"] > 0
     assert other["drafted_per_token"] == pytest.approx(3 / other["tokens_per_forward"], rel=0.2)
+
+
+def test_draft_length_bench_compares_fixed_lengths_with_the_acceptance_head(lively_tiny, tmp_path):
+    from leaplm.inference.draft_length_bench import run_draft_length_bench
+
+    model, tokenizer = lively_tiny("qwen3")
+    draft, _ = lively_tiny("llama", scale=2.0)
+    config = HeadsConfig(kind="acceptance", num_heads=1, num_layers=1, hidden_size=draft.config.hidden_size)
+    attach_heads(draft, DraftHeads(config))
+    try:
+        rows = run_draft_length_bench(model, tokenizer, draft, [1, 3], [0.5], n=3, max_new_tokens=12,
+                                      out_dir=tmp_path, command="leaplm bench-draft-length test")
+    finally:
+        del draft.draft_heads
+    assert [r["adaptive"] for r in rows] == [False, False, True]
+    assert max(r["speed_vs_best_fixed"] for r in rows[:2]) == 1.0
+    # one draft token per round: drafted per token is 1 / tokens per forward
+    assert rows[0]["drafted_per_token"] == pytest.approx(1 / rows[0]["tokens_per_forward"], rel=0.2)
+    assert all(0 <= r["rejected_per_token"] <= r["drafted_per_token"] for r in rows)
+    assert "stop_threshold=0.5" in (tmp_path / "draft_length_bench.md").read_text()
