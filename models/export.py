@@ -30,6 +30,7 @@ import jinja2
 
 import leaplm
 from leaplm.models.draft_heads import attach_saved_heads, save_attached_heads
+from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
 from leaplm.models.zoo import DTYPES
 
 LEAPLM_KEY = "leaplm"  # the section of config.json that holds the decoder and recipe settings
@@ -224,7 +225,8 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         config = copy.deepcopy(weights.config)
         config.dtype = dtype
         config.save_pretrained(out)
-    _write_generation_config(weights, tokenizer, cfg, out)
+    if weights.can_generate():  # not, e.g., Learn2PD's unmask filter
+        _write_generation_config(weights, tokenizer, cfg, out)
     head_files = save_attached_heads(model, out)  # draft heads go beside the base, in their own files
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
@@ -313,6 +315,9 @@ def load_checkpoint(path: Path):
         base, _ = get_recipe(cfg.recipe).build_model(cfg)  # the recipe's base: conversions (mask token) included
         model, tokenizer = PeftModel.from_pretrained(base, model_dir), load_tokenizer(str(model_dir))
         attach_saved_heads(model.get_base_model(), model_dir)  # heads trained in full sit beside the adapter
+    elif json.loads((model_dir / "config.json").read_text()).get("model_type") == UnmaskFilterConfig.model_type:
+        # Learn2PD's checkpoint is its filter, not a causal LM
+        model, tokenizer = UnmaskFilter.from_pretrained(model_dir), load_tokenizer(str(model_dir))
     else:
         model, tokenizer = load_model(str(model_dir), cfg.model.dtype, cfg.model.attn_implementation)
     return model.eval(), tokenizer, cfg

@@ -113,4 +113,8 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     rollout=rollout,
+    # the export is the filter: record the LM it serves and the decoder rule that reads it
+    # (block_diffusion with unmask_filter set to the export directory)
+    export_settings=lambda cfg, model, out_dir: {"filter_for": cfg.model.name_or_path, "decoder": "block_diffusion",
+                                                 "decoder_settings": {"rule": "filter"}},
 )
