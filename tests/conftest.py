@@ -132,6 +132,10 @@ RECIPE_SMOKE = {
     "learn2pd": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "rollout.drop_wrong=false",
                  "train.micro_batch_size=64"],
+    # the shipped teacher stands in for a trained draft (configs/pretrain/tiny_draft.yaml), drafting for itself
+    "acceptance_head": [*_SMOKE_COMMON, "model.name_or_path=tiny-teacher", "data.tasks=[copy,sort]",
+                        "data.train_per_task=4", "method.max_prompts=4", "rollout.max_new_tokens=32",
+                        "rollout.batch_size=4", "train.micro_batch_size=2"],
     "draft_heads": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
                     "method.num_heads=2", "rollout.max_new_tokens=32", "rollout.batch_size=4",
                     "train.micro_batch_size=2"],

@@ -64,6 +64,7 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
         assert section["block_size"] == spec_of(model).block_size
     elif recipe == "draft_heads":
         assert section["draft_heads"]["num_heads"] == cfg.method.num_heads
+    if recipe in ("draft_heads", "acceptance_head"):
         assert {"draft_heads.safetensors", "draft_heads.json"} <= set(section["files"])
     fast = leaplm.inference.load(out)
     assert fast.decoder == cfg.eval.decoder and fast.settings == cfg.eval.decoder_args
