@@ -107,6 +107,9 @@ def static_flex_compile():
 
 # Overrides that shrink each landed recipe's shipped CPU config (configs/<recipe>/tiny_teacher.yaml)
 # to a two-step smoke run (tests/test_export.py, tests/test_launch.py).
+# A rollout recipe's small run: two tasks, few prompts, short answers (recipe tests add their own).
+SMALL_ROLLOUT_RUN = ["data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_new_tokens=32",
+                     "rollout.batch_size=4", "train.warmup_steps=0", "eval.at_end=false", "logging.progress_bar=false"]
 _SMOKE_COMMON = ["eval.at_end=false", "export.dir=null", "logging.wandb=false", "logging.progress_bar=false",
                  "train.warmup_steps=0", "train.save_every=0", "train.max_steps=2"]
 _SMOKE_ROLLOUT = ["data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4", "method.block_size=8",

@@ -42,6 +42,7 @@ from leaplm.losses.consistency import (
 from leaplm.models.zoo import load_model
 from leaplm.train import cllm
 from leaplm.train.trainer import train
+from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "cllm" / "tiny_teacher.yaml"
@@ -309,19 +310,7 @@ def test_bench_rollout_command(tmp_path):
 
 # ----- Recipe -------------------------------------------------------------------------------
 
-SMALL = [
-    "data.tasks=[copy,sort]",
-    "data.train_per_task=4",
-    "method.max_prompts=6",
-    "method.block_size=8",
-    "rollout.max_new_tokens=32",
-    "rollout.batch_size=4",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=0",
-    "eval.at_end=false",
-    "export.dir=null",
-    "logging.progress_bar=false",
-]
+SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=6", "method.block_size=8", "train.micro_batch_size=4", "export.dir=null"]
 
 
 def test_recipe_trains_through_the_trainer_and_reuses_its_rollouts(tmp_path, monkeypatch):

@@ -19,21 +19,11 @@ from leaplm.inference.engine import Engine
 from leaplm.models.zoo import load_model
 from leaplm.train import acceptance_head, draft_heads
 from leaplm.train.trainer import train
+from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "draft_heads"
-SMALL = [
-    "data.tasks=[copy,sort]",
-    "data.train_per_task=4",
-    "method.max_prompts=6",
-    "method.block_size=8",
-    "rollout.max_new_tokens=32",
-    "rollout.batch_size=4",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=0",
-    "eval.at_end=false",
-    "logging.progress_bar=false",
-]
+SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=6", "method.block_size=8", "train.micro_batch_size=4"]
 
 
 def test_schedule_weights():

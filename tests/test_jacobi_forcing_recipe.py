@@ -20,24 +20,13 @@ from leaplm.models.zoo import load_model
 from leaplm.train import jacobi_forcing
 from leaplm.train import trainer as trainer_module
 from leaplm.train.trainer import train
+from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "jacobi_forcing" / "tiny_teacher.yaml"
 
-SMALL = [
-    "data.tasks=[copy,sort]",
-    "data.train_per_task=4",
-    "method.max_prompts=4",
-    "method.block_size=8",
-    "method.window_size=2",
-    "method.min_noise_ratio=0.0",
-    "rollout.max_new_tokens=32",
-    "rollout.batch_size=4",
-    "train.micro_batch_size=2",
-    "train.warmup_steps=0",
-    "eval.at_end=false",
-    "logging.progress_bar=false",
-]
+SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=4", "method.block_size=8", "method.window_size=2",
+         "method.min_noise_ratio=0.0", "train.micro_batch_size=2"]
 STAGES = "method.stages=[{block_size: 4, max_steps: 1}, {block_size: 8, max_steps: 2, lr: 1.0e-4}]"
 
 
