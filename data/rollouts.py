@@ -371,4 +371,3 @@ def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
     for index, prompt, block in zip(ds["prompt_index"], ds["prompt_ids"], ds["fixed_point"]):
         answers.setdefault(index, (prompt, []))[1].extend(block)  # a prompt's blocks are stored in order
     return [{"prompt_ids": prompt, "answer_ids": answer} for _, (prompt, answer) in sorted(answers.items())]
-

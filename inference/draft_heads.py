@@ -303,39 +303,30 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     return answers.result()
 
 
-def _decode(engine, batch, max_new_tokens, kind, tree, tree_size, acceptance, temperature, top_k, top_p, seed):
-    heads = heads_of(engine.model, (kind,))
-    if acceptance not in ("greedy", "typical"):
-        raise DecoderError(f"acceptance must be 'greedy' (lossless) or 'typical', got {acceptance!r}")
-    if acceptance == "greedy" and temperature != 0:
-        raise DecoderError("greedy acceptance is lossless for greedy decoding only; set temperature=0, "
-                           "or acceptance='typical' to sample")
-    if acceptance == "typical" and temperature == 0:
-        raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
-    pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
-    return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size), pick,
-                       typical=acceptance == "typical")
+def tree_decoder(kind: str, description: str):
+    """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
+    heads they read (``models/draft_heads.py``); tree, acceptance and sampling are shared."""
+
+    def decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
+               acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int = 0) -> DecodeResult:
+        heads = heads_of(engine.model, (kind,))
+        if acceptance not in ("greedy", "typical"):
+            raise DecoderError(f"acceptance must be 'greedy' (lossless) or 'typical', got {acceptance!r}")
+        if acceptance == "greedy" and temperature != 0:
+            raise DecoderError("greedy acceptance is lossless for greedy decoding only; set temperature=0, "
+                               "or acceptance='typical' to sample")
+        if acceptance == "typical" and temperature == 0:
+            raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
+        pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
+        return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size), pick,
+                           typical=acceptance == "typical")
+
+    decode.__name__ = decode.__qualname__ = kind
+    decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring).\n\n"
+                      "Greedy (the default) equals ``ar`` and ``model.generate`` token for token.")
+    return register_decoder(kind)(decode)
 
 
-@register_decoder("medusa")
-def medusa(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
-           acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           seed: int = 0) -> DecodeResult:
-    """Medusa tree decoding with the model's Medusa heads (see the module docstring).
-
-    Greedy (the default) equals ``ar`` and ``model.generate`` token for token.
-    """
-    return _decode(engine, batch, max_new_tokens, "medusa", tree, tree_size, acceptance, temperature, top_k, top_p,
-                   seed)
-
-
-@register_decoder("hydra")
-def hydra(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
-          acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-          seed: int = 0) -> DecodeResult:
-    """Hydra (and Hydra++) tree decoding with the model's Hydra heads (see the module docstring).
-
-    Greedy (the default) equals ``ar`` and ``model.generate`` token for token.
-    """
-    return _decode(engine, batch, max_new_tokens, "hydra", tree, tree_size, acceptance, temperature, top_k, top_p,
-                   seed)
+medusa = tree_decoder("medusa", "Medusa")
+hydra = tree_decoder("hydra", "Hydra (and Hydra++)")
