@@ -13,7 +13,7 @@ from leaplm.inference.block_diffusion import block_diffusion, select_commits, su
 from leaplm.inference.engine import DecoderError, Engine, new_cache
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.block_diffusion import convert, spec_of
-from leaplm.models.zoo import TINY_CONFIGS, TINY_FAMILIES, build_from_config, tiny_model
+from leaplm.models.zoo import TINY_CONFIGS, TINY_FAMILIES, build_from_config, load_model, tiny_model
 
 MAX_NEW = 20
 
@@ -237,6 +237,7 @@ def test_dual_cache_equals_plain_where_it_must(block_size, sub_block_size, rule)
     engine = never_stopping(model, tokenizer)
     prompts = prompts_of(tokenizer)
     fed, handle = count_fed_tokens(model)
+    rule = dict(rule, fuse_commit_pass=False)  # its batch-wide guess rule would change the step counts
     try:
         plain = engine.generate(prompts, "block_diffusion", MAX_NEW, sub_block_size=sub_block_size, **rule)
         plain_fed, fed[0] = fed[0], 0
@@ -269,11 +270,11 @@ def test_dual_cache_with_small_sub_blocks_runs_and_feeds_fewer_tokens():
     engine = never_stopping(model, tokenizer)
     prompts = prompts_of(tokenizer)
     fed, handle = count_fed_tokens(model)
+    rule = dict(rule="top_k", top_k=1, fuse_commit_pass=False)  # so both take the same steps
     try:
-        plain = engine.generate(prompts, "block_diffusion", MAX_NEW, sub_block_size=4, rule="top_k", top_k=1)
+        plain = engine.generate(prompts, "block_diffusion", MAX_NEW, sub_block_size=4, **rule)
         plain_fed, fed[0] = fed[0], 0
-        dual = engine.generate(prompts, "block_diffusion", MAX_NEW, sub_block_size=4, rule="top_k", top_k=1,
-                               sub_block_cache=True)
+        dual = engine.generate(prompts, "block_diffusion", MAX_NEW, sub_block_size=4, sub_block_cache=True, **rule)
     finally:
         handle.remove()
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -286,9 +287,47 @@ def test_dual_cache_with_small_sub_blocks_runs_and_feeds_fewer_tokens():
     assert fed[0] < plain_fed
     # Rows of a padded batch decode as they would alone.
     for prompt, seq in zip(prompts, dual.sequences):
-        alone = engine.generate([prompt], "block_diffusion", MAX_NEW, sub_block_size=4, rule="top_k", top_k=1,
-                                sub_block_cache=True)
+        alone = engine.generate([prompt], "block_diffusion", MAX_NEW, sub_block_size=4, sub_block_cache=True, **rule)
         assert alone.sequences == [seq]
+
+
+# ----- The fused commit pass ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,clean_attention,sub_block_size,sub_block_cache,rule", [
+    ("llama", "causal", 4, False, dict(rule="threshold", threshold=0.25)),
+    ("qwen3", "block_causal", 4, False, dict(rule="top_k", top_k=2)),
+    ("gemma2", "causal", 2, False, dict(rule="entropy", entropy_bound=3.0)),
+    ("llama", "block_causal", 2, True, dict(rule="top_k", top_k=1)),
+    ("qwen3", "causal", 1, True, dict(rule="threshold", threshold=0.25)),
+])
+def test_fused_commit_pass_changes_no_token(family, clean_attention, sub_block_size, sub_block_cache, rule):
+    """The speculative next-block step keeps a row's predictions only where they are what a
+    separate step would compute, so outputs match the unfused decoder, alone and in a batch."""
+    model, tokenizer = converted(family, block_size=4, clean_attention=clean_attention)
+    engine = never_stopping(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    settings = dict(sub_block_size=sub_block_size, sub_block_cache=sub_block_cache, **rule)
+    fused = decode(engine, prompts, 40, **settings)
+    unfused = decode(engine, prompts, 40, fuse_commit_pass=False, **settings)
+    assert fused.tokens.tolist() == unfused.tokens.tolist()
+    assert (fused.row_forwards <= unfused.row_forwards).all()
+    for i, prompt in enumerate(prompts):
+        assert decode(engine, [prompt], 40, **settings).tokens.tolist() == fused.tokens[i:i + 1].tolist()
+
+
+def test_fused_commit_pass_saves_a_forward_per_guessed_block():
+    """On the shipped block-diffusion model the last noisy logit guesses the next block's slot 0
+    well: copying, nearly every block after the first saves its separate commit pass."""
+    model, tokenizer = load_model("tiny-teacher-bd")
+    engine = Engine(model, tokenizer)
+    prompts = task_prompts(tokenizer, make_split("copy", "test", 4))
+    fused = decode(engine, prompts, 64, threshold=0.9)
+    unfused = decode(engine, prompts, 64, threshold=0.9, fuse_commit_pass=False)
+    assert fused.tokens.tolist() == unfused.tokens.tolist()
+    blocks = (fused.lengths + 15) // 16  # [b] blocks each row wrote
+    assert (unfused.row_forwards - fused.row_forwards >= blocks - 2).all()
+    assert (blocks >= 2).all() and fused.forward_passes < unfused.forward_passes
 
 
 # ----- Commit rules ------------------------------------------------------------------------
