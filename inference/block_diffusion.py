@@ -47,6 +47,15 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
    guess saves one forward per block, which lifts the ceiling from ``block_size / 2`` tokens
    per forward to ``block_size``. Fast-dLLM v2 has no such pass (its decoder spends the forward).
 
+5. **Verification** (``verify=True``, for ``causal`` clean attention). The commit pass's logits
+   are the model's own AR predictions for every slot of the block (causal attention over the
+   clean block), so they check it for free: at a row's first slot that differs from its AR
+   token (up to its first stop), the AR token is written there, every later slot is masked
+   again, and the block is denoised from there and committed again. A row is only finished by
+   a verified block, so the output is exactly the model's greedy AR output (``generate``) and
+   the commit rule only decides the speed: self-speculative decoding with the diffusion steps
+   as the drafter. This is our addition; Fast-dLLM v2 and NBDiff keep whatever the steps commit.
+
 Caches. The *block cache* holds only clean K/V: the prompt and the commit passes of finished
 blocks, never a denoising step's. ``sub_block_cache=True`` adds Fast-dLLM's *DualCache*: the
 first step of each sub-block is a full-block forward whose block K/V is kept; the next steps of
@@ -72,7 +81,9 @@ Where we differ from Fast-dLLM v2:
   of the sub-block feed the same slots again and the next sub-block refreshes everything, so
   nothing would read it.
 
-Greedy only: committed tokens are argmaxes; there is no sampling.
+Greedy only: committed tokens are argmaxes; there is no sampling. Unverified, the output is the
+model's own parallel decode, which can differ from its AR output where a step commits a
+confident wrong token; verified, it cannot.
 
 ``forward_passes`` counts every model call for the batch (the prefill included); a row's
 ``row_forwards`` counts the calls made while it was unfinished, waiting steps included, so

@@ -330,6 +330,42 @@ def test_fused_commit_pass_saves_a_forward_per_guessed_block():
     assert (blocks >= 2).all() and fused.forward_passes < unfused.forward_passes
 
 
+# ----- Verified decoding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("settings", [dict(rule="threshold", threshold=0.1), dict(rule="top_k", top_k=3, sub_block_size=2)])
+def test_verified_decoding_equals_hf_generate(family, settings):
+    """With ``verify`` every block is checked against the model's causal predictions, so even a
+    careless commit rule on a random model gives exactly greedy AR decoding, alone and in a batch."""
+    model, tokenizer = converted(family, block_size=4)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    want = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    assert engine.generate(prompts, "block_diffusion", MAX_NEW, verify=True, **settings).sequences == want
+    assert engine.generate(prompts[:1], "block_diffusion", MAX_NEW, verify=True, **settings).sequences == want[:1]
+    unverified = engine.generate(prompts, "block_diffusion", MAX_NEW, **settings).sequences
+    assert unverified != want, "the commit rule made no mistake to correct; the case tests too little"
+
+
+def test_verified_decoding_of_the_shipped_model_stops_where_generate_does():
+    """Word problems, where the shipped model's unverified blocks go wrong: verified, the answers
+    and their end-of-text stops are generate's, in a padded batch."""
+    model, tokenizer = load_model("tiny-teacher-bd")
+    engine = Engine(model, tokenizer)
+    prompts = task_prompts(tokenizer, make_split("word", "test", 6))
+    want = engine.generate(prompts, "hf_generate", 96).sequences
+    assert engine.generate(prompts, "block_diffusion", 96, threshold=0.5, verify=True).sequences == want
+    assert engine.generate(prompts, "block_diffusion", 96, threshold=0.5).sequences != want
+    assert all(len(seq) < 96 and seq[-1] in engine.stop_token_ids for seq in want)
+
+
+def test_verify_needs_causal_clean_attention():
+    model, tokenizer = converted("llama", clean_attention="block_causal")
+    with pytest.raises(DecoderError, match="verify=False"):
+        Engine(model, tokenizer).generate(prompts_of(tokenizer, 1), "block_diffusion", MAX_NEW, verify=True)
+
+
 # ----- Commit rules ------------------------------------------------------------------------
 
 
