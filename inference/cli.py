@@ -168,11 +168,13 @@ def _quickstart(args: argparse.Namespace) -> None:
     # batches on a CPU a 16-token block costs ~8x a 1-token step and the gain is gone (docs/ar2bd.md).
     parallel = out / "block_diffusion"
     print(f"\n== 3/4 bench: {EMBEDDED_BLOCK_DIFFUSION} (the teacher after configs/ar2bd/tiny_teacher.yaml), "
-          f"block_diffusion (threshold {args.threshold}) vs HF generate, one prompt at a time")
+          f"block_diffusion (threshold {args.threshold}, unverified and verified) vs HF generate, one prompt at a time")
     bd_model, bd_tokenizer = load_for_eval(EMBEDDED_BLOCK_DIFFUSION)
-    bd_rows = run_bench(EMBEDDED_BLOCK_DIFFUSION, [{"decoder": "block_diffusion", "settings": {"threshold": args.threshold}}],
-                        None, args.n, 1, args.max_new_tokens, parallel, model=bd_model, tokenizer=bd_tokenizer,
-                        command=command)
+    # Verified blocks are exactly the model's AR output; unverified ones are faster and may differ.
+    bd_decoders = [{"decoder": "block_diffusion", "settings": {"threshold": args.threshold, "verify": verify}}
+                   for verify in (False, True)]
+    bd_rows = run_bench(EMBEDDED_BLOCK_DIFFUSION, bd_decoders, None, args.n, 1, args.max_new_tokens, parallel,
+                        model=bd_model, tokenizer=bd_tokenizer, command=command)
     _print_bench(bd_rows, parallel)
     if args.skip_jacobi_forcing:
         print(f"\nresults in {out}/ (eval.json, bench.*) and {parallel}/ (bench.*)")

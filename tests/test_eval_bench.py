@@ -195,5 +195,9 @@ def test_quickstart_on_the_embedded_models(tmp_path, capsys):
     assert "3/4 bench: tiny-teacher-bd" in printed
     rows = json.loads((quick / "block_diffusion" / "bench.json").read_text())
     assert {r["decoder"] for r in rows} == {"hf_generate", "block_diffusion"}
+    verified = [r for r in rows if r["settings"].get("verify")]
+    assert len(verified) == 6 and all(r["accuracy"] == generate["accuracy"] for r in verified
+                                      for generate in rows if generate["decoder"] == "hf_generate"
+                                      and generate["task"] == r["task"])
     assert {r["model"] for r in rows} == {zoo.EMBEDDED_BLOCK_DIFFUSION}
     assert all(r["tokens_per_forward"] >= 1 for r in rows)
