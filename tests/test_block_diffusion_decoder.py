@@ -346,6 +346,9 @@ def test_verified_decoding_equals_hf_generate(family, settings):
     assert engine.generate(prompts[:1], "block_diffusion", MAX_NEW, verify=True, **settings).sequences == want[:1]
     unverified = engine.generate(prompts, "block_diffusion", MAX_NEW, **settings).sequences
     assert unverified != want, "the commit rule made no mistake to correct; the case tests too little"
+    ragged = MAX_NEW - 3  # a budget that ends inside a block
+    assert engine.generate(prompts, "block_diffusion", ragged, verify=True, **settings).sequences == [
+        seq[:ragged] for seq in want]
 
 
 def test_verified_decoding_of_the_shipped_model_stops_where_generate_does():
