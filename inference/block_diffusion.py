@@ -403,6 +403,7 @@ def block_diffusion(
             # slot 0; under ``verify`` all of them check the block).
             crop_cache(cache, context)  # drop the noisy K/V
             keep = block_size if verify else 1
+            next_logits = None  # [b, B, v] the next block's first step, when fused
             if fuse_commit_pass and block_size > 1 and start + block_size < span:
                 guessed = block.new_full((b, block_size), spec.mask_token_id)  # [b, B] the next block
                 guessed[:, 0] = guess
@@ -410,7 +411,7 @@ def block_diffusion(
                 logits = engine.forward(torch.cat([block, guessed], dim=1), cache,
                                         torch.cat([positions, positions + block_size], dim=1), custom_mask=mask,
                                         logits_to_keep=block_size + keep).logits  # [b, keep + B, v]
-                clean_logits, fused = logits[:, :keep], logits[:, keep:]
+                clean_logits, next_logits = logits[:, :keep], logits[:, keep:]
                 # The next block's K/V stays: its first step keeps it as DualCache's block K/V or crops it.
             elif spec.clean_attention == "causal":
                 clean_logits = engine.forward(block, cache, positions, padding.upto(context + block_size),
@@ -421,8 +422,8 @@ def block_diffusion(
             first = clean_logits[:, -1].argmax(-1)  # [b]
             forwards += 1
             row_forwards += unfinished
-            if fused is not None:
-                fused = fused, first == guess
+            if next_logits is not None:
+                fused = next_logits, first == guess
             if verify and reopen_unverified(block, committed, clean_logits, start).any():
                 fused = kept = None
                 continue
