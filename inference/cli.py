@@ -106,7 +106,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     command = _command(["bench", args.model], args,
-                       ["decoders", "tasks", "n", "batch_size", "max_new_tokens", "seed", "out"])
+                       ["decoders", "tasks", "n", "batch_size", "max_new_tokens", "seed", "dtype", "out"])
     rows = run_bench(args.model, args.decoders, args.tasks, args.n, args.batch_size, args.max_new_tokens, args.out,
                      seed=args.seed, model=model, tokenizer=tokenizer, command=command)
     _print_bench(rows, Path(args.out))

@@ -158,10 +158,12 @@ def test_cli_rejects_bad_decoder_args(tiny_model_dir, capsys):
 def test_cli_bench_and_quickstart(tiny_model_dir, tmp_path, capsys):
     bench_dir = tmp_path / "bench"
     main(["bench", str(tiny_model_dir), "--decoders", "ar", "--tasks", "copy", "--n", "2", "--max-new-tokens", "4",
-          "--out", str(bench_dir)])
+          "--dtype", "bfloat16", "--out", str(bench_dir)])
     rows = json.loads((bench_dir / "bench.json").read_text())
     assert [r["decoder"] for r in rows] == ["hf_generate", "ar"]
-    assert f"leaplm bench {tiny_model_dir} --decoders ar --tasks copy --n 2" in (bench_dir / "bench.md").read_text()
+    command = (bench_dir / "bench.md").read_text()
+    assert f"leaplm bench {tiny_model_dir} --decoders ar --tasks copy --n 2" in command
+    assert "--dtype bfloat16" in command  # the run reproduces in the dtype it was measured in
 
     quick = tmp_path / "quick"
     main(["quickstart", "--out", str(quick), "--n", "2", "--max-new-tokens", "4", "--model", str(tiny_model_dir)])
