@@ -46,6 +46,7 @@ from leaplm.inference.engine import (
     PromptBatch,
     TokenPicker,
     gather_cache_slots,
+    keep_cache_tail,
     new_cache,
     register_decoder,
 )
@@ -105,6 +106,10 @@ def keep_new_slots(caches: list, context: int, kept: torch.Tensor, counts: torch
     ``kept[b, :counts[b]]`` (indices among the new ones, in order) right after its cached tokens,
     and right-align every row again. Rows with ``counts = 0`` keep nothing new."""
     grown = int(counts.max())
+    if bool((counts == grown).all()):  # nothing to re-align: move the kept slots, leave the rest
+        for cache in caches:
+            keep_cache_tail(cache, context, context + kept[:, :grown])
+        return
     length = context + grown
     j = torch.arange(length, device=kept.device)[None]  # [1, length]
     start = length - counts[:, None]  # [b, 1] where the row's kept new tokens begin

@@ -13,8 +13,9 @@ A decoder is a function ``(engine, batch, max_new_tokens, **settings) -> DecodeR
 registered by name with :func:`register_decoder`. The engine gives decoders the building blocks
 they share: :meth:`Engine.forward` (new tokens at given positions on top of a cache, with a
 padding mask or a custom attention pattern), :func:`crop_cache` (roll back rejected tokens),
-:func:`fork_cache`, :func:`select_cache_rows`, :func:`shift_cache_rows` and
-:func:`gather_cache_slots` (rows that keep different numbers of tokens per step).
+:func:`fork_cache`, :func:`select_cache_rows`, :func:`shift_cache_rows`,
+:func:`gather_cache_slots` (rows that keep different numbers of tokens per step) and
+:func:`keep_cache_tail` (rows that keep the same number).
 
 Conventions every decoder keeps:
 
@@ -193,6 +194,22 @@ def gather_cache_slots(cache: DynamicCache, source: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys.gather(2, source.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
         layer.values = layer.values.gather(2, source.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+
+
+def keep_cache_tail(cache: DynamicCache, start: int, source: torch.Tensor) -> None:
+    """Slot ``start + j`` of row b gets what slot ``source[b, j]`` (>= start) held; the cache ends after them.
+
+    ``source`` [b, w]. In place, and only the slots from ``start`` on are copied: when every row
+    keeps the same number of new tokens (always so at batch 1) no row needs re-aligning, and the
+    full-cache gather of :func:`gather_cache_slots` would copy every cached key for nothing.
+    """
+    w = source.shape[1]
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)  # [b, heads, slots, head_dim]
+            kept = states.gather(2, source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3]))
+            states[:, :, start:start + w] = kept
+            setattr(layer, name, states[:, :, :start + w])
 
 
 # ----- Token selection ----------------------------------------------------------------------

@@ -127,6 +127,17 @@ def test_keep_new_slots_keeps_the_accepted_path_right_aligned():
     assert row1[-4:] == [7 + 0, 7 + 1, 7 + 2, 7 + 3]  # shifted right by 2, then its new slot 0
 
 
+def test_keep_new_slots_with_equal_counts_moves_only_the_new_slots():
+    cache = new_cache()
+    keys = torch.arange(2 * 7, dtype=torch.float).view(2, 1, 7, 1)  # two rows, 3 cached + 4 new slots
+    cache.update(keys, keys.clone(), 0)
+    kept = torch.tensor([[0, 3, 1, 1], [0, 1, 2, 2]])
+    keep_new_slots([cache], 3, kept, torch.tensor([2, 2]))
+    assert cache.get_seq_length() == 5
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 11]]
+    assert cache.layers[0].values[:, 0, :, 0].tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 11]]
+
+
 def test_heads_save_and_load_back(tmp_path, tiny):
     model, tokenizer = tiny("llama")
     model.save_pretrained(tmp_path)
