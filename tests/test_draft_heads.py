@@ -116,23 +116,25 @@ def test_grow_tree_takes_best_products():
     assert grow_tree(accuracy, 5) == [(0,), (0, 0), (1,), (1, 0)]
 
 
-def test_keep_new_slots_keeps_the_accepted_path_right_aligned():
+def cache_of_two_rows():
+    """Two rows of 3 cached + 4 new slots, each slot's key and value its own number (row 1: 7-13)."""
     cache = new_cache()
-    keys = torch.arange(2 * 7, dtype=torch.float).view(2, 1, 7, 1)  # two rows, 3 cached + 4 new slots
+    keys = torch.arange(2 * 7, dtype=torch.float).view(2, 1, 7, 1)
     cache.update(keys, keys.clone(), 0)
-    kept = torch.tensor([[0, 2, 3, 3], [0, 1, 1, 1]])
-    keep_new_slots([cache], 3, kept, torch.tensor([3, 1]))
+    return cache
+
+
+def test_keep_new_slots_keeps_the_accepted_path_right_aligned():
+    cache = cache_of_two_rows()
+    keep_new_slots([cache], 3, torch.tensor([[0, 2, 3, 3], [0, 1, 1, 1]]), torch.tensor([3, 1]))
     row0, row1 = cache.layers[0].keys[0, 0, :, 0].tolist(), cache.layers[0].keys[1, 0, :, 0].tolist()
     assert row0 == [0, 1, 2, 3, 5, 6]  # cached 0-2, then new slots 0, 2, 3
     assert row1[-4:] == [7 + 0, 7 + 1, 7 + 2, 7 + 3]  # shifted right by 2, then its new slot 0
 
 
 def test_keep_new_slots_with_equal_counts_moves_only_the_new_slots():
-    cache = new_cache()
-    keys = torch.arange(2 * 7, dtype=torch.float).view(2, 1, 7, 1)  # two rows, 3 cached + 4 new slots
-    cache.update(keys, keys.clone(), 0)
-    kept = torch.tensor([[0, 3, 1, 1], [0, 1, 2, 2]])
-    keep_new_slots([cache], 3, kept, torch.tensor([2, 2]))
+    cache = cache_of_two_rows()
+    keep_new_slots([cache], 3, torch.tensor([[0, 3, 1, 1], [0, 1, 2, 2]]), torch.tensor([2, 2]))
     assert cache.get_seq_length() == 5
     assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 11]]
     assert cache.layers[0].values[:, 0, :, 0].tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 11]]
