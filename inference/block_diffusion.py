@@ -248,7 +248,7 @@ def sub_block_forward(engine: Engine, cache: DynamicCache, tokens: torch.Tensor,
     kv = context + block_size + width
     allowed = engine.mask_for_new_tokens(visible[:, :kv], torch.ones(width, width, dtype=torch.bool))  # [b, s, kv]
     allowed[:, :, context + start:context + end] = False  # the stale copies of the fed slots
-    out = engine.forward(tokens[:, start:end], cache, positions[:, start:end], custom_mask=allowed)
+    out = engine.forward(tokens[:, start:end], cache, positions[:, start:end], custom_mask=allowed, noisy_from=0)
     crop_cache(cache, context + block_size)
     return out.logits
 
@@ -374,7 +374,7 @@ def block_diffusion(
                 elif kept != lo:
                     crop_cache(cache, context)  # drop the noisy K/V of earlier steps
                     mask = engine.mask_for_new_tokens(visible[:, : context + block_size], bidirectional)  # [b, B, kv]
-                    logits = engine.forward(block, cache, positions, custom_mask=mask,
+                    logits = engine.forward(block, cache, positions, custom_mask=mask, noisy_from=0,
                                             logits_to_keep=block_size - first_open + 1).logits  # from first_open - 1
                     if sub_block_cache:
                         kept, carried = lo, logits[:, :1].clone()  # [b, 1, v] slot lo - 1 when lo >= 1
@@ -410,7 +410,7 @@ def block_diffusion(
                 mask = engine.mask_for_new_tokens(visible[:, : context + 2 * block_size], fused_pattern)  # [b, 2B, kv]
                 logits = engine.forward(torch.cat([block, guessed], dim=1), cache,
                                         torch.cat([positions, positions + block_size], dim=1), custom_mask=mask,
-                                        logits_to_keep=block_size + keep).logits  # [b, keep + B, v]
+                                        logits_to_keep=block_size + keep, noisy_from=block_size).logits  # [b, keep + B, v]
                 clean_logits, next_logits = logits[:, :keep], logits[:, keep:]
                 # The next block's K/V stays: its first step keeps it as DualCache's block K/V or crops it.
             elif spec.clean_attention == "causal":

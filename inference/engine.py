@@ -38,6 +38,8 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from leaplm.models.noisy_weights import noisy_tokens
+
 
 class DecoderError(ValueError):
     """A decoder name or decoder setting that cannot be used; the message names the fix."""
@@ -354,6 +356,7 @@ class Engine:
         *,
         custom_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        noisy_from: int | None = None,
         **model_kwargs: Any,
     ):
         """One model call: new tokens ``input_ids`` [b, s] at ``positions`` [b, s] after ``cache``.
@@ -362,21 +365,27 @@ class Engine:
         mask ``attention_mask`` [b, cache + s] (None = no padding), or ``custom_mask``
         [b, s, cache + s] (bool, True = may attend) for patterns such as trees or bidirectional
         blocks; see :meth:`mask_for_new_tokens`. ``logits_to_keep=k`` computes logits for the
-        last k tokens only (0 = all).
+        last k tokens only (0 = all). ``noisy_from=j`` marks tokens j.. as a block-diffusion model's
+        noisy stream, which a model with separate noisy weights runs through them
+        (``models/noisy_weights.py``); the rest, and every token by default, are clean.
         """
         if custom_mask is not None:
             if attention_mask is not None:
                 raise ValueError("pass either attention_mask (padding) or custom_mask, not both")
             attention_mask = self._model_mask(custom_mask, cache.get_seq_length())
-        return self.model(
-            input_ids=input_ids,
-            past_key_values=cache,
-            position_ids=positions,
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **model_kwargs,
-        )
+        noisy = None
+        if noisy_from is not None:
+            noisy = (torch.arange(input_ids.shape[1], device=input_ids.device) >= noisy_from).expand_as(input_ids)
+        with noisy_tokens(self.model, noisy):
+            return self.model(
+                input_ids=input_ids,
+                past_key_values=cache,
+                position_ids=positions,
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **model_kwargs,
+            )
 
     @staticmethod
     def mask_for_new_tokens(padding_mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ Layout of an export directory (``leaplm export RUN_OR_CHECKPOINT --out DIR`` or 
   tokenizer files
   adapter/                         a LoRA run exported without merging: the peft adapter; the
                                    weights beside it are then the base model's
-  files a recipe adds              e.g. draft heads, listed in ``leaplm.files``
+  files a recipe adds              e.g. draft heads or ar2bd's separate noisy weights, listed in ``leaplm.files``
   leaplm_config.yaml               the training config
   eval.json / bench.*              the numbers (and bench.png, the speed/quality plot) of the card
   README.md                        the model card (:data:`CARD_TEMPLATE`)
@@ -30,6 +30,7 @@ import jinja2
 
 import leaplm
 from leaplm.models.draft_heads import attach_saved_heads, save_attached_heads
+from leaplm.models.noisy_weights import save_noisy_weights
 from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
 from leaplm.models.zoo import DTYPES
 
@@ -228,6 +229,7 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     if weights.can_generate():  # not, e.g., Learn2PD's unmask filter
         _write_generation_config(weights, tokenizer, cfg, out)
     head_files = save_attached_heads(model, out)  # draft heads go beside the base, in their own files
+    head_files += save_noisy_weights(model, out, None if cfg.export.dtype is None else DTYPES[cfg.export.dtype])
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
     section["files"] += head_files

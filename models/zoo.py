@@ -98,7 +98,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported causal LM and its tokenizer; unsupported families fail with a clear error.
 
-    Heads saved beside the weights (``draft_heads.safetensors``) are attached as ``model.draft_heads``.
+    Heads saved beside the weights (``draft_heads.safetensors``) are attached as ``model.draft_heads``,
+    and separate noisy weights (``noisy_weights.safetensors``, ``models/noisy_weights.py``) are split in.
     """
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path)
@@ -106,10 +107,12 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation=attention_for(config.model_type, attn_implementation)
     )
-    if Path(path).is_dir():  # draft or acceptance heads saved beside the weights ride along
+    if Path(path).is_dir():  # draft or acceptance heads, or noisy weights, saved beside the weights ride along
         from leaplm.models.draft_heads import attach_saved_heads
+        from leaplm.models.noisy_weights import attach_saved_noisy_weights
 
         attach_saved_heads(model, path)
+        attach_saved_noisy_weights(model, path)
     if device is not None:
         model.to(device)
     return model, load_tokenizer(tokenizer or name_or_path)

@@ -6,7 +6,9 @@ the dense mask (its reference) on CPU.
 Data: chat samples (synthetic suite or any prompt/response dataset); the response is noised.
 Loss: masked-token CE with token shift, per-block noise level, optional 1/t weight and
 complementary view, block-start CE, optional auxiliary AR loss (``losses/block_diffusion.py``);
-the block size can grow over training (NBDiff's curriculum, AR = block size 1).
+the block size can grow over training (NBDiff's curriculum, AR = block size 1). With
+``method.noisy_weights: separate`` only noisy tokens' copies of the linear layers train and the
+clean stream stays the original model (``models/noisy_weights.py``).
 Decoder for eval and bench: ``block_diffusion`` (``inference/block_diffusion.py``).
 
     leaplm train configs/ar2bd/tiny_teacher.yaml
@@ -33,9 +35,12 @@ from leaplm.models.block_diffusion import (
     spec_of,
     training_attention,
 )
-from leaplm.models.two_stream import attention_backend, resolve_backend
+from leaplm.models.noisy_weights import noisy_tokens, split_noisy_weights
+from leaplm.models.two_stream import NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
+
+NOISY_WEIGHTS = ("shared", "separate")
 
 
 @dataclass
@@ -53,6 +58,10 @@ class AR2BDConfig:
     ar_weight: float = 0.0  # auxiliary AR loss on the clean stream (NBDiff); needs clean_attention=causal
     attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
     mask_token: str = MASK_TOKEN
+    # shared: one set of weights for both streams (the papers). separate: noisy tokens get their own
+    # trained copy of every linear layer and the clean stream stays the original model, so verified
+    # decoding emits exactly its greedy output (models/noisy_weights.py); twice the linear weights.
+    noisy_weights: str = "shared"
     # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
     # instead of [rows, 2 x length, vocab] logits: the memory of large vocabularies.
     fused_loss: bool = False
@@ -76,6 +85,13 @@ class AR2BDConfig:
                 "method.ar_weight > 0 needs method.clean_attention=causal: under block_causal a clean token sees the "
                 "rest of its block, so next-token prediction on it would read the answer"
             )
+        if self.noisy_weights not in NOISY_WEIGHTS:
+            raise ConfigError(f"method.noisy_weights must be one of {', '.join(NOISY_WEIGHTS)}, got {self.noisy_weights!r}")
+        if self.noisy_weights == "separate" and (self.ar_weight > 0 or self.fused_loss):
+            raise ConfigError(
+                "method.noisy_weights=separate keeps the clean stream the original, frozen model: set method.ar_weight=0 "
+                "(an AR loss on it would train nothing) and method.fused_loss=false (it reads the clean LM head)"
+            )
 
     def block_size_at(self, step: int) -> int:
         if step >= self.curriculum_steps or not self.block_size_curriculum:
@@ -93,6 +109,13 @@ def build_model(cfg: Config):
     if getattr(model.config, "block_diffusion", None):
         raise BlockDiffusionError(f"{cfg.model.name_or_path} is already a block-diffusion model; start from an AR model")
     convert(model, tokenizer, m.block_size, m.clean_attention, m.mask_token)
+    if m.noisy_weights == "separate":
+        if cfg.model.lora.r > 0 or cfg.model.gradient_checkpointing:
+            raise ConfigError(
+                "method.noisy_weights=separate trains full noisy copies of the linear layers, and its stream roles are "
+                "set only during the forward: set model.lora.r=0 and model.gradient_checkpointing=false"
+            )
+        split_noisy_weights(model)
     return model, tokenizer
 
 
@@ -130,7 +153,7 @@ def loss(model, batch, cfg: Config):
     device = next(model.parameters()).device
     layout = layout.to(device)
     backend = resolve_backend(m.attention, device)
-    with attention_backend(core, backend):
+    with attention_backend(core, backend), noisy_tokens(core, layout.stream == NOISY):
         inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
                       attention_mask=training_attention(core, layout, backend), use_cache=False)
         if m.fused_loss:

@@ -42,6 +42,7 @@ from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollout
 from leaplm.losses.block_diffusion import build_batch
 from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
 from leaplm.models.block_diffusion import export_settings, spec_of, training_attention
+from leaplm.models.noisy_weights import has_noisy_weights
 from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
 from leaplm.train.recipes import Recipe
@@ -71,9 +72,9 @@ class DParallelConfig:
             raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
-def load_block_diffusion_model(cfg: Config, recipe: str):
-    """The block-diffusion model to distill, as the engine decodes it (sdpa/eager); the losses
-    switch to FlexAttention for their forward when the backend is flex."""
+def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True):
+    """The block-diffusion model to distill (``trained``) or to roll out with, as the engine decodes
+    it (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex."""
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"{recipe} rolls out and evaluates through the engine, which needs model.attn_implementation "
                           f"sdpa or eager (got {cfg.model.attn_implementation!r}); method.attention=flex trains with "
@@ -81,6 +82,9 @@ def load_block_diffusion_model(cfg: Config, recipe: str):
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                   cfg.model.tokenizer)
     spec_of(model)  # refuses a model that is not block diffusion, naming ar2bd as the fix
+    if trained and has_noisy_weights(model):
+        raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
+                          f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
     return model, tokenizer
 
 

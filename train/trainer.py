@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from leaplm.config import Config
 from leaplm.models.draft_heads import save_attached_heads
+from leaplm.models.noisy_weights import save_noisy_weights
 from leaplm.train import checkpoint as ckpt
 from leaplm.train.recipes import Recipe, get_recipe
 
@@ -383,6 +384,7 @@ class Trainer:
         if acc.is_main_process:
             self.unwrapped_model().save_pretrained(tmp / "model", safe_serialization=True)
             save_attached_heads(self.unwrapped_model(), tmp / "model")  # draft heads, when the recipe added them
+            save_noisy_weights(self.unwrapped_model(), tmp / "model")  # ar2bd's separate noisy weights, likewise
             self.tokenizer.save_pretrained(tmp / "model")
             self.cfg.save(tmp / "config.yaml")
             final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step()},
