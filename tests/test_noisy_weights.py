@@ -166,30 +166,3 @@ def test_separate_noisy_weights_config_errors():
     with pytest.raises(ConfigError, match="model.lora.r=0"):
         build_model(load_config(None, ["recipe=ar2bd", "method.noisy_weights=separate", "model.lora.r=4",
                                        "model.name_or_path=tiny-teacher"]))
-
-
-def test_noisy_copies_start_from_a_shared_adaptation(tmp_path):
-    from leaplm.train.ar2bd import start_noisy_weights_from
-
-    model, tokenizer = converted("qwen3", block_size=4)
-    donor = copy.deepcopy(model)
-    with torch.no_grad():
-        for param in donor.parameters():
-            param.mul_(1.5)
-    donor.save_pretrained(tmp_path / "donor")
-    tokenizer.save_pretrained(tmp_path / "donor")
-    split = copy.deepcopy(model)
-    split_noisy_weights(split)
-    start_noisy_weights_from(split, str(tmp_path / "donor"))
-    donors = dict(donor.named_modules())
-    for name, module in split.named_modules():
-        if isinstance(module, TwoStreamLinear):
-            assert torch.equal(module.noisy_weight, donors[name].weight)
-            assert torch.equal(module.weight, dict(model.named_modules())[name].weight)  # the clean stream is untouched
-    split.save_pretrained(tmp_path / "split")
-    save_noisy_weights(split, tmp_path / "split")
-    tokenizer.save_pretrained(tmp_path / "split")
-    with pytest.raises(ConfigError, match="must be a shared-weights block-diffusion model"):
-        start_noisy_weights_from(copy.deepcopy(split), str(tmp_path / "split"))
-    with pytest.raises(ConfigError, match="set method.noisy_weights=separate"):
-        load_config(None, ["recipe=ar2bd", "method.noisy_init=tiny-teacher-bd"])

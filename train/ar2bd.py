@@ -35,7 +35,7 @@ from leaplm.models.block_diffusion import (
     spec_of,
     training_attention,
 )
-from leaplm.models.noisy_weights import TwoStreamLinear, has_noisy_weights, noisy_tokens, split_noisy_weights
+from leaplm.models.noisy_weights import noisy_tokens, split_noisy_weights
 from leaplm.models.two_stream import NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
@@ -62,10 +62,6 @@ class AR2BDConfig:
     # trained copy of every linear layer and the clean stream stays the original model, so verified
     # decoding emits exactly its greedy output (models/noisy_weights.py); twice the linear weights.
     noisy_weights: str = "shared"
-    # With noisy_weights=separate: a block-diffusion model adapted with shared weights (path or zoo
-    # alias) whose linear layers start the noisy copies, so a short run turns an existing adaptation
-    # into one whose AR model is the original. None = start them from the model itself.
-    noisy_init: str | None = None
     # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
     # instead of [rows, 2 x length, vocab] logits: the memory of large vocabularies.
     fused_loss: bool = False
@@ -91,8 +87,6 @@ class AR2BDConfig:
             )
         if self.noisy_weights not in NOISY_WEIGHTS:
             raise ConfigError(f"method.noisy_weights must be one of {', '.join(NOISY_WEIGHTS)}, got {self.noisy_weights!r}")
-        if self.noisy_init and self.noisy_weights != "separate":
-            raise ConfigError("method.noisy_init starts separate noisy weights: set method.noisy_weights=separate")
         if self.noisy_weights == "separate" and (self.ar_weight > 0 or self.fused_loss):
             raise ConfigError(
                 "method.noisy_weights=separate keeps the clean stream the original, frozen model: set method.ar_weight=0 "
@@ -122,28 +116,7 @@ def build_model(cfg: Config):
                 "set only during the forward: set model.lora.r=0 and model.gradient_checkpointing=false"
             )
         split_noisy_weights(model)
-        if m.noisy_init:
-            start_noisy_weights_from(model, m.noisy_init)
     return model, tokenizer
-
-
-def start_noisy_weights_from(model, source: str) -> None:
-    """Copy the linear weights of ``source`` (a shared-weights block-diffusion model) into ``model``'s noisy copies."""
-    donor, _ = load_model(source)
-    if has_noisy_weights(donor) or spec_of(donor).mask_token_id != spec_of(model).mask_token_id:
-        raise ConfigError(f"method.noisy_init={source} must be a shared-weights block-diffusion model adapted from "
-                          f"this model with the same mask token (its mask token id: {spec_of(donor).mask_token_id}, "
-                          f"ours: {spec_of(model).mask_token_id})")
-    donors = dict(donor.named_modules())
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, TwoStreamLinear):
-                if name not in donors or donors[name].weight.shape != module.weight.shape:
-                    raise ConfigError(f"method.noisy_init={source} has no layer {name} of shape "
-                                      f"{tuple(module.weight.shape)}; start from a model adapted from this one")
-                module.noisy_weight.copy_(donors[name].weight)
-                if module.noisy_bias is not None:
-                    module.noisy_bias.copy_(donors[name].bias)
 
 
 def build_dataset(cfg: Config, tokenizer):
