@@ -228,11 +228,12 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         config.save_pretrained(out)
     if weights.can_generate():  # not, e.g., Learn2PD's unmask filter
         _write_generation_config(weights, tokenizer, cfg, out)
-    head_files = save_attached_heads(model, out)  # draft heads go beside the base, in their own files
-    head_files += save_noisy_weights(model, out, None if cfg.export.dtype is None else DTYPES[cfg.export.dtype])
+    # draft heads and separate noisy weights go beside the base, in their own files
+    side_files = save_attached_heads(model, out)
+    side_files += save_noisy_weights(model, out, None if cfg.export.dtype is None else DTYPES[cfg.export.dtype])
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
-    section["files"] += head_files
+    section["files"] += side_files
     config_file = out / "config.json"
     config_json = json.loads(config_file.read_text())
     config_json[LEAPLM_KEY] = section
