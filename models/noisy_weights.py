@@ -16,7 +16,7 @@ tokens touch (embeddings, norms, the original linears) is frozen. Then:
 
 The cost is a second copy of every linear layer's weights. Each token goes through one of the
 two, so FLOPs are unchanged, but a forward mixing both streams (the fused commit pass) runs two
-smaller matmuls per layer: on a CPU 12.3-12.9 ms against 8.8-9.1 ms for 32 tokens of the tiny
+smaller matmuls per layer: on a CPU 12.3-12.9 ms against 8.5-9.4 ms for 32 tokens of the tiny
 teacher (``docs/ar2bd.md``). Not a paper's choice: Fast-dLLM v2 and NBDiff share the weights, and
 NBDiff's auxiliary AR loss is its answer to the drift; this is a self-speculative reading of the
 same recipe, where the noisy weights draft and the untouched model verifies.
