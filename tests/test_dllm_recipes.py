@@ -1,6 +1,8 @@
 """The distillation recipes' data paths: decoded rollouts (reuse, sharding), the dParallel and
 CD4LM batches, on a tiny random block-diffusion model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,10 +10,12 @@ from leaplm.config import load_config
 from leaplm.data.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
 from leaplm.inference.engine import Engine
 from leaplm.losses.block_diffusion import NOISY_TARGET
-from leaplm.models.two_stream import NOISY
+from leaplm.models.noisy_weights import split_noisy_weights
+from leaplm.models.two_stream import CLEAN, NOISY
 from leaplm.train import cd4lm, dparallel
 from tests.test_block_diffusion_decoder import converted, prompts_of
 from tests.test_cllm import run_ranks
+from tests.test_noisy_weights import perturb_noisy_weights
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,33 @@ def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp
     assert int(batch["n_targets"]) == len(targets.labels)
     loss, metrics = dparallel.loss(model, {**batch, "step": 0}, cfg)
     assert torch.isfinite(loss) and 0 <= metrics["masked_correct"] <= 1
+
+
+def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, monkeypatch):
+    """A split model's loss equals the shared model's until its noisy copies move; then only the
+    noisy copies get gradients, and the clean rows' logits stay the original model's."""
+    model, tokenizer = tiny_bd
+    cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=all"])
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts_of(tokenizer), (9, 4, 6))]
+    batch = {**dparallel.build_collator(cfg, tokenizer)(samples), "step": 0}
+    split = copy.deepcopy(model)
+    split_noisy_weights(split)
+    with torch.no_grad():
+        assert torch.equal(dparallel.loss(split, batch, cfg)[0], dparallel.loss(model, batch, cfg)[0])
+    perturb_noisy_weights(split)
+    loss, _ = dparallel.loss(split, batch, cfg)
+    assert not torch.isclose(loss, dparallel.loss(model, batch, cfg)[0])
+    loss.backward()
+    trained = {name for name, p in split.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(name.endswith(("noisy_weight", "noisy_bias")) for name in trained)
+    layout = batch["layout"]
+    with torch.no_grad():
+        ours = dparallel.two_stream_forward(split, layout, "dense")
+        want = dparallel.two_stream_forward(model, layout, "dense")
+    clean = layout.stream == CLEAN
+    assert torch.equal(ours[clean], want[clean]) and not torch.allclose(ours[layout.stream == NOISY],
+                                                                         want[layout.stream == NOISY])
 
 
 def test_cd4lm_teacher_sees_a_nested_less_masked_input(tiny_bd, monkeypatch):

@@ -18,6 +18,7 @@ from leaplm.models.noisy_weights import (
     NOISY_WEIGHTS_FILE,
     StreamRoles,
     TwoStreamLinear,
+    has_noisy_weights,
     noisy_state_dict,
     noisy_tokens,
     save_noisy_weights,
@@ -132,7 +133,12 @@ def test_saved_noisy_weights_load_back_and_plain_transformers_gets_the_original(
     from leaplm.train.dparallel import load_block_diffusion_model
 
     with pytest.raises(ConfigError, match="distill a model adapted with shared weights"):
-        load_block_diffusion_model(load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}"]), "dparallel")
+        load_block_diffusion_model(load_config(None, ["recipe=cd4lm", f"model.name_or_path={tmp_path}"]), "cd4lm")
+    dparallel_cfg = load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}", "model.lora.r=0"])
+    assert has_noisy_weights(load_block_diffusion_model(dparallel_cfg, "dparallel", routes_noisy=True)[0])
+    with pytest.raises(ConfigError, match="set model.lora.r=0"):
+        load_block_diffusion_model(load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}",
+                                                      "model.lora.r=8"]), "dparallel", routes_noisy=True)
     assert load_block_diffusion_model(load_config(None, ["recipe=learn2pd", f"model.name_or_path={tmp_path}"]),
                                       "learn2pd", trained=False)[0] is not None
 

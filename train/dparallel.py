@@ -4,7 +4,10 @@
     accelerate launch --config_file launch/accelerate/zero2.yaml -m leaplm.train configs/dparallel/qwen2.5-1.5b.yaml
 
 Model: an already adapted block-diffusion LM (``train/ar2bd.py``; e.g. ``tiny-teacher-bd``),
-LoRA by default in the configs (``model.lora.r``; 0 = full fine-tuning).
+LoRA by default in the configs (``model.lora.r``; 0 = full fine-tuning). A model adapted with
+separate noisy weights trains only those (full fine-tuning of the copies, clean stream frozen), so
+its verified decoding still writes the AR teacher's greedy output
+(``configs/dparallel/tiny_teacher_separate.yaml``).
 Rollout: the model decodes the training prompts with its ``block_diffusion`` decoder
 (``rollout.decoder_args``; one token per step, ``threshold: 1.0``, as dParallel's 256-step
 trajectories), answers that fail their task's checker are dropped (``rollout.drop_wrong``); the
@@ -42,8 +45,8 @@ from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollout
 from leaplm.losses.block_diffusion import build_batch
 from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
 from leaplm.models.block_diffusion import export_settings, spec_of, training_attention
-from leaplm.models.noisy_weights import has_noisy_weights
-from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
+from leaplm.models.noisy_weights import has_noisy_weights, noisy_tokens
+from leaplm.models.two_stream import ATTENTION_BACKENDS, NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
@@ -72,9 +75,14 @@ class DParallelConfig:
             raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
-def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True):
+def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True, routes_noisy: bool = False):
     """The block-diffusion model to distill (``trained``) or to roll out with, as the engine decodes
-    it (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex."""
+    it (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex.
+
+    A model with separate noisy weights (ar2bd ``method.noisy_weights: separate``) is distilled only
+    by a recipe whose loss marks the noisy tokens (``routes_noisy``); its clean stream stays frozen
+    and only the noisy copies train, so it needs full fine-tuning of those copies (no LoRA).
+    """
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"{recipe} rolls out and evaluates through the engine, which needs model.attn_implementation "
                           f"sdpa or eager (got {cfg.model.attn_implementation!r}); method.attention=flex trains with "
@@ -83,14 +91,19 @@ def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True):
                                   cfg.model.tokenizer)
     spec_of(model)  # refuses a model that is not block diffusion, naming ar2bd as the fix
     if trained and has_noisy_weights(model):
-        raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
-                          f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
+        if not routes_noisy:
+            raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
+                              f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
+        if cfg.model.lora.r > 0 or cfg.model.gradient_checkpointing:
+            raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights: {recipe} trains those copies in full "
+                              "and sets the stream roles only during the forward; set model.lora.r=0 and "
+                              "model.gradient_checkpointing=false")
     return model, tokenizer
 
 
 def build_model(cfg: Config):
     check_rollout_sections(cfg, "dparallel", 1, decoder="block_diffusion")
-    return load_block_diffusion_model(cfg, "dparallel")
+    return load_block_diffusion_model(cfg, "dparallel", routes_noisy=True)
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
@@ -106,9 +119,10 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
 
 
 def two_stream_forward(model, layout, backend: str) -> torch.Tensor:
-    """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``."""
+    """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``; the noisy
+    stream's tokens go through the noisy weights of a model that has them (a no-op otherwise)."""
     core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    with attention_backend(core, backend):
+    with attention_backend(core, backend), noisy_tokens(core, layout.stream == NOISY):
         attention = training_attention(core, layout, backend)
         return model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
                      use_cache=False).logits
