@@ -105,7 +105,8 @@ from leaplm.inference.engine import (
 )
 from leaplm.inference.kernels.verify import verify_block
 
-INITS = ("prompt", "pad", "repeat")
+INITS = ("prompt", "pad", "repeat", "lookup")
+LOOKUP_NGRAM = 3  # longest context suffix that "lookup" matches
 
 
 # ----- Settings -----------------------------------------------------------------------------
@@ -154,6 +155,23 @@ class NgramPool:
         return []
 
 
+def lookup_continuation(context: list[int], count: int, max_ngram: int = LOOKUP_NGRAM) -> list[int]:
+    """At most ``count`` tokens that followed an earlier occurrence of the longest suffix of
+    ``context`` found (``max_ngram`` tokens down to 1): prompt lookup, as prompt-lookup decoding.
+    Of the occurrences, the latest followed by ``count`` tokens, else the one followed by most."""
+    for k in range(min(max_ngram, len(context) - 1), 0, -1):
+        suffix, best = context[-k:], []
+        for start in range(len(context) - k - 1, -1, -1):  # latest first; the suffix itself excluded
+            if context[start:start + k] == suffix:
+                following = context[start + k:start + k + count]
+                if len(following) == count:
+                    return following
+                best = max(best, following, key=len)
+        if best:
+            return best
+    return []
+
+
 def initial_guesses(init: str, batch: PromptBatch, first: torch.Tensor, count: int, pad_token_id: int,
                     generator: torch.Generator) -> torch.Tensor:
     """``count`` guesses per row [b, count] for a new block whose first token is ``first`` [b]."""
@@ -161,7 +179,7 @@ def initial_guesses(init: str, batch: PromptBatch, first: torch.Tensor, count: i
         return torch.full((batch.size, count), pad_token_id, dtype=torch.long, device=first.device)
     if init == "repeat":
         return first[:, None].expand(-1, count).clone()
-    # "prompt": uniform over each row's real (unpadded) prompt tokens, which sit at the right end.
+    # "prompt" (and where "lookup" found nothing): uniform over each row's real (unpadded) prompt tokens, at the right end.
     draws = torch.rand(batch.size, count, generator=generator, device=first.device)  # [b, count]
     columns = batch.width - batch.lengths[:, None] + (draws * batch.lengths[:, None]).long()  # [b, count]
     return batch.input_ids.gather(1, columns)
@@ -299,10 +317,12 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
             return
         first = tokens.gather(1, ends[:, None]).squeeze(1)  # [b] the new block's first token
         guesses = initial_guesses(init, batch, first, n - 1, engine.pad_token_id, generator)  # [b, n - 1]
-        if pools is not None:
-            for row in grow.nonzero().squeeze(1).tolist():
-                recycled = pools[row].continuation(int(first[row]), n - 1)
-                guesses[row, : len(recycled)] = torch.tensor(recycled, dtype=torch.long, device=device)
+        for row in grow.nonzero().squeeze(1).tolist():
+            seeded = pools[row].continuation(int(first[row]), n - 1) if pools is not None else []
+            if not seeded and init == "lookup":
+                prompt = batch.input_ids[row, batch.width - int(batch.lengths[row]):].tolist()
+                seeded = lookup_continuation(prompt + tokens[row, : int(ends[row]) + 1].tolist(), n - 1)
+            guesses[row, : len(seeded)] = torch.tensor(seeded, dtype=torch.long, device=device)
         slots = ends[:, None] + 1 + torch.arange(n - 1, device=device)  # [b, n - 1]
         tokens.scatter_(1, slots, torch.where(grow[:, None], guesses, tokens.gather(1, slots)))
         drawn.scatter_(1, slots, drawn.gather(1, slots) & ~grow[:, None])

@@ -50,7 +50,9 @@ Where we differ from the reference:
   and a row's last block may be shorter than the block size.
 - **States are picked here, not in a data script.** The reference packs offline
   (``2_prepare_...progressive_noise_window.py``); :func:`pick_states` is the same rule as a
-  function, deterministic, for a recipe to call when it builds its dataset. The paper's
+  function, deterministic, for a recipe to call when it builds its dataset. Its ``offset``
+  shifts an answer's place in the window (the reference: 0 for every answer; the recipe's
+  default draws one per answer, so short answers' first blocks see every target too). The paper's
   blog writes the loss as ``L_pc + lambda L_AR``; its code's lambda is the factor 10 above.
 """
 
@@ -92,14 +94,16 @@ def noise_schedule(window_size: int = 16, min_ratio: float = 0.0, max_ratio: flo
 
 
 def pick_states(blocks: Sequence[Sequence[Sequence[int]]], *, window_size: int = 16, min_ratio: float = 0.0,
-                max_ratio: float = 1.0, strategy: str = "progressive") -> list[Pair]:
+                max_ratio: float = 1.0, strategy: str = "progressive", offset: int = 0) -> list[Pair]:
     """One (noisy state, fixed point) pair per block, by the noise schedule.
 
     ``blocks`` are one answer's blocks in order from its start, each given as its trajectory:
     the list of its Jacobi states, the last being the fixed point (the ``states`` of
     ``collect_jacobi_trajectories``' rows, sorted by ``block_index``). Block j takes the state
-    whose :func:`noise_ratio` is nearest ``schedule[j % window_size]`` (reversed for
-    ``strategy="reverse"``), the earliest on a tie.
+    whose :func:`noise_ratio` is nearest ``schedule[(j + offset) % window_size]`` (reversed for
+    ``strategy="reverse"``), the earliest on a tie. ``offset`` 0 is the reference (every answer's
+    first block takes the window's first target); answers shorter than a window need offsets
+    that vary between answers, or their first blocks never see the window's later targets.
     """
     if strategy not in STRATEGIES:
         raise JacobiForcingError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -113,7 +117,7 @@ def pick_states(blocks: Sequence[Sequence[Sequence[int]]], *, window_size: int =
         if not states:
             raise JacobiForcingError(f"block {j} has no states; a trajectory holds at least its fixed point")
         fixed = states[-1]
-        target = schedule[j % window_size]
+        target = schedule[(j + offset) % window_size]
         ratios = [noise_ratio(state, fixed) for state in states]
         best = min(range(len(states)), key=lambda i: abs(ratios[i] - target))
         pairs.append((list(states[best]), list(fixed)))

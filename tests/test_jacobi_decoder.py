@@ -15,7 +15,13 @@ from leaplm.data.tasks import TASKS, make_split
 from leaplm.inference import jacobi as jacobi_module
 from leaplm.inference.engine import DecoderError, Engine, TokenPicker, new_cache, shift_cache_rows
 from leaplm.inference.evaluate import task_prompts
-from leaplm.inference.jacobi import NgramPool, collect_jacobi_trajectories, jacobi, jacobi_multiblock
+from leaplm.inference.jacobi import (
+    NgramPool,
+    collect_jacobi_trajectories,
+    jacobi,
+    jacobi_multiblock,
+    lookup_continuation,
+)
 from leaplm.models.zoo import TINY_FAMILIES, load_model, tiny_model
 
 MAX_NEW = 24
@@ -48,7 +54,8 @@ def test_greedy_equals_generate_and_ar(family, lively_tiny):
     assert len({tuple(s) for s in reference}) > 1, "rows should differ; batched parity would be trivial"
     parallel = 0.0
     for decoder, settings in (("jacobi", dict(block_size=4)), ("jacobi", dict(block_size=16)),
-                              ("jacobi_multiblock", MULTIBLOCK)):
+                              ("jacobi", dict(block_size=4, init="lookup")), ("jacobi_multiblock", MULTIBLOCK),
+                              ("jacobi_multiblock", dict(MULTIBLOCK, init="lookup"))):
         batched = engine.generate(prompts, decoder, MAX_NEW, **settings)
         assert batched.sequences == reference, (decoder, settings)
         assert engine.generate(prompts[1:2], decoder, MAX_NEW, **settings).sequences == reference[1:2]
@@ -101,7 +108,8 @@ def test_embedded_teacher_matches_generate():
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer, TASKS)
     reference = engine.generate(prompts, "hf_generate", 48)
-    for decoder, settings in (("jacobi", {}), ("jacobi", dict(block_size=8, init="pad")), ("jacobi_multiblock", {})):
+    for decoder, settings in (("jacobi", {}), ("jacobi", dict(block_size=8, init="pad")), ("jacobi_multiblock", {}),
+                              ("jacobi", dict(init="lookup")), ("jacobi_multiblock", dict(init="lookup"))):
         out = engine.generate(prompts, decoder, 48, **settings)
         assert out.sequences == reference.sequences, (decoder, settings)
         assert out.texts == reference.texts
@@ -178,7 +186,7 @@ def test_forward_counts_on_a_model_that_always_predicts_one_token():
     engine = Engine(model, tokenizer)
     expected = [[token] * 12]
 
-    def forwards(decoder, **settings) -> int:
+    def forwards(decoder, prompt=prompt, **settings) -> int:
         out = engine.generate([prompt], decoder, 12, **settings)
         assert out.sequences == expected
         return out.stats.forward_passes
@@ -197,10 +205,23 @@ def test_forward_counts_on_a_model_that_always_predicts_one_token():
     # [8, 12); forward 4 makes 6..9 final, forward 5 the rest.
     assert forwards("jacobi_multiblock", **MULTIBLOCK, recycle=False) == 5
     assert forwards("jacobi_multiblock", block_size=4, n_blocks=1, recycle=False) == 7  # that is `jacobi`
+    # Prompt lookup: block [0, 4) finds no `token` in the context (prompt draws, 2 forwards); blocks
+    # [4, 8) and [8, 12) find the run the answer has written (guesses `token`, 1 forward each).
+    assert forwards("jacobi", block_size=4, init="lookup") == 5
+    # A prompt that holds a run of `token`: one forward a block from the first, like "repeat".
+    assert forwards("jacobi", block_size=4, init="lookup", prompt=prompt + [token] * 4) == 4
     # A stop token as the first token ends the row after the prefill.
     stopping = Engine(model, tokenizer, stop_token_ids=[token])
     out = stopping.generate([prompt], "jacobi", 12)
     assert out.sequences == [[token]] and out.stats.forward_passes == 1
+
+
+def test_lookup_continuation_follows_the_longest_earlier_suffix_match():
+    assert lookup_continuation([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the 3-gram [1, 2, 3] seen before
+    assert lookup_continuation([5, 1, 2, 7, 7, 1, 2], 2) == [7, 7]  # no earlier [7, 1, 2]: the 2-gram [1, 2]
+    assert lookup_continuation([4, 4, 4, 4, 4, 4, 4], 3) == [4, 4, 4]  # the latest match with 3 tokens after it
+    assert lookup_continuation([1, 2, 9, 2], 5) == [9, 2]  # none has 5 after it: the one followed by most
+    assert lookup_continuation([1, 2, 3, 4, 5], 2) == []  # the last token never occurred before
 
 
 def test_block_size_one_is_ar(lively_tiny):
@@ -270,7 +291,7 @@ def test_setting_errors(tiny):
         with pytest.raises(DecoderError, match=r"spawn_ratio must be in \(0, 1\] \(the fraction of the newest block"):
             engine.generate(prompts, "jacobi_multiblock", 4, spawn_ratio=ratio)
     for decoder in ("jacobi", "jacobi_multiblock"):
-        with pytest.raises(DecoderError, match="unknown init 'random'; choose one of prompt, pad, repeat"):
+        with pytest.raises(DecoderError, match="unknown init 'random'; choose one of prompt, pad, repeat, lookup"):
             engine.generate(prompts, decoder, 4, init="random")
     with pytest.raises(DecoderError, match="n_blocks must be a positive integer"):
         engine.generate(prompts, "jacobi_multiblock", 4, n_blocks=0)

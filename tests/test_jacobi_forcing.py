@@ -56,6 +56,9 @@ def test_progressive_schedule_picks_the_nearest_state_per_block():
     # target 0.5 between ratios 0.75 and 0.25 only: a tie goes to the earlier state
     sparse = [[1, 9, 9, 9], [1, 2, 3, 9], fixed]
     assert pick_states([sparse, sparse], window_size=3, min_ratio=0.0, max_ratio=1.0)[1][0] == [1, 9, 9, 9]
+    # an offset enters the window later: block 0 takes the window's second target
+    shifted = pick_states([trajectory] * 4, window_size=3, offset=1)
+    assert [noise_ratio(noisy, f) for noisy, f in shifted] == [0.5, 1.0, 0.0, 0.5]
     # a window narrower than the trajectory: targets 0.25 and 0.75
     pairs = pick_states([trajectory] * 2, window_size=2, min_ratio=0.25, max_ratio=0.75)
     assert [p[0] for p in pairs] == [[1, 2, 3, 9], [1, 9, 9, 9]]

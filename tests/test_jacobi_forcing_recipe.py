@@ -49,10 +49,17 @@ def test_recipe_rolls_out_trains_and_exports(tmp_path):
     _, tokenizer = load_model("tiny-teacher")
     samples = jacobi_forcing.build_dataset(cfg, tokenizer)
     assert 0 < len(samples) <= 4
+    starts = set()
     for s in samples:
         assert all(len(fixed) == 8 for _, fixed in s["pairs"][:-1])
-        # window 2 from 0 to 1: block 0 takes its fixed point (ratio 0), block 1 its noisiest state
-        assert noise_ratio(*s["pairs"][0]) == 0
+        # window 2 from 0 to 1, entered at each answer's own offset: its blocks alternate between the
+        # fixed point (ratio 0) and the noisiest state, from either one
+        ratios = [noise_ratio(*pair) for pair in s["pairs"]]
+        assert all(r == 0 for r in ratios[::2]) or all(r == 0 for r in ratios[1::2])
+        starts.add(ratios[0] == 0)
+    assert starts == {True, False}  # both offsets occur among the answers
+    reference = load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", "method.window_offset=start"])
+    assert all(noise_ratio(*s["pairs"][0]) == 0 for s in jacobi_forcing.build_dataset(reference, tokenizer))
     batch = jacobi_forcing.build_collator(cfg, tokenizer)(samples[:2])
     assert int(batch["n_targets"]) == sum(len(f) for s in samples[:2] for _, f in s["pairs"])
 
@@ -104,9 +111,10 @@ def test_quickstart_stage_trains_exports_and_benches(tmp_path):
     ("method.block_size=1", "method.block_size must be >= 2"),
     ("method.min_noise_ratio=1.5", r"need 0 <= method.min_noise_ratio <= method.max_noise_ratio <= 1"),
     ("method.strategy=random", "method.strategy must be one of progressive, reverse"),
+    ("method.window_offset=middle", "method.window_offset must be one of random, start"),
     ("method.noisy_context=both", "method.noisy_context must be one of noisy, clean"),
     ("method.attention=sdpa", "method.attention must be one of auto, flex, dense"),
-    ("method.init=random", "method.init must be one of prompt, pad, repeat"),
+    ("method.init=random", "method.init must be one of prompt, pad, repeat, lookup"),
     ("method.temperature=0", "method.temperature must be positive"),
     ("method.ar_weight=-1", "method.ar_weight must be >= 0"),
     ("method.stages=[{block_size: 16, max_steps: 5}, {block_size: 32, max_steps: 5}]",

@@ -9,7 +9,8 @@ every block's Jacobi states and fixed point (``data/rollouts.py``, through the s
 ``train/rollout_step.py``; sharded over ranks, reused on a rerun with the same settings).
 Data: one sample per prompt: its answer's blocks in order, each as a (noisy state, fixed point)
 pair whose state is chosen by the progressive noise schedule over a window of blocks
-(``losses/jacobi_forcing.py::pick_states``; deterministic, chosen once when the dataset is built).
+(``losses/jacobi_forcing.py::pick_states``; deterministic, chosen once when the dataset is built),
+each answer starting at its own seeded place in the window (``method.window_offset``).
 Batch: one packed row per prompt, ``prompt [k_0 | last_0] [k_1 | last_1] ...``, each pair on its
 block's position ids, under the Jacobi Forcing attention mask (``models/jacobi_forcing.py``;
 FlexAttention on GPUs, the dense mask on CPU).
@@ -27,7 +28,10 @@ Where we differ from the reference (hao-ai-lab/JacobiForcing): the states are pi
 dataset is built rather than by an offline packing script; rows of several prompts are batched
 (the reference: batch size 1) and a row's last block may be short; the AR term supervises the
 answer only, and the loss is a sum over answer tokens that the trainer normalises per step
-(``losses/jacobi_forcing.py`` lists these); trajectories of every stage, the first included, come
+(``losses/jacobi_forcing.py`` lists these); each answer's first block starts at a seeded random
+place in the noise window (the reference starts every answer at the window's start, which with
+answers shorter than a window trains their first blocks only on nearly converged states;
+``method.window_offset: start`` is the reference); trajectories of every stage, the first included, come
 from the model being trained (the reference's first stage used CLLM-style data of the base
 model, its later stages a Jacobi-Forcing-trained model, as here); answers that fail their task's
 checker are dropped (``rollout.drop_wrong``).
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -52,6 +57,9 @@ from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, reso
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
+
+
+WINDOW_OFFSETS = ("random", "start")
 
 
 @dataclass
@@ -75,6 +83,10 @@ class JacobiForcingConfig:
     min_noise_ratio: float = 0.0  # schedule start: 0 = the fixed point itself (only the AR term)
     max_noise_ratio: float = 1.0  # schedule end: 1 = a state wrong from its first token
     strategy: str = "progressive"  # progressive (easy to hard within a window) | reverse
+    # Where an answer's first block falls in the window: random (drawn per answer, seeded) | start (the
+    # reference: every answer's block 0 takes the window's first, least noisy target, so answers of
+    # fewer blocks than the window never train their first blocks on noisy states).
+    window_offset: str = "random"
     ar_weight: float = 10.0  # weight of the AR term; the reference's factor 10
     temperature: float = 1.0  # of the consistency soft CE (scaled by T^2); the reference's distill_temperature
     noisy_context: str = "noisy"  # a noisy block sees earlier noisy blocks (reference) | clean blocks
@@ -97,6 +109,7 @@ class JacobiForcingConfig:
             raise ConfigError(f"need 0 <= method.min_noise_ratio <= method.max_noise_ratio <= 1, got "
                               f"{self.min_noise_ratio}, {self.max_noise_ratio}")
         for key, value, choices in [("strategy", self.strategy, STRATEGIES), ("init", self.init, INITS),
+                                    ("window_offset", self.window_offset, WINDOW_OFFSETS),
                                     ("noisy_context", self.noisy_context, NOISY_CONTEXTS),
                                     ("attention", self.attention, ATTENTION_BACKENDS)]:
             if value not in choices:
@@ -188,8 +201,10 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
         if sorted(blocks) != list(range(len(blocks))):
             raise RolloutError(f"prompt {index} of {path} has blocks {sorted(blocks)}; an answer's blocks must run "
                                "from 0 without gaps. Collect the rollouts again")
+        offset = random.Random(f"{cfg.seed}:{index}").randrange(m.window_size) if m.window_offset == "random" else 0
         pairs = pick_states([blocks[j] for j in range(len(blocks))], window_size=m.window_size,
-                            min_ratio=m.min_noise_ratio, max_ratio=m.max_noise_ratio, strategy=m.strategy)
+                            min_ratio=m.min_noise_ratio, max_ratio=m.max_noise_ratio, strategy=m.strategy,
+                            offset=offset)
         samples.append({"prompt_ids": answers[index]["prompt_ids"], "pairs": pairs})
     return samples
 
