@@ -27,7 +27,10 @@ forward that verified them also predicted the next block's first token. The next
 (*spawned*) as soon as the current one has no guess left: its first token is the prediction at
 its index (final, or a guess when the block before it ended on a corrected token), and the rest
 are initial guesses by ``init``: ``"prompt"`` draws tokens uniformly from the row's prompt (as
-the reference does), ``"pad"`` uses the pad token, ``"repeat"`` repeats the block's first token.
+the reference does), ``"pad"`` uses the pad token, ``"repeat"`` repeats the block's first token,
+``"lookup"`` copies what followed the latest earlier occurrence of the row's last 1-3 tokens in
+its prompt and answer so far (prompt-lookup decoding's guess; our addition), drawing from the
+prompt where it finds nothing.
 
 **Several blocks in flight** (``jacobi_multiblock``). Up to ``n_blocks`` blocks are guessed at
 once: a new block is spawned once the newest one has *settled* ``ceil(spawn_ratio * block_size)``
