@@ -285,6 +285,9 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
     generator = pick.generator if pick.generator is not None else torch.Generator(device=device).manual_seed(seed)
     settle_run = math.ceil(spawn_ratio * n)  # settled tokens of the newest block that allow a spawn
     pools = [NgramPool(pool_size) for _ in range(b)] if pool_size else None
+    # "lookup" searches each row's real prompt tokens, then its answer so far
+    prompts = [row[batch.width - int(n):].tolist() for row, n in zip(batch.input_ids, batch.lengths)] \
+        if init == "lookup" else None
 
     # Indices read or written reach max_new_tokens + n_blocks * n + 1 (a finished row's columns
     # in a forward as wide as the widest guessed span); the columns past the budget are never kept.
@@ -322,9 +325,8 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
         guesses = initial_guesses(init, batch, first, n - 1, engine.pad_token_id, generator)  # [b, n - 1]
         for row in grow.nonzero().squeeze(1).tolist():
             seeded = pools[row].continuation(int(first[row]), n - 1) if pools is not None else []
-            if not seeded and init == "lookup":
-                prompt = batch.input_ids[row, batch.width - int(batch.lengths[row]):].tolist()
-                seeded = lookup_continuation(prompt + tokens[row, : int(ends[row]) + 1].tolist(), n - 1)
+            if not seeded and prompts is not None:
+                seeded = lookup_continuation(prompts[row] + tokens[row, : int(ends[row]) + 1].tolist(), n - 1)
             guesses[row, : len(seeded)] = torch.tensor(seeded, dtype=torch.long, device=device)
         slots = ends[:, None] + 1 + torch.arange(n - 1, device=device)  # [b, n - 1]
         tokens.scatter_(1, slots, torch.where(grow[:, None], guesses, tokens.gather(1, slots)))

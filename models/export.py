@@ -217,10 +217,10 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         model = weights = copy.deepcopy(model).merge_and_unload()
     else:
         weights = model
-    if cfg.export.dtype is None:
+    dtype = None if cfg.export.dtype is None else DTYPES[cfg.export.dtype]
+    if dtype is None:
         weights.save_pretrained(out, safe_serialization=True)
     else:  # cast a copy of the weights, not the live model, and say so in config.json
-        dtype = DTYPES[cfg.export.dtype]
         weights.save_pretrained(out, safe_serialization=True,
                                 state_dict={name: tensor.to(dtype) for name, tensor in weights.state_dict().items()})
         config = copy.deepcopy(weights.config)
@@ -230,7 +230,7 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         _write_generation_config(weights, tokenizer, cfg, out)
     # draft heads and separate noisy weights go beside the base, in their own files
     side_files = save_attached_heads(model, out)
-    side_files += save_noisy_weights(model, out, None if cfg.export.dtype is None else DTYPES[cfg.export.dtype])
+    side_files += save_noisy_weights(model, out, dtype)
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out)
     section["files"] += side_files

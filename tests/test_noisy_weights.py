@@ -25,6 +25,7 @@ from leaplm.models.noisy_weights import (
     split_noisy_weights,
 )
 from leaplm.models.zoo import load_model
+from leaplm.train.trainer import Trainer
 
 
 def perturb_noisy_weights(model, seed: int = 1, scale: float = 0.5) -> None:
@@ -135,12 +136,12 @@ def test_saved_noisy_weights_load_back_and_plain_transformers_gets_the_original(
     with pytest.raises(ConfigError, match="distill a model adapted with shared weights"):
         load_block_diffusion_model(load_config(None, ["recipe=cd4lm", f"model.name_or_path={tmp_path}"]), "cd4lm")
     dparallel_cfg = load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}", "model.lora.r=0"])
-    assert has_noisy_weights(load_block_diffusion_model(dparallel_cfg, "dparallel", routes_noisy=True)[0])
+    assert has_noisy_weights(load_block_diffusion_model(dparallel_cfg, "dparallel", allow_noisy_weights=True)[0])
     with pytest.raises(ConfigError, match="set model.lora.r=0"):
-        load_block_diffusion_model(load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}",
-                                                      "model.lora.r=8"]), "dparallel", routes_noisy=True)
+        Trainer(load_config(None, ["recipe=dparallel", f"model.name_or_path={tmp_path}", "model.lora.r=8",
+                                   "rollout.decoder=block_diffusion", f"output_dir={tmp_path / 'run'}"])).setup()
     assert load_block_diffusion_model(load_config(None, ["recipe=learn2pd", f"model.name_or_path={tmp_path}"]),
-                                      "learn2pd", trained=False)[0] is not None
+                                      "learn2pd", allow_noisy_weights=True)[0] is not None
 
 
 def test_ar2bd_with_separate_noisy_weights_trains_only_them(tmp_path, tiny_model_dir):
@@ -162,13 +163,11 @@ def test_ar2bd_with_separate_noisy_weights_trains_only_them(tmp_path, tiny_model
     assert all(moved)
 
 
-def test_separate_noisy_weights_config_errors():
+def test_separate_noisy_weights_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="method.ar_weight=0"):
         load_config(None, ["recipe=ar2bd", "method.noisy_weights=separate", "method.ar_weight=0.5"])
     with pytest.raises(ConfigError, match="must be one of shared, separate"):
         load_config(None, ["recipe=ar2bd", "method.noisy_weights=both"])
-    from leaplm.train.ar2bd import build_model
-
     with pytest.raises(ConfigError, match="model.lora.r=0"):
-        build_model(load_config(None, ["recipe=ar2bd", "method.noisy_weights=separate", "model.lora.r=4",
-                                       "model.name_or_path=tiny-teacher"]))
+        Trainer(load_config(None, ["recipe=ar2bd", "method.noisy_weights=separate", "model.lora.r=4",
+                                   "model.name_or_path=tiny-teacher", f"output_dir={tmp_path}"])).setup()

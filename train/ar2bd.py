@@ -109,12 +109,7 @@ def build_model(cfg: Config):
     if getattr(model.config, "block_diffusion", None):
         raise BlockDiffusionError(f"{cfg.model.name_or_path} is already a block-diffusion model; start from an AR model")
     convert(model, tokenizer, m.block_size, m.clean_attention, m.mask_token)
-    if m.noisy_weights == "separate":
-        if cfg.model.lora.r > 0 or cfg.model.gradient_checkpointing:
-            raise ConfigError(
-                "method.noisy_weights=separate trains full noisy copies of the linear layers, and its stream roles are "
-                "set only during the forward: set model.lora.r=0 and model.gradient_checkpointing=false"
-            )
+    if m.noisy_weights == "separate":  # LoRA and gradient checkpointing are refused by the trainer
         split_noisy_weights(model)
     return model, tokenizer
 

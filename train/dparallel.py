@@ -75,13 +75,13 @@ class DParallelConfig:
             raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
-def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True, routes_noisy: bool = False):
-    """The block-diffusion model to distill (``trained``) or to roll out with, as the engine decodes
-    it (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex.
+def load_block_diffusion_model(cfg: Config, recipe: str, allow_noisy_weights: bool = False):
+    """The block-diffusion model to distill or to roll out with, as the engine decodes it
+    (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex.
 
-    A model with separate noisy weights (ar2bd ``method.noisy_weights: separate``) is distilled only
-    by a recipe whose loss marks the noisy tokens (``routes_noisy``); its clean stream stays frozen
-    and only the noisy copies train, so it needs full fine-tuning of those copies (no LoRA).
+    A model with separate noisy weights (ar2bd ``method.noisy_weights: separate``) is refused
+    unless the caller routes them (``allow_noisy_weights``: its loss marks the noisy tokens, or it
+    only decodes through the engine, which does).
     """
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"{recipe} rolls out and evaluates through the engine, which needs model.attn_implementation "
@@ -90,20 +90,15 @@ def load_block_diffusion_model(cfg: Config, recipe: str, trained: bool = True, r
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                   cfg.model.tokenizer)
     spec_of(model)  # refuses a model that is not block diffusion, naming ar2bd as the fix
-    if trained and has_noisy_weights(model):
-        if not routes_noisy:
-            raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
-                              f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
-        if cfg.model.lora.r > 0 or cfg.model.gradient_checkpointing:
-            raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights: {recipe} trains those copies in full "
-                              "and sets the stream roles only during the forward; set model.lora.r=0 and "
-                              "model.gradient_checkpointing=false")
+    if has_noisy_weights(model) and not allow_noisy_weights:
+        raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
+                          f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
     return model, tokenizer
 
 
 def build_model(cfg: Config):
     check_rollout_sections(cfg, "dparallel", 1, decoder="block_diffusion")
-    return load_block_diffusion_model(cfg, "dparallel", routes_noisy=True)
+    return load_block_diffusion_model(cfg, "dparallel", allow_noisy_weights=True)
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:

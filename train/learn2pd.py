@@ -67,7 +67,7 @@ def build_model(cfg: Config):
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The LM's careful answers, then the reference-guided examples (both reused when present)."""
-    lm, _ = load_block_diffusion_model(cfg, "learn2pd", trained=False)
+    lm, _ = load_block_diffusion_model(cfg, "learn2pd", allow_noisy_weights=True)
     path = collect_answers(cfg, lm, tokenizer, accelerator, max_prompts=cfg.method.max_prompts)
     if accelerator.is_main_process and not (path / EXAMPLES_FILE).is_file():
         ds = load_rollouts(path, cfg.rollout.drop_wrong, ANSWER_FEATURES)

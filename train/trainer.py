@@ -32,9 +32,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from leaplm.config import Config
+from leaplm.config import Config, ConfigError
 from leaplm.models.draft_heads import save_attached_heads
-from leaplm.models.noisy_weights import save_noisy_weights
+from leaplm.models.noisy_weights import has_noisy_weights, save_noisy_weights
 from leaplm.train import checkpoint as ckpt
 from leaplm.train.recipes import Recipe, get_recipe
 
@@ -200,6 +200,12 @@ class Trainer:
             raise ValueError(
                 f"data.max_length={cfg.data.max_length} is longer than the model's context "
                 f"(max_position_embeddings={context}); lower data.max_length to at most {context}"
+            )
+        if has_noisy_weights(model) and (cfg.model.lora.r > 0 or cfg.model.gradient_checkpointing):
+            raise ConfigError(
+                "this run trains separate noisy weights (models/noisy_weights.py): full copies of the linear layers, "
+                "whose stream roles are set only during the forward; set model.lora.r=0 and "
+                "model.gradient_checkpointing=false"
             )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
