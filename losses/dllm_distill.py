@@ -48,26 +48,34 @@ def _maskable(length: int, block_size: int) -> torch.Tensor:
     return torch.arange(length) % block_size != 0
 
 
-def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float, blocks: str = "one",
-                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float | tuple[float, float],
+                  blocks: str = "one", generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Certainty-forcing masks (bool [R_i] per row), then the complementary copies of every row.
 
     ``blocks="one"``: one block per row (uniform over its blocks with a maskable slot) is masked at ``rate``; its
     complementary copy masks exactly the block's other maskable slots, and no other block.
     ``blocks="all"``: every block is masked at ``rate`` and the copy masks the complement.
+    ``rate`` may be a range ``(lo, hi)``: each noised block then draws its own rate from U(lo, hi).
     """
     if blocks not in NOISED_BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(NOISED_BLOCKS)}, got {blocks!r}")
+    lo, hi = (rate, rate) if isinstance(rate, (int, float)) else rate
+    rate = lo
     masks, complements = [], []
     for length in response_lengths:
         maskable = _maskable(length, block_size)  # [R]
+        block_of = torch.arange(length) // block_size  # [R]
         if blocks == "one":
             # uniform over the blocks with a maskable slot: a last block holding only its first
             # slot has none, and drawing it would waste the row
             n_blocks = max(1, -(-(length - 1) // block_size))
             k = int(torch.randint(n_blocks, (1,), generator=generator))
-            maskable &= torch.arange(length) // block_size == k
-        drawn = torch.rand(length, generator=generator) < rate  # [R]
+            maskable &= block_of == k
+        if lo == hi:
+            drawn = torch.rand(length, generator=generator) < rate  # [R]
+        else:
+            block_rates = lo + (hi - lo) * torch.rand(int(block_of[-1]) + 1, generator=generator)  # [n_blocks]
+            drawn = torch.rand(length, generator=generator) < block_rates[block_of]  # [R]
         masks.append(maskable & drawn)
         complements.append(maskable & ~drawn)
     return masks + complements

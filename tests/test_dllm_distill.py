@@ -71,6 +71,21 @@ def test_semi_ar_masks_one_block_and_its_complement():
     assert torch.equal(every[0] | every[1], torch.arange(9) % 3 != 0)
 
 
+def test_semi_ar_masks_draw_a_rate_per_block_from_a_range():
+    g = torch.Generator().manual_seed(0)
+    n_blocks, block = 400, 16
+
+    def block_fractions(rate):
+        mask, comp = semi_ar_masks([n_blocks * block], block, rate=rate, blocks="all", generator=g)
+        assert not (mask & comp).any()
+        return mask.view(n_blocks, block)[:, 1:].float().mean(1)  # [n_blocks] slot 0 is never masked
+
+    fixed, spread, high = block_fractions(0.5), block_fractions((0.0, 1.0)), block_fractions((0.9, 1.0))
+    assert fixed.mean() == pytest.approx(0.5, abs=0.03) and spread.mean() == pytest.approx(0.5, abs=0.05)
+    assert fixed.std() < 0.2 < spread.std()  # per-block rates: whole blocks near empty and near full
+    assert high.mean() == pytest.approx(0.95, abs=0.02) and (high == 1).float().mean() > 0.3
+
+
 def test_nested_masks_are_nested_and_at_the_reference_rates():
     gen = torch.Generator().manual_seed(0)
     students, teachers = nested_masks([64] * 400, 16, generator=gen)

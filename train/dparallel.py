@@ -55,6 +55,7 @@ from leaplm.train.rollout_step import check_rollout_sections, collect_answers, r
 @dataclass
 class DParallelConfig:
     rate: float = 0.5  # mask rate of the noised block (the reference's fixed t = 0.5)
+    max_rate: float | None = None  # > rate: each noised block draws its rate from U(rate, max_rate) (ours)
     blocks: str = "one"  # one block per row (reference) | all blocks of the row, each its own semi-AR input
     entropy_weight: float = 2.0  # the LLaDA reference's 2 (Dream: 1)
     temperature: float = 0.5  # of the softmax whose entropy is minimised
@@ -64,6 +65,9 @@ class DParallelConfig:
     def __post_init__(self):
         if not 0 < self.rate < 1:
             raise ConfigError(f"method.rate must be in (0, 1) (dParallel uses 0.5), got {self.rate}")
+        if self.max_rate is not None and not self.rate < self.max_rate <= 1:
+            raise ConfigError(f"method.max_rate must be in (method.rate, 1] = ({self.rate}, 1], or null for a fixed "
+                              f"rate, got {self.max_rate}")
         for key, value, choices in [("blocks", self.blocks, NOISED_BLOCKS),
                                     ("attention", self.attention, ATTENTION_BACKENDS)]:
             if value not in choices:
@@ -129,7 +133,8 @@ def build_collator(cfg: Config, tokenizer):
 
     def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
-        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], m.rate, m.blocks)
+        rate = m.rate if m.max_rate is None else (m.rate, m.max_rate)
+        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], rate, m.blocks)
         layout, targets = build_batch(prompts, responses, masks, [torch.ones(len(x)) for x in masks],
                                       model_cfg["block_size"], model_cfg["mask_token_id"],
                                       inverse_t_weight=False, ar_weight=0.0)
