@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-from leaplm.config import load_config
+from leaplm.config import ConfigError, load_config
 from leaplm.data.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
 from leaplm.inference.engine import Engine
 from leaplm.losses.block_diffusion import NOISY_TARGET
+from leaplm.losses.dllm_distill import semi_ar_masks
 from leaplm.models.noisy_weights import split_noisy_weights
 from leaplm.models.two_stream import CLEAN, NOISY
 from leaplm.train import cd4lm, dparallel
@@ -57,6 +58,22 @@ def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp
     assert int(batch["n_targets"]) == len(targets.labels)
     loss, metrics = dparallel.loss(model, {**batch, "step": 0}, cfg)
     assert torch.isfinite(loss) and 0 <= metrics["masked_correct"] <= 1
+
+
+def test_dparallel_rate_range_reaches_the_masks_and_a_bad_range_is_refused(tiny_bd, monkeypatch):
+    model, tokenizer = tiny_bd
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    seen = []
+    monkeypatch.setattr(dparallel, "semi_ar_masks", lambda lengths, block, rate, blocks: seen.append(rate) or
+                        semi_ar_masks(lengths, block, rate, blocks))
+    samples = [{"prompt": p, "response": list(range(5, 5 + 16))} for p in prompts_of(tokenizer)]
+    for overrides, rate in [([], 0.5), (["method.max_rate=1.0"], (0.5, 1.0))]:
+        cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.rate=0.5", *overrides])
+        dparallel.build_collator(cfg, tokenizer)(samples)
+        assert seen[-1] == rate
+    for bad in ("0.4", "1.5"):
+        with pytest.raises(ConfigError, match="max_rate"):
+            load_config(None, ["recipe=dparallel", "method.rate=0.5", f"method.max_rate={bad}"])
 
 
 def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, monkeypatch):
