@@ -60,7 +60,6 @@ def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float | tu
     if blocks not in NOISED_BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(NOISED_BLOCKS)}, got {blocks!r}")
     lo, hi = (rate, rate) if isinstance(rate, (int, float)) else rate
-    rate = lo
     masks, complements = [], []
     for length in response_lengths:
         maskable = _maskable(length, block_size)  # [R]
@@ -72,7 +71,7 @@ def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float | tu
             k = int(torch.randint(n_blocks, (1,), generator=generator))
             maskable &= block_of == k
         if lo == hi:
-            drawn = torch.rand(length, generator=generator) < rate  # [R]
+            drawn = torch.rand(length, generator=generator) < lo  # [R]
         else:
             block_rates = lo + (hi - lo) * torch.rand(int(block_of[-1]) + 1, generator=generator)  # [n_blocks]
             drawn = torch.rand(length, generator=generator) < block_rates[block_of]  # [R]
