@@ -76,6 +76,10 @@ class DataConfig:
     messages_column: str = "messages"
     max_length: int = 256  # tokens per sample, prompt + response
     overlong: Literal["drop", "truncate", "error"] = "drop"
+    # A row that is not valid JSON, lacks its prompt/response (or messages) or holds a non-string
+    # there: "error" stops at the first, naming the file, line (or row) and field; "skip" leaves
+    # such rows out and logs how many.
+    bad_rows: Literal["error", "skip"] = "error"
     # Concatenate whole samples into rows of max_length tokens: no padding waste. Position ids
     # restart per sample, so each sample still attends only to itself (block-diagonal mask).
     packing: bool = False
@@ -105,6 +109,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps; 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk
     resume_from: str | None = None  # "latest", or a checkpoint directory
+    # A new run refuses an output_dir that holds an earlier run's metrics or checkpoints (they would
+    # mix with its own, and `latest` would pick the old model); true deletes them first.
+    overwrite: bool = False
     log_every: int = 10
     torch_threads: int = 0  # 0 = torch's default
 
@@ -116,6 +123,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas needs two values, got {self.betas}")
+        if self.overwrite and self.resume_from:
+            raise ConfigError(f"train.overwrite=true starts the run in output_dir over, train.resume_from="
+                              f"{self.resume_from!r} continues one: set only one of them")
 
 
 @dataclass
@@ -225,6 +235,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _refuse_unspaced_keys(mapping: dict, where: str) -> None:
+    """Refuse ``{block_size:8}``: YAML's flow syntax needs a space after the colon, so without one
+    it reads the key ``"block_size:8"`` with no value, which no check downstream would recognise."""
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            _refuse_unspaced_keys(value, f"{where}.{key}")
+        elif value is None and isinstance(key, str) and re.fullmatch(r"[^:\s]+:\S.*", key):
+            name, given = key.split(":", 1)
+            raise ConfigError(
+                f"{where}: YAML reads {{{key}}} as the key {key!r} with no value; write `{{{name}: {given}}}` "
+                "with a space after the colon"
+            )
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (allowing int -> float), or raise."""
     origin = typing.get_origin(tp)
@@ -256,6 +280,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _refuse_unspaced_keys(value, where)
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

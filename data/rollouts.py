@@ -107,7 +107,7 @@ def choose_prompts(data: DataConfig, tokenizer: PreTrainedTokenizerBase, max_pro
     A chat sample's prompt is its conversation before the last assistant turn. Prompts that leave
     no room for ``max_new_tokens`` within ``data.max_length`` are skipped (and counted).
     """
-    ds = load_source(data)
+    ds = load_source(data, require_response=False)  # the recipe makes the answers
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
     wanted = max_prompts or len(ds)
     prompts: list[RolloutPrompt] = []

@@ -7,13 +7,16 @@ Sources: the synthetic suite (``source: synth``), or any ``datasets`` source —
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 import torch
+from datasets.exceptions import DatasetGenerationError
+from pyarrow import ArrowException
 from transformers import PreTrainedTokenizerBase
 
 from leaplm.config import DataConfig
@@ -48,18 +51,28 @@ def synthetic_dataset(cfg: DataConfig, split: str, n_per_task: int | None = None
     return datasets.Dataset.from_list(rows)
 
 
-def load_source(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
-    """Load ``cfg.source`` and check it has the columns a chat sample needs."""
+def load_source(cfg: DataConfig, split: str | None = None, *, require_response: bool = True) -> datasets.Dataset:
+    """Load ``cfg.source`` and check that every row holds what a chat sample needs.
+
+    ``require_response=False`` accepts rows with a prompt alone, for callers that make the answers
+    themselves (rollouts); a response that is there must still be a string. A bad row is an error
+    naming the file, line (or row) and field, or under ``data.bad_rows=skip`` left out and counted.
+    """
     split = split or cfg.split
     if cfg.source == "synth":
         return synthetic_dataset(cfg, split)
     path = Path(cfg.source)
+    skipped: list[str] = []  # what was wrong with each row left out
+
+    def locate(i: int) -> str:
+        return f"data.source {cfg.source!r} row {i + 1}"
+
     if path.suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise DataError(f"data.source file {path} does not exist")
         if _holds_no_rows(path):
             raise DataError(f"data.source file {path} holds no rows; point data.source at a file with samples")
-        ds = datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        ds, locate = _load_file(path, cfg, require_response, skipped)
     elif path.is_dir() and (path / "dataset_info.json").is_file():
         ds = datasets.load_from_disk(str(path))
     else:
@@ -69,15 +82,162 @@ def load_source(cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
             raise DataError(f"data.source {cfg.source!r} has no split {split!r}; splits: {list(ds)}")
         ds = ds[split]
     if len(ds) == 0:
-        raise DataError(f"data.source {cfg.source!r} (split {split!r}) is empty")
-    has_pair = cfg.prompt_column in ds.column_names and cfg.response_column in ds.column_names
-    if not has_pair and cfg.messages_column not in ds.column_names:
+        raise DataError(f"every row of data.source {cfg.source!r} is bad, e.g. {skipped[0]}" if skipped
+                        else f"data.source {cfg.source!r} (split {split!r}) is empty")
+    columns = ds.column_names
+    has_pair = cfg.prompt_column in columns and (cfg.response_column in columns or not require_response)
+    if not has_pair and cfg.messages_column not in columns:
+        pair = f"{cfg.prompt_column!r} and {cfg.response_column!r}" if require_response else repr(cfg.prompt_column)
         raise DataError(
-            f"data.source {cfg.source!r} needs columns {cfg.prompt_column!r} and {cfg.response_column!r}, "
-            f"or a chat column {cfg.messages_column!r}; it has {ds.column_names}. "
-            "Rename the columns, or set data.prompt_column / data.response_column / data.messages_column."
+            f"data.source {cfg.source!r} needs columns {pair}, or a chat column {cfg.messages_column!r}; it has "
+            f"{columns}. Rename the columns, or set data.prompt_column / data.response_column / "
+            "data.messages_column."
         )
+    bad: set[int] = set()
+    for i, problem in _row_problems(ds, cfg, require_response):
+        _bad_row(cfg, f"{locate(i)}: {problem}", skipped)
+        bad.add(i)
+    if bad:
+        ds = ds.select([i for i in range(len(ds)) if i not in bad])
+    if skipped:
+        if len(ds) == 0:
+            raise DataError(f"every row of data.source {cfg.source!r} is bad, e.g. {skipped[0]}")
+        log.warning("data: skipped %d bad rows of %s (data.bad_rows=skip), kept %d; the first: %s",
+                    len(skipped), cfg.source, len(ds), skipped[0])
     return ds
+
+
+def _bad_row(cfg: DataConfig, problem: str, skipped: list[str]) -> None:
+    """Raise for a bad row (``problem`` says where and what), or under data.bad_rows=skip note it."""
+    if cfg.bad_rows == "skip":
+        skipped.append(problem)
+        return
+    raise DataError(
+        f"{problem}. Each row needs string fields {cfg.prompt_column!r} and {cfg.response_column!r}, or "
+        f"{cfg.messages_column!r}: a list of {{role, content}} strings. Fix the row, or set data.bad_rows=skip "
+        "to leave such rows out"
+    )
+
+
+def _load_file(path: Path, cfg: DataConfig, require_response: bool,
+               skipped: list[str]) -> tuple[datasets.Dataset, Callable[[int], str]]:
+    """Load a data file through ``datasets``; also say where each row is (a line of JSON lines).
+
+    ``datasets`` reports a broken JSON line, or a field whose type changes between rows, without
+    the file or line, so on failure the file is read again here to name them (or, under
+    data.bad_rows=skip, to leave them out) and the good rows are loaded from what was read.
+    """
+    builder = _FILE_BUILDERS[path.suffix]
+    json_lines = builder == "json" and _first_char(path) != "["
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (DatasetGenerationError, ValueError) as err:
+        if builder != "json":
+            cause = err.__cause__ or err
+            raise DataError(f"data.source file {path} could not be read: {cause}; fix the file") from None
+        rows, places = [], []
+        for place, row, problem in _json_rows(path, json_lines):
+            problem = problem or _row_problem(row, cfg, require_response)
+            if problem:
+                _bad_row(cfg, f"{place}: {problem}", skipped)
+                continue
+            rows.append(row)
+            places.append(place)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        try:
+            ds = datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
+        except (ArrowException, ValueError, TypeError) as again:  # e.g. an extra field whose type varies
+            raise DataError(f"data.source file {path} could not be read: {again}; fix the file") from None
+        return ds, places.__getitem__
+    if not json_lines:
+        return ds, lambda i: f"{path} row {i + 1}"
+    lines: list[int] = []  # file line of each row, read only when a row needs naming
+
+    def locate_line(i: int) -> str:
+        if not lines:
+            with path.open("rb") as f:
+                lines.extend(n for n, line in enumerate(f, 1) if line.strip())  # datasets skips blank lines
+        return f"{path} line {lines[i]}"
+
+    return ds, locate_line
+
+
+def _first_char(path: Path) -> str:
+    """The first non-blank character: "[" for a JSON array, otherwise the file holds JSON lines."""
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                return line.strip()[:1].decode("latin-1")
+    return ""
+
+
+def _json_rows(path: Path, json_lines: bool) -> Iterator[tuple[str, Any, str | None]]:
+    """(where, row, None) for each row of a JSON file; (where, None, what is wrong) for one that is
+    not a JSON object. A broken JSON array has no rows to go on with, so it is an error."""
+    if not json_lines:
+        try:
+            items = json.loads(path.read_bytes())
+        except ValueError as err:  # the message holds the line and column
+            raise DataError(f"{path}: not valid JSON ({err}); fix the file (a broken row of a JSON array cannot be "
+                            "skipped; one of a JSON-lines file can, with data.bad_rows=skip)") from None
+        for i, item in enumerate(items if isinstance(items, list) else [items]):
+            yield f"{path} row {i + 1}", item, None if isinstance(item, dict) else _not_an_object(item)
+        return
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip(b"\r\n"))  # a truncated string then reads as unterminated
+            except json.JSONDecodeError as err:
+                yield f"{path} line {n} column {err.colno}", None, f"not valid JSON ({err.msg})"
+            except UnicodeDecodeError as err:
+                yield f"{path} line {n}", None, f"not UTF-8 text ({err})"
+            else:
+                yield f"{path} line {n}", row, None if isinstance(row, dict) else _not_an_object(row)
+
+
+def _not_an_object(value: Any) -> str:
+    return f"a row must be a JSON object of fields, got {type(value).__name__} {_short(value)}"
+
+
+def _row_problems(ds: datasets.Dataset, cfg: DataConfig, require_response: bool) -> Iterator[tuple[int, str]]:
+    """(index, what is wrong) for each row that cannot make a chat sample."""
+    columns = [c for c in (cfg.prompt_column, cfg.response_column, cfg.messages_column) if c in ds.column_names]
+    start = 0
+    for batch in ds.select_columns(columns).iter(batch_size=1024):
+        n = len(batch[columns[0]])
+        for j in range(n):
+            problem = _row_problem({c: batch[c][j] for c in columns}, cfg, require_response)
+            if problem is not None:
+                yield start + j, problem
+        start += n
+
+
+def _row_problem(row: dict[str, Any], cfg: DataConfig, require_response: bool) -> str | None:
+    messages = row.get(cfg.messages_column)
+    if messages is not None:
+        name = cfg.messages_column
+        if not isinstance(messages, list) or not messages:
+            return f"field {name!r} must be a non-empty list of messages, got {_short(messages)}"
+        for k, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                return f"field {name!r} item {k} must hold string 'role' and 'content', got {_short(m)}"
+        if require_response and messages[-1]["role"] != "assistant":
+            return f"field {name!r} must end with the assistant's answer, its last role is {messages[-1]['role']!r}"
+        return None
+    for column in (cfg.prompt_column, cfg.response_column):
+        value = row.get(column)
+        if value is None and (require_response or column == cfg.prompt_column):
+            return f"field {column!r} is missing"
+        if value is not None and not isinstance(value, str):
+            return f"field {column!r} must be a string, got {type(value).__name__} {_short(value)}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _holds_no_rows(path: Path) -> bool:
@@ -91,12 +251,13 @@ def _holds_no_rows(path: Path) -> bool:
 
 
 def to_messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
-    if cfg.messages_column in row and row[cfg.messages_column] is not None:
+    """The row as a chat; a prompt-only row (see ``require_response``) as the user turn alone."""
+    if row.get(cfg.messages_column) is not None:
         return list(row[cfg.messages_column])
-    return [
-        {"role": "user", "content": row[cfg.prompt_column]},
-        {"role": "assistant", "content": row[cfg.response_column]},
-    ]
+    messages = [{"role": "user", "content": row[cfg.prompt_column]}]
+    if row.get(cfg.response_column) is not None:
+        messages.append({"role": "assistant", "content": row[cfg.response_column]})
+    return messages
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -164,13 +164,16 @@ def select_commits(confidence: torch.Tensor, entropy: torch.Tensor | None, open_
     return chosen & open_slots
 
 
-def check_settings(block_size: int, sub_block_size: int, rule: str, threshold: float, entropy_bound: float,
-                   factor: float, top_k: int, max_per_step: int = 0) -> None:
-    """Refuse settings the decoder cannot use, naming the fix."""
+def check_settings(block_size: int | None, sub_block_size: int | None, rule: str, threshold: float,
+                   entropy_bound: float, factor: float, top_k: int, max_per_step: int = 0) -> None:
+    """Refuse settings the decoder cannot use, naming the fix.
+
+    A size of None (the model's block size, before a model is loaded) is not checked.
+    """
     for name, size in (("block_size", block_size), ("sub_block_size", sub_block_size)):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise DecoderError(f"{name} must be a positive integer, got {size!r}")
-    if block_size % sub_block_size:
+    if block_size is not None and sub_block_size is not None and block_size % sub_block_size:
         divisors = ", ".join(str(d) for d in range(1, block_size + 1) if block_size % d == 0)
         raise DecoderError(
             f"sub_block_size={sub_block_size} does not divide block_size={block_size}; choose one of {divisors}"
@@ -253,7 +256,7 @@ def sub_block_forward(engine: Engine, cache: DynamicCache, tokens: torch.Tensor,
     return out.logits
 
 
-@register_decoder("block_diffusion")
+@register_decoder("block_diffusion", checks=(check_settings,))
 def block_diffusion(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     block_size: int | None = None, sub_block_size: int | None = None, rule: str = "threshold",

@@ -45,6 +45,7 @@ from leaplm.inference.engine import (
     Engine,
     PromptBatch,
     TokenPicker,
+    check_sampling,
     gather_cache_slots,
     keep_cache_tail,
     new_cache,
@@ -308,6 +309,17 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     return answers.result()
 
 
+def check_acceptance(acceptance: str = "greedy", temperature: float = 0.0) -> None:
+    """Refuse an acceptance rule that does not fit the sampling temperature, naming the fix."""
+    if acceptance not in ("greedy", "typical"):
+        raise DecoderError(f"acceptance must be 'greedy' (lossless) or 'typical', got {acceptance!r}")
+    if acceptance == "greedy" and temperature != 0:
+        raise DecoderError("greedy acceptance is lossless for greedy decoding only; set temperature=0, "
+                           "or acceptance='typical' to sample")
+    if acceptance == "typical" and temperature == 0:
+        raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
+
+
 def tree_decoder(kind: str, description: str):
     """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
     heads they read (``models/draft_heads.py``); tree, acceptance and sampling are shared."""
@@ -316,13 +328,7 @@ def tree_decoder(kind: str, description: str):
                acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0) -> DecodeResult:
         heads = heads_of(engine.model, (kind,))
-        if acceptance not in ("greedy", "typical"):
-            raise DecoderError(f"acceptance must be 'greedy' (lossless) or 'typical', got {acceptance!r}")
-        if acceptance == "greedy" and temperature != 0:
-            raise DecoderError("greedy acceptance is lossless for greedy decoding only; set temperature=0, "
-                               "or acceptance='typical' to sample")
-        if acceptance == "typical" and temperature == 0:
-            raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
+        check_acceptance(acceptance, temperature)
         pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
         return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size), pick,
                            typical=acceptance == "typical")
@@ -330,7 +336,7 @@ def tree_decoder(kind: str, description: str):
     decode.__name__ = decode.__qualname__ = kind
     decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring).\n\n"
                       "Greedy (the default) equals ``ar`` and ``model.generate`` token for token.")
-    return register_decoder(kind)(decode)
+    return register_decoder(kind, checks=(check_sampling, check_acceptance))(decode)
 
 
 medusa = tree_decoder("medusa", "Medusa")

@@ -33,11 +33,13 @@ import inspect
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from numbers import Integral, Real
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from leaplm.config import Config, ConfigError
 from leaplm.models.noisy_weights import noisy_tokens
 
 
@@ -217,6 +219,16 @@ def keep_cache_tail(cache: DynamicCache, start: int, source: torch.Tensor) -> No
 # ----- Token selection ----------------------------------------------------------------------
 
 
+def check_sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """Refuse sampling settings :class:`TokenPicker` cannot use, naming the fix."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or temperature < 0:
+        raise DecoderError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0:
+        raise DecoderError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1:
+        raise DecoderError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
+
+
 class TokenPicker:
     """Greedy (temperature 0) or seeded sampling with temperature, top-k and top-p.
 
@@ -226,12 +238,7 @@ class TokenPicker:
 
     def __init__(self, device: torch.device, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0):
-        if temperature < 0:
-            raise DecoderError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k < 0:
-            raise DecoderError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
-        if not 0 < top_p <= 1:
-            raise DecoderError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
+        check_sampling(temperature, top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.greedy = temperature == 0
         self.generator = None if self.greedy else torch.Generator(device=device).manual_seed(seed)
@@ -263,15 +270,22 @@ class TokenPicker:
 
 Decoder = Callable[..., DecodeResult]
 DECODERS: dict[str, Decoder] = {}
+SETTINGS_CHECKS: dict[str, tuple[Callable[..., None], ...]] = {}  # decoder name -> its model-free checks
 
 
-def register_decoder(name: str) -> Callable[[Decoder], Decoder]:
-    """Register ``fn(engine, batch, max_new_tokens, **settings) -> DecodeResult`` as ``name``."""
+def register_decoder(name: str, checks: Sequence[Callable[..., None]] = ()) -> Callable[[Decoder], Decoder]:
+    """Register ``fn(engine, batch, max_new_tokens, **settings) -> DecodeResult`` as ``name``.
+
+    ``checks`` are the decoder's own settings checks that need no model (ranges, choices): the
+    decoder calls them itself, and :func:`check_decoder_args` runs them before any model is
+    loaded, so a run's bad value fails as the trainer starts, not after training.
+    """
 
     def wrap(fn: Decoder) -> Decoder:
         if name in DECODERS:
             raise ValueError(f"a decoder named {name!r} is already registered ({DECODERS[name].__module__})")
         DECODERS[name] = fn
+        SETTINGS_CHECKS[name] = tuple(checks)
         return fn
 
     return wrap
@@ -289,6 +303,45 @@ def decoder_settings(name: str) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def check_decoder_args(name: str, settings: dict[str, Any]) -> None:
+    """Refuse an unknown decoder, a setting it does not have, or a value its checks reject.
+
+    Needs no model: each registered check gets the settings its signature names, the decoder's
+    defaults filling those not given. Settings that depend on the model (a default block size,
+    draft heads, a draft's vocabulary) are checked by the decoder when it runs.
+    """
+    fn = get_decoder(name)
+    allowed = decoder_settings(name)
+    unknown = [k for k in settings if allowed is not None and k not in allowed]
+    if unknown:
+        raise DecoderError(
+            f"decoder {name!r} has no setting {unknown[0]!r}; its settings: {', '.join(allowed) or 'none'}"
+        )
+    params = list(inspect.signature(fn).parameters.values())[3:]
+    given = {p.name: p.default for p in params if p.default is not p.empty} | dict(settings)
+    for check in SETTINGS_CHECKS.get(name, ()):  # a decoder put in DECODERS by hand has none
+        wanted = inspect.signature(check).parameters
+        try:
+            check(**{k: v for k, v in given.items() if k in wanted})
+        except TypeError as err:  # a comparison on a value of the wrong type, e.g. threshold: "high"
+            raise DecoderError(f"decoder {name!r}: a setting in {settings} has the wrong type ({err})") from err
+
+
+def check_config_decoders(cfg: Config) -> None:
+    """Check the decoders a run names (``eval``, ``rollout``) before it trains or rolls out anything.
+
+    The config module cannot do this when it loads (it sits below the engine), so the trainer
+    calls it first; the error names the config key and lists the decoders or settings there are.
+    """
+    for section in ("eval", "rollout"):
+        part = getattr(cfg, section)
+        try:
+            check_decoder_args(part.decoder, part.decoder_args)
+        except DecoderError as err:
+            key = f"{section}.decoder_args" if part.decoder in DECODERS else f"{section}.decoder"
+            raise ConfigError(f"{key}: {err}") from None
 
 
 # ----- The engine ---------------------------------------------------------------------------
@@ -445,13 +498,8 @@ class Engine:
         self, prompts: list[list[int]], decoder: str = "ar", max_new_tokens: int = 128, **decoder_args: Any
     ) -> GenerationOutput:
         """Decode ``prompts`` (token ids, chat formatted if the model expects it) with ``decoder``."""
+        check_decoder_args(decoder, decoder_args)
         fn = get_decoder(decoder)
-        allowed = decoder_settings(decoder)
-        unknown = [k for k in decoder_args if allowed is not None and k not in allowed]
-        if unknown:
-            raise DecoderError(
-                f"decoder {decoder!r} has no setting {unknown[0]!r}; its settings: {', '.join(allowed) or 'none'}"
-            )
         if not prompts:
             return GenerationOutput([], [], GenerationStats())
         batch = self.prepare(prompts, max_new_tokens)
@@ -508,7 +556,12 @@ def compiled_model(model: PreTrainedModel) -> Callable:
     return _compiled_models[model]
 
 
-@register_decoder("ar")
+def _check_ar(compile_step: bool = False) -> None:
+    if not isinstance(compile_step, bool):
+        raise DecoderError(f"compile_step must be true or false, got {compile_step!r}")
+
+
+@register_decoder("ar", checks=(check_sampling, _check_ar))
 def autoregressive(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, compile_step: bool = False,
@@ -522,8 +575,7 @@ def autoregressive(
     two minutes on 2 CPU cores for the tiny teacher), so it is off by default and pays only on
     long decodes of one shape.
     """
-    if not isinstance(compile_step, bool):
-        raise DecoderError(f"compile_step must be true or false, got {compile_step!r}")
+    _check_ar(compile_step)
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
     b = batch.size
     span = batch.width + max_new_tokens

@@ -102,6 +102,7 @@ from leaplm.inference.engine import (
     Engine,
     PromptBatch,
     TokenPicker,
+    check_sampling,
     new_cache,
     register_decoder,
     shift_cache_rows,
@@ -121,7 +122,7 @@ def _positive_int(name: str, value: Any, meaning: str) -> None:
 
 
 def check_settings(block_size: int, init: str, n_blocks: int = 1, spawn_ratio: float = 1.0,
-                   pool_size: int = 1) -> None:
+                   pool_size: int = 1, recycle: bool = False) -> None:
     """Refuse settings the Jacobi decoders cannot use, naming the fix."""
     _positive_int("block_size", block_size, "tokens guessed per Jacobi block; the reference uses 16")
     _positive_int("n_blocks", n_blocks, "blocks guessed at once; the reference uses 2")
@@ -133,6 +134,8 @@ def check_settings(block_size: int, init: str, n_blocks: int = 1, spawn_ratio: f
             f"spawn_ratio must be in (0, 1] (the fraction of the newest block that must settle before the next "
             f"block is spawned; the reference uses 0.85), got {spawn_ratio!r}"
         )
+    if not isinstance(recycle, bool):
+        raise DecoderError(f"recycle must be true or false (keep an n-gram pool of rejected tails), got {recycle!r}")
 
 
 # ----- Guesses ------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
 # ----- Registered decoders -----------------------------------------------------------------
 
 
-@register_decoder("jacobi")
+@register_decoder("jacobi", checks=(check_settings, check_sampling))
 def jacobi(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     block_size: int = 16, init: str = "prompt", seed: int = 0,
@@ -418,7 +421,7 @@ def jacobi(
                          observer=observer)
 
 
-@register_decoder("jacobi_multiblock")
+@register_decoder("jacobi_multiblock", checks=(check_settings,))
 def jacobi_multiblock(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     block_size: int = 16, n_blocks: int = 2, spawn_ratio: float = 0.85, recycle: bool = True, pool_size: int = 4,
@@ -429,9 +432,7 @@ def jacobi_multiblock(
     Equals ``ar`` and ``model.generate`` token for token. ``n_blocks=1, recycle=False`` is greedy
     ``jacobi``.
     """
-    check_settings(block_size, init, n_blocks, spawn_ratio, pool_size)
-    if not isinstance(recycle, bool):
-        raise DecoderError(f"recycle must be true or false (keep an n-gram pool of rejected tails), got {recycle!r}")
+    check_settings(block_size, init, n_blocks, spawn_ratio, pool_size, recycle)
     pick = TokenPicker(engine.device)
     return jacobi_decode(engine, batch, max_new_tokens, block_size=block_size, init=init, seed=seed, pick=pick,
                          n_blocks=n_blocks, spawn_ratio=spawn_ratio, pool_size=pool_size if recycle else 0)

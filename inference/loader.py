@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from leaplm.data.sft import prompt_ids
-from leaplm.inference.engine import DecoderError, Engine, GenerationOutput, get_decoder
+from leaplm.inference.engine import DecoderError, Engine, GenerationOutput, check_decoder_args
 from leaplm.models.export import ADAPTER_DIR, LEAPLM_KEY
 from leaplm.models.zoo import load_model
 
@@ -60,15 +60,15 @@ def load(path: str | Path, device: str | None = None, dtype: str = "float32", de
                                "`leaplm export`. Name the decoder (decoder=...), or load it with transformers")
         section = {"decoder": decoder, "decoder_settings": {}, "max_new_tokens": 256}
     name = decoder or section["decoder"]
+    stored = section["decoder_settings"] if name == section["decoder"] else {}
     try:
-        get_decoder(name)
+        check_decoder_args(name, {**stored, **settings})
     except DecoderError as err:
-        raise DecoderError(f"{path} asks for decoder {name!r}, which this leaplm (exported with "
-                           f"{section.get('version', '?')}) does not have: {err}") from err
+        raise DecoderError(f"{path} asks for decoder {name!r} with settings {stored}, which this leaplm (exported "
+                           f"with {section.get('version', '?')}) does not accept: {err}") from err
     adapter = Path(path) / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    stored = section["decoder_settings"] if name == section["decoder"] else {}
     return FastDecoder(model.eval(), tokenizer, name, {**stored, **settings}, section["max_new_tokens"], section)

@@ -41,6 +41,7 @@ from leaplm.inference.engine import (
     Engine,
     PromptBatch,
     TokenPicker,
+    check_sampling,
     crop_cache,
     new_cache,
     register_decoder,
@@ -56,11 +57,23 @@ def _load_draft(path: str, device: str, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
-def draft_model_for(engine: Engine, draft):
-    """The draft model: a loaded model, or a directory / zoo name loaded once and kept."""
+def check_settings(draft=None, draft_tokens: int = 4, stop_threshold: float | None = None, min_draft: int = 2,
+                   max_draft: int = 20) -> None:
+    """Refuse settings the decoder cannot use whatever the models, naming the fix."""
     if draft is None:
         raise DecoderError("speculative needs a draft model: set draft to a model directory (a smaller model "
                            "with the same tokenizer, e.g. one made by configs/pretrain/tiny_draft.yaml)")
+    if stop_threshold is not None:
+        if not 0 < stop_threshold < 1 or not 1 <= min_draft <= max_draft:
+            raise DecoderError(f"need 0 < stop_threshold < 1 and 1 <= min_draft <= max_draft, got {stop_threshold}, "
+                               f"[{min_draft}, {max_draft}]")
+    elif not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 1:
+        raise DecoderError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+
+
+def draft_model_for(engine: Engine, draft):
+    """The draft model (checked by :func:`check_settings` first): a loaded model, or a directory /
+    zoo name loaded once and kept."""
     model = draft if not isinstance(draft, str) else _load_draft(draft, str(engine.device), engine.model.dtype)
     if model.config.vocab_size != engine.model.config.vocab_size:
         raise DecoderError(f"the draft's vocabulary ({model.config.vocab_size}) differs from the target's "
@@ -76,7 +89,7 @@ def _mask(cached: torch.Tensor, context: int, s: int) -> torch.Tensor | None:
                                                                device=cached.device)], 1).long()
 
 
-@register_decoder("speculative")
+@register_decoder("speculative", checks=(check_settings, check_sampling))
 def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draft=None, draft_tokens: int = 4,
                 stop_threshold: float | None = None, min_draft: int = 2, max_draft: int = 20,
                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -88,15 +101,11 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
     called after every round with the tokens drafted and accepted in it (summed over the rows
     that were unfinished), e.g. by :func:`draft_efficiency`.
     """
+    check_settings(draft, draft_tokens, stop_threshold, min_draft, max_draft)
     drafter = draft_model_for(engine, draft)
     adaptive = stop_threshold is not None
     if adaptive:
         acceptance = heads_of(drafter, ("acceptance",))
-        if not 0 < stop_threshold < 1 or not 1 <= min_draft <= max_draft:
-            raise DecoderError(f"need 0 < stop_threshold < 1 and 1 <= min_draft <= max_draft, got {stop_threshold}, "
-                               f"[{min_draft}, {max_draft}]")
-    elif not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise DecoderError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
     limit = max_draft if adaptive else draft_tokens
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
     device, b = engine.device, batch.size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from leaplm.config import Config, ConfigError, load_config, parse_override
+from leaplm.inference.engine import check_config_decoders
 from leaplm.train import recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def test_every_shipped_config_loads(path):
     raw = yaml.safe_load(path.read_text())
     assert cfg.recipe == raw.get("recipe", "pretrain")
     assert dataclasses.is_dataclass(cfg.method)  # validated against the recipe's method config
+    check_config_decoders(cfg)  # its eval and rollout decoders exist and take its settings
 
 
 def write_yaml(tmp_path: Path, tree: dict) -> Path:
@@ -215,6 +218,59 @@ def test_literal_fields_list_their_choices(override, choices):
 def test_cross_field_rules_of_each_section(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.decoder=nosuch"],
+         "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, hf_generate, hydra, jacobi, "),
+        (["eval.decoder_args={threshold: 1.5}"],
+         "eval.decoder_args: decoder 'ar' has no setting 'threshold'; its settings: temperature, top_k, top_p, seed, "),
+        (["eval.decoder=block_diffusion", "eval.decoder_args={threshold: 1.5}"],
+         "eval.decoder_args: threshold must be in (0, 1] "),
+        (["eval.decoder=block_diffusion", "eval.decoder_args={block_size: 8, sub_block_size: 3}"],
+         "eval.decoder_args: sub_block_size=3 does not divide block_size=8; choose one of 1, 2, 4, 8"),
+        (["eval.decoder=speculative"], "eval.decoder_args: speculative needs a draft model: set draft to "),
+        (["rollout.decoder=nosuch"], "rollout.decoder: unknown decoder 'nosuch'; available: ar, "),
+        (["rollout.decoder=jacobi", "rollout.decoder_args={init: random}"],
+         "rollout.decoder_args: unknown init 'random'; choose one of prompt, pad, repeat, lookup"),
+        (["rollout.decoder_args={temperature: high}"], "rollout.decoder_args: temperature must be >= 0"),
+    ],
+    ids=["unknown-decoder", "another-decoders-setting", "threshold-range", "sub-block-size", "no-draft-model",
+         "unknown-rollout-decoder", "jacobi-init", "temperature-type"],
+)
+def test_decoders_and_their_settings_are_checked_before_training(tmp_path, overrides, message):
+    from leaplm.train.trainer import Trainer
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError) as err:
+        check_config_decoders(cfg)
+    assert str(err.value).startswith(message)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Trainer(cfg)  # the trainer's first step: nothing is built, trained or written
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_a_decoder_takes_pass():
+    check_config_decoders(load_config(None, ["eval.decoder=block_diffusion", "rollout.decoder=jacobi",
+                                             "eval.decoder_args={threshold: 0.9, sub_block_size: 8}",
+                                             "rollout.decoder_args={block_size: 16, init: lookup}"]))
+
+
+@pytest.mark.parametrize("text", ["{block_size:8}", "{threshold: 0.9, block_size:8}"])
+def test_key_colon_value_without_a_space_is_refused_with_the_fix(tmp_path, text):
+    # YAML's flow syntax reads {block_size:8} as the key "block_size:8" with no value.
+    message = "eval.decoder_args: YAML reads {block_size:8} as the key 'block_size:8' with no value; " \
+              "write `{block_size: 8}` with a space after the colon"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"eval.decoder_args={text}"])
+    assert str(err.value) == message
+    path = tmp_path / "run.yaml"
+    path.write_text(f"eval:\n  decoder: block_diffusion\n  decoder_args: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
     assert str(err.value) == message
 
 

@@ -14,6 +14,7 @@ import torch
 
 from leaplm.config import DataConfig
 from leaplm.data import tasks
+from leaplm.data.rollouts import choose_prompts
 from leaplm.data.sft import (
     IGNORE_INDEX,
     DataError,
@@ -22,6 +23,7 @@ from leaplm.data.sft import (
     model_inputs,
     pack,
     prompt_ids,
+    to_messages,
     tokenize_chat,
     tokenize_dataset,
 )
@@ -228,6 +230,75 @@ def test_empty_file_is_an_error(tmp_path, name):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_source(DataConfig(source=str(tmp_path / "absent.jsonl")))
+
+
+def test_broken_json_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n\n" + '{"prompt": "Repeat exactly: apple", "respo\n'
+                    + json.dumps(PAIRS[1]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_source(DataConfig(source=str(path)))
+    message = str(err.value)
+    assert f"{path} line 3 column 37: not valid JSON (Unterminated string" in message
+    assert "data.bad_rows=skip" in message
+    assert "column type" not in message and err.value.__cause__ is None  # no misleading chained error
+
+
+BAD_ROWS = [
+    ({"prompt": "Repeat exactly: pear"}, "field 'response' is missing"),
+    ({"prompt": "Repeat exactly: 42", "response": 42}, "field 'response' must be a string, got int 42"),
+    ({"response": "pear"}, "field 'prompt' is missing"),
+    ({"messages": [{"role": "user", "content": "Repeat exactly: pear"}, {"role": "assistant"}]},
+     "field 'messages' item 1 must hold string 'role' and 'content', got {'role': 'assistant'"),
+    ({"messages": chat("Repeat exactly: pear", "pear")[:1]},
+     "field 'messages' must end with the assistant's answer, its last role is 'user'"),
+]
+
+
+@pytest.mark.parametrize("suffix,where", [(".jsonl", "line 3"), (".json", "row 2")])
+@pytest.mark.parametrize("row,problem", BAD_ROWS, ids=["no-response", "int-response", "no-prompt",
+                                                      "message-without-content", "no-answer-turn"])
+def test_bad_row_names_the_file_the_row_and_the_field(tmp_path, suffix, where, row, problem):
+    path = write_rows(tmp_path / f"data{suffix}", [PAIRS[0], row, PAIRS[1]])
+    if suffix == ".jsonl":  # a blank line: rows and lines differ
+        path.write_text(path.read_text().replace("\n", "\n\n", 1))
+    with pytest.raises(DataError) as err:
+        load_source(DataConfig(source=str(path)))
+    assert str(err.value).startswith(f"{path} {where}: {problem}")
+    assert "set data.bad_rows=skip" in str(err.value)
+
+
+def test_bad_rows_skip_leaves_them_out_and_logs_the_count(tmp_path, tokenizer, caplog):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(PAIRS[0]), '{"prompt": "Repeat exactly: apple", "respo'] + [json.dumps(r) for r, _ in BAD_ROWS]
+    path.write_text("\n".join(lines + [json.dumps(PAIRS[1])]) + "\n")
+    cfg = DataConfig(source=str(path), bad_rows="skip")
+    with caplog.at_level("WARNING", logger="leaplm.data.sft"):
+        ds = load_source(cfg)
+    assert tokenize_dataset(ds, tokenizer, cfg).samples == [tokenize_chat(tokenizer, chat(r["prompt"], r["response"]))
+                                                           for r in PAIRS[:2]]
+    assert f"skipped {1 + len(BAD_ROWS)} bad rows of {path} (data.bad_rows=skip), kept 2; the first: {path} line 2" \
+        in caplog.text
+    parquet = write_rows(tmp_path / "data.parquet", [PAIRS[0], {"prompt": "Repeat exactly: pear", "response": None},
+                                                      PAIRS[1]])  # loads through datasets; the row check skips
+    with caplog.at_level("WARNING", logger="leaplm.data.sft"):
+        assert load_source(DataConfig(source=str(parquet), bad_rows="skip")).to_list() == PAIRS[:2]
+    assert f"skipped 1 bad rows of {parquet} (data.bad_rows=skip), kept 2; the first: {parquet} row 2: field " \
+        "'response' is missing" in caplog.text
+
+
+def test_prompt_only_rows_load_for_callers_that_make_the_answers(tmp_path, tokenizer):
+    rows = [{"prompt": r["prompt"]} for r in PAIRS[:2]] + [{"prompt": PAIRS[2]["prompt"], "response": 3}]
+    cfg = DataConfig(source=str(write_rows(tmp_path / "prompts.jsonl", rows[:2])))
+    with pytest.raises(DataError, match="needs columns 'prompt' and 'response'"):
+        load_source(cfg)  # training needs the answers
+    assert [to_messages(row, cfg) for row in load_source(cfg, require_response=False)] == [
+        chat(r["prompt"], "")[:1] for r in PAIRS[:2]]
+    prompts = choose_prompts(cfg, tokenizer, 0, max_new_tokens=16, seed=0)  # rollouts make the answers
+    assert sorted(p.ids for p in prompts) == sorted(prompt_ids(tokenizer, chat(r["prompt"], "")[:1]) for r in PAIRS[:2])
+    bad = DataConfig(source=str(write_rows(tmp_path / "mixed.jsonl", rows)))
+    with pytest.raises(DataError, match="line 3: field 'response' must be a string, got int 3"):
+        load_source(bad, require_response=False)  # a response that is there is still checked
 
 
 def test_synthetic_source_and_unknown_task(tokenizer):
