@@ -13,6 +13,10 @@ Layout of an export directory (``leaplm export RUN_OR_CHECKPOINT --out DIR`` or 
   leaplm_config.yaml               the training config
   eval.json / bench.*              the numbers (and bench.png, the speed/quality plot) of the card
   README.md                        the model card (:data:`CARD_TEMPLATE`)
+
+An export is written whole into a temporary sibling (``.DIR.tmp-PID``), verified, and swapped in
+for DIR, so DIR always holds exactly one export: no file of an earlier export survives to be
+loaded with the new one, and a failed export leaves the earlier one as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import copy
 import json
 import os
 import platform
+import shlex
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,9 @@ from leaplm.models.zoo import DTYPES
 
 LEAPLM_KEY = "leaplm"  # the section of config.json that holds the decoder and recipe settings
 ADAPTER_DIR = "adapter"
+RUN_CONFIG = "leaplm_config.yaml"  # written into every export, by every leaplm version: what marks one
+# What a training run or a checkpoint holds and an export never does: such a directory is not replaced.
+RUN_MARKERS = ("checkpoints", "trainer_state.json", "state")
 CARD_LIBRARIES = ("leaplm", "torch", "transformers", "accelerate", "peft", "safetensors")
 
 
@@ -116,6 +127,7 @@ def leaplm_section(cfg, model, out_dir: Path) -> dict[str, Any]:
     A recipe's ``export_settings(cfg, model, out_dir)`` hook returns its own entries (block size,
     heads) and may write extra files under ``out_dir``, which it lists under ``"files"``.
     """
+    from leaplm.inference.engine import check_decoder_args
     from leaplm.train.recipes import get_recipe
 
     section: dict[str, Any] = {
@@ -129,6 +141,7 @@ def leaplm_section(cfg, model, out_dir: Path) -> dict[str, Any]:
     hook = get_recipe(cfg.recipe).export_settings
     if hook is not None:
         section.update(hook(cfg, model, out_dir))
+    check_decoder_args(section["decoder"], section["decoder_settings"])  # a recipe's own choice included
     return section
 
 
@@ -195,17 +208,112 @@ def _write_generation_config(model, tokenizer, cfg, out: Path) -> None:
     generation.save_pretrained(out)
 
 
+def looks_like_export(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``leaplm export`` (and not a run or checkpoint)."""
+    return ((path / "config.json").is_file() and (path / RUN_CONFIG).is_file()
+            and not any((path / marker).exists() for marker in RUN_MARKERS))
+
+
+def _check_replaceable(out: Path, keep: list[Path]) -> None:
+    """Refuse an ``out`` whose replacement would delete anything but an earlier export."""
+    where = "pass another --out (or export.dir in a training config)"
+    target = out.resolve()
+    for path in keep:
+        if target == path.resolve() or target in path.resolve().parents:
+            raise ExportError(f"{out} is or holds {path}, which this export reads, and an export replaces its "
+                              f"directory whole; {where}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out} is a file, not an export directory; {where}")
+    if any(out.iterdir()) and not looks_like_export(out):
+        raise ExportError(f"{out} is not empty and not a leaplm export (one has config.json and {RUN_CONFIG}, and "
+                          f"no {' or '.join(RUN_MARKERS)}); an export replaces its directory whole, so {where}, "
+                          f"or empty {out} yourself")
+
+
+def verify_export(path: Path) -> None:
+    """Raise :class:`ExportError` unless ``path`` holds a whole export that loads.
+
+    Checked: config.json with its ``leaplm`` section, the weights, every file the section lists,
+    the adapter's config when there is an adapter, and that every safetensors file opens (its
+    header covers the file, so a short write shows).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def fail(what: str) -> ExportError:
+        return ExportError(f"the export written to {path} is not whole: {what}. Nothing was replaced; "
+                           "rerun the export (check free disk space)")
+
+    try:
+        section = json.loads((path / "config.json").read_text())[LEAPLM_KEY]
+    except (OSError, ValueError, KeyError) as err:
+        raise fail(f"config.json has no readable `{LEAPLM_KEY}` section ({type(err).__name__}: {err})") from err
+    weights = ["model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a model too large for one file: the shards its index names
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / ADAPTER_DIR).is_dir():
+        weights.append(f"{ADAPTER_DIR}/adapter_config.json")
+    missing = [name for name in weights + section["files"] if not (path / name).is_file()]
+    if missing:
+        raise fail(f"missing {', '.join(missing)}")
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError) as err:
+            raise fail(f"{file.relative_to(path)} does not open ({err})") from err
+
+
+@contextmanager
+def _replacing(out: Path, keep: list[Path]) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write an export into; verified, then swapped in for ``out`` whole.
+
+    ``keep``: paths the export reads from, which must survive the replacement. The swap is two
+    renames on one filesystem (old away, new in), so a crash before it leaves the earlier export
+    under ``out``, and whatever fails removes the temporary directory. Only a kill leaves a
+    ``.OUT.tmp-PID`` sibling behind, which can be deleted.
+    """
+    _check_replaceable(out, keep)
+    target = out.resolve()  # through a symlink: replace the directory it points to, keep the link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    for leftover in (tmp, old):  # left by a killed process whose pid this one reuses
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        verify_export(tmp)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str, Any]] | None = None,
                  command: str | None = None, *, merge_lora: bool | None = None, plot: str | None = None,
                  name: str | None = None) -> Path:
     """Write ``model`` (plain or peft LoRA) with its tokenizer, settings and card to ``out_dir``.
 
-    ``merge_lora`` (default ``cfg.export.merge_lora``): merge a LoRA adapter into standalone
-    weights, or keep the base weights and write the adapter to ``adapter/``. ``name`` is what the
-    card's code loads (default: ``export.push_to``, else the directory's name).
+    ``out_dir`` is replaced whole (it must be new, empty or an earlier export; see
+    :func:`_replacing`). ``merge_lora`` (default ``cfg.export.merge_lora``): merge a LoRA adapter
+    into standalone weights, or keep the base weights and write the adapter to ``adapter/``.
+    ``name`` is what the card's code loads (default: ``export.push_to``, else the directory's name).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with _replacing(out, [Path(cfg.output_dir)]) as tmp:
+        _write_export(model, tokenizer, cfg, tmp, rows, command, merge_lora=merge_lora, plot=plot,
+                      name=name or cfg.export.push_to or out.name)
+    return out
+
+
+def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] | None, command: str | None, *,
+                  merge_lora: bool | None, plot: str | None, name: str) -> None:
+    """Write the export's files into ``out``, a fresh directory that :func:`_replacing` swaps in."""
     merge_lora = cfg.export.merge_lora if merge_lora is None else merge_lora
     adapter = hasattr(model, "merge_and_unload") and not merge_lora
     if adapter:
@@ -238,14 +346,12 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     config_json = json.loads(config_file.read_text())
     config_json[LEAPLM_KEY] = section
     config_file.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    cfg.save(out / "leaplm_config.yaml")
+    cfg.save(out / RUN_CONFIG)
     if rows:
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
     command = command or cfg.origin or f"leaplm train <config> (recipe {cfg.recipe})"
-    name = name or cfg.export.push_to or out.name
     (out / "README.md").write_text(render_card(model, cfg, rows or [], command, section, name, plot=plot,
                                                adapter=adapter))
-    return out
 
 
 def _truthy(name: str) -> bool:
@@ -258,7 +364,8 @@ def push(out_dir: str | Path, repo_id: str) -> str:
     The token comes from the environment (``HF_TOKEN``). Nothing local is removed, whatever happens.
     """
     out = Path(out_dir)
-    keep = f"The export in {out} is kept; push it later with `leaplm export {out} --out {out} --push {repo_id}`."
+    retry = shlex.join(["leaplm", "export", str(out), "--push", repo_id])
+    keep = f"The export in {out} is kept; push it later with `{retry}`."
     if not (out / "config.json").is_file():
         raise ExportError(f"{out} is not an export directory (no config.json); run `leaplm export` first")
     if _truthy("HF_HUB_OFFLINE"):
@@ -334,28 +441,44 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, merge_lora: bool 
     HF generate (bench.json/.md/.png in the export), which gives the card its speedups and plot.
     """
     path = find_checkpoint(source)
-    model, tokenizer, cfg = load_checkpoint(path)
     out = Path(out_dir)
-    step = json.loads((path / "trainer_state.json").read_text())["step"]
-    eval_file = path.parent.parent / f"eval-step-{step:06d}.json"
-    rows = json.loads(eval_file.read_text()) if eval_file.is_file() else []
-    plot = None
-    if bench_n > 0:
-        from leaplm.inference.bench import run_bench
+    # --out is checked before the model loads and the bench runs, so a refused one costs nothing; it
+    # may not hold the checkpoint (nor so its run, above it).
+    with _replacing(out, [path]) as tmp:
+        model, tokenizer, cfg = load_checkpoint(path)
+        step = json.loads((path / "trainer_state.json").read_text())["step"]
+        eval_file = path.parent.parent / f"eval-step-{step:06d}.json"
+        rows = json.loads(eval_file.read_text()) if eval_file.is_file() else []
+        plot = None
+        if bench_n > 0:
+            from leaplm.inference.bench import run_bench
 
-        decoders: list = ["ar"]
-        if cfg.eval.decoder != "ar":
-            decoders.append({"decoder": cfg.eval.decoder, "settings": dict(cfg.eval.decoder_args)})
-        rows = run_bench(out.name, decoders, cfg.eval.tasks or cfg.data.tasks, bench_n, cfg.eval.batch_size,
-                         cfg.eval.max_new_tokens, out, model=model, tokenizer=tokenizer, command=command)
-        plot = "bench.png"
-    return export_model(model, tokenizer, cfg, out, rows, command=cfg.origin, merge_lora=merge_lora, plot=plot,
-                        name=name)
+            decoders: list = ["ar"]
+            if cfg.eval.decoder != "ar":
+                decoders.append({"decoder": cfg.eval.decoder, "settings": dict(cfg.eval.decoder_args)})
+            rows = run_bench(out.name, decoders, cfg.eval.tasks or cfg.data.tasks, bench_n, cfg.eval.batch_size,
+                             cfg.eval.max_new_tokens, tmp, model=model, tokenizer=tokenizer, command=command)
+            plot = "bench.png"
+        _write_export(model, tokenizer, cfg, tmp, rows, cfg.origin, merge_lora=merge_lora, plot=plot,
+                      name=name or cfg.export.push_to or out.name)
+    return out
 
 
 def _run(args) -> None:
-    import shlex
-
+    source = Path(args.source)
+    if looks_like_export(source):  # already exported: push it as it is (what a failed push says to run)
+        if args.out is not None and Path(args.out).resolve() != source.resolve():
+            raise ExportError(f"{source} is already an export; copy it to {args.out}, or pass a run's output_dir "
+                              "(or a checkpoint) to export again")
+        if args.merge_lora is not None or args.bench_n:
+            raise ExportError(f"{source} is already an export, so --merge-lora and --bench-n do not apply; pass "
+                              "the run's output_dir (or a checkpoint) to export it again with them")
+        if not args.push:
+            raise ExportError(f"{source} is already an export; add --push REPO_ID to upload it")
+        print(f"pushed: {push(source, args.push)}")
+        return
+    if args.out is None:
+        raise ExportError(f"--out DIR is needed to export {source}; it is omitted only to push an export directory")
     command = shlex.join(["leaplm", "export", str(args.source), "--out", str(args.out)]
                          + (["--bench-n", str(args.bench_n)] if args.bench_n else []))
     out = export_checkpoint(args.source, args.out, merge_lora=args.merge_lora,
@@ -367,8 +490,10 @@ def _run(args) -> None:
 
 def add_command(sub) -> None:
     p = sub.add_parser("export", help="write a run's model in the Hub layout with its model card; optionally push it")
-    p.add_argument("source", help="a run's output_dir (its newest checkpoint) or one checkpoint directory")
-    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("source", help="a run's output_dir (its newest checkpoint) or one checkpoint directory; "
+                   "or an export directory, to --push it as it is")
+    p.add_argument("--out", help="export directory, replaced whole: new, empty, or an earlier export "
+                   "(required unless SOURCE is an export)")
     p.add_argument("--push", metavar="REPO_ID", help="upload the export to this Hub repo (token from HF_TOKEN)")
     p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=None,
                    help="merge a LoRA run's adapter into standalone weights, or (--no-merge-lora) keep the base "

@@ -1,12 +1,19 @@
 """Export: every landed recipe's model decodes the same tokens after `leaplm export` and
 `leaplm.inference.load` as before; plain transformers loads the weights; the card has real
-numbers; a push without a token or while offline fails clearly and keeps the export."""
+numbers; a push without a token or while offline fails clearly and keeps the export, and the command
+it prints pushes it; an export replaces its directory whole, and only an earlier export."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
 
 import pytest
 import torch
@@ -20,14 +27,19 @@ from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.block_diffusion import spec_of
 from leaplm.models.draft_heads import HEADS_ATTR
-from leaplm.models.export import LEAPLM_KEY, ExportError, push
+from leaplm.models import export
+from leaplm.models.export import ADAPTER_DIR, LEAPLM_KEY, ExportError, push
+from leaplm.models.noisy_weights import NOISY_WEIGHTS_FILE
 from leaplm.models.unmask_filter import UnmaskFilter
 from leaplm.models.zoo import load_model
+from leaplm.train.checkpoint import CheckpointError
 from leaplm.train.trainer import Trainer, train
 
 from conftest import RECIPE_SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def prompts(tokenizer) -> list[list[int]]:
     examples = make_split("copy", "test", 2, 0) + make_split("sort", "test", 2, 0)
     return task_prompts(tokenizer, examples)
@@ -182,3 +194,138 @@ def test_export_of_a_directory_without_checkpoints_says_what_to_pass(tmp_path):
         main(["export", str(tmp_path), "--out", str(tmp_path / "x")])
     with pytest.raises(ExportError, match="no config.json"):
         push(tmp_path, "someone/tiny")
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory) -> Path:
+    """A two-step pretrain run; tests that could change it copy it first."""
+    path = tmp_path_factory.mktemp("pretrain")
+    trained(path, "pretrain")
+    return path / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    """A two-step LoRA run whose adapter changes the tokens decoded (a stale one shows)."""
+    path = tmp_path_factory.mktemp("lora")
+    trained(path, "pretrain", "model.lora.r=4", "model.lora.alpha=64", "train.lr=5e-2")
+    return path / "run"
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {f.relative_to(directory).as_posix(): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_export_into_an_earlier_export_leaves_none_of_its_files(tmp_path, lora_run):
+    out, fresh = tmp_path / "export", tmp_path / "fresh"
+    main(["export", str(lora_run), "--out", str(out), "--no-merge-lora"])
+    assert (out / ADAPTER_DIR).is_dir()
+    main(["export", str(lora_run), "--out", str(out)])  # merged, over the export with the adapter
+    main(["export", str(lora_run), "--out", str(fresh)])
+    assert snapshot(out).keys() == snapshot(fresh).keys()
+    reference = leaplm.inference.load(fresh)
+    ids = prompts(reference.tokenizer)
+    assert leaplm.inference.load(out).generate(ids, 24).sequences == reference.generate(ids, 24).sequences
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "fresh"]  # no temporary directory left
+
+
+def test_a_failed_export_leaves_the_earlier_export_as_it_was(tmp_path, monkeypatch, lora_run):
+    out = tmp_path / "export"
+    main(["export", str(lora_run), "--out", str(out)])
+    before = snapshot(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export, "render_card", full_disk)  # the card is written last, after the weights
+    with pytest.raises(OSError, match="No space left"):
+        main(["export", str(lora_run), "--out", str(out), "--no-merge-lora"])
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("written", [None, b"not safetensors"], ids=["missing", "unreadable"])
+def test_an_export_that_does_not_verify_replaces_nothing(tmp_path, monkeypatch, pretrain_run, written):
+    out = tmp_path / "export"
+    main(["export", str(pretrain_run), "--out", str(out)])
+    before = snapshot(out)
+
+    def save_noisy_weights(model, directory, dtype=None):  # a side file lost or cut short by the disk
+        if written is not None:
+            (Path(directory) / NOISY_WEIGHTS_FILE).write_bytes(written)
+        return [NOISY_WEIGHTS_FILE]
+
+    monkeypatch.setattr(export, "save_noisy_weights", save_noisy_weights)
+    with pytest.raises(ExportError, match=f"not whole: .*{NOISY_WEIGHTS_FILE}.*Nothing was replaced"):
+        main(["export", str(pretrain_run), "--out", str(out)])
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("mine", "not empty and not a leaplm export"),
+    ("notes.txt", "is a file"),
+    ("run", "is or holds"),
+    ("run/checkpoints", "is or holds"),
+    (".", "is or holds"),
+])
+def test_export_replaces_nothing_but_an_earlier_export(tmp_path, pretrain_run, where, message):
+    shutil.copytree(pretrain_run, tmp_path / "run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("notes")
+    before = snapshot(tmp_path)
+    with pytest.raises(ExportError, match=message):
+        main(["export", str(tmp_path / "run"), "--out", str(tmp_path / where)])
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt", "run"]
+
+
+def test_training_does_not_export_over_its_own_run(tmp_path):
+    with pytest.raises(ExportError, match="is or holds"):
+        trained(tmp_path, "pretrain", f"export.dir={tmp_path / 'run'}")
+    assert (tmp_path / "run" / "checkpoints").is_dir() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_command_a_failed_push_prints_pushes_the_export(tmp_path, monkeypatch, capsys, pretrain_run):
+    uploads = []
+
+    class Hub:  # the first upload fails as a dropped connection does, later ones succeed
+        def __init__(self, token):
+            assert token == "hf_x"
+
+        def create_repo(self, repo_id, exist_ok):
+            assert exist_ok
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            uploads.append((folder_path, repo_id))
+            if len(uploads) == 1:
+                raise ConnectionError("connection reset by peer")
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    out = tmp_path / "my export"  # a space: the printed command quotes it
+    with pytest.raises(ExportError, match="connection reset by peer") as err:
+        main(["export", str(pretrain_run), "--out", str(out), "--push", "someone/tiny"])
+    retry = shlex.split(re.search(r"push it later with `([^`]+)`", str(err.value)).group(1))
+    assert retry[:2] == ["leaplm", "export"]
+    before = snapshot(out)
+    main(retry[1:])
+    assert uploads[1:] == [(str(out), "someone/tiny")]
+    assert "pushed: https://huggingface.co/someone/tiny/commit/1" in capsys.readouterr().out
+    main(["export", str(out), "--out", str(out), "--push", "someone/tiny"])  # --out naming the export itself
+    assert len(uploads) == 3 and snapshot(out) == before  # pushed as it was, not exported again
+    with pytest.raises(ExportError, match="already an export; add --push"):
+        main(["export", str(out)])
+
+
+def test_export_refuses_a_checkpoint_changed_since_it_was_written(tmp_path, pretrain_run):
+    shutil.copytree(pretrain_run, tmp_path / "run")
+    weights = next((tmp_path / "run").glob("checkpoints/step-*/model/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])  # flipped bits in the tensors: same size, header intact
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model/model\.safetensors"):
+        main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    assert not (tmp_path / "export").exists()
