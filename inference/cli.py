@@ -131,7 +131,9 @@ def quickstart_jacobi_forcing(out: Path, n: int, max_new_tokens: int, overrides:
     from leaplm.train.trainer import train
 
     config = Path(__file__).resolve().parents[1] / "configs" / "jacobi_forcing" / "tiny_teacher.yaml"
-    cfg = load_config(config, [f"output_dir={out}", f"export.dir={out / 'model'}", *overrides])
+    # resume_from=latest: a rerun into the same --out continues (or, when finished, reuses) that training
+    cfg = load_config(config, [f"output_dir={out}", f"export.dir={out / 'model'}", "train.resume_from=latest",
+                               *overrides])
     train(cfg)
     n_block = cfg.method.block_size
     decoders = ["ar", {"decoder": "jacobi", "settings": {"block_size": n_block}},

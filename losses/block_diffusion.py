@@ -25,6 +25,7 @@ the complementary view and no AR loss the loss is the mean CE per answer token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ from leaplm.models.two_stream import CLEAN, NOISY, PAD, StreamLayout
 
 NOISY_TARGET, BLOCK_START_TARGET, AR_TARGET = 0, 1, 2
 TARGET_KINDS = {NOISY_TARGET: "masked", BLOCK_START_TARGET: "block_start", AR_TARGET: "ar"}
+# A generator for every row, or one per row (mask samplers draw row i's noise from entry i).
+RowGenerators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 @dataclass
@@ -50,22 +53,36 @@ class Targets:
         return Targets(*(t.to(device) for t in (self.rows, self.cols, self.labels, self.weights, self.kinds)))
 
 
+def row_generators(generator: RowGenerators, n_rows: int) -> list[torch.Generator | None]:
+    """One generator per row: ``generator`` repeated, or the per-row list as given.
+
+    The trainer seeds one generator per sample from (seed, the sample's place in the run's sample
+    stream), so a sample's noise does not depend on which process or micro-batch it lands in.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n_rows
+    if len(generator) != n_rows:
+        raise ValueError(f"got {len(generator)} generators for {n_rows} rows")
+    return list(generator)
+
+
 def sample_masks(response_lengths: list[int], block_size: int, t_min: float, t_max: float,
-                 complementary: bool, generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 complementary: bool, generator: RowGenerators = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Noise for each row (and its complementary copy, appended after all rows).
 
     Returns ``masks`` (bool [R_i] per row: slot is masked in the noisy stream) and ``rates``
     (float [R_i]: the mask rate of the slot's block, for the 1/t weight). A block's first slot
     is never masked; with ``complementary`` the copy masks exactly the other maskable slots.
+    ``generator``: one for every row, or a list with one per row (see :func:`row_generators`).
     """
     masks, rates = [], []
-    for length in response_lengths:
+    for length, gen in zip(response_lengths, row_generators(generator, len(response_lengths))):
         slots = torch.arange(length)
         n_blocks = -(-length // block_size)
-        t = t_min + (t_max - t_min) * torch.rand(n_blocks, generator=generator)  # [n_blocks]
+        t = t_min + (t_max - t_min) * torch.rand(n_blocks, generator=gen)  # [n_blocks]
         rate = t[slots // block_size]  # [R]
         maskable = slots % block_size != 0  # [R]
-        masks.append(maskable & (torch.rand(length, generator=generator) < rate))
+        masks.append(maskable & (torch.rand(length, generator=gen) < rate))
         rates.append(rate)
     if complementary:
         for length, mask, rate in list(zip(response_lengths, masks, rates)):

@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leaplm.losses.block_diffusion import NOISY_TARGET, Targets
+from leaplm.losses.block_diffusion import NOISY_TARGET, RowGenerators, Targets, row_generators
 
 NOISED_BLOCKS = ("one", "all")
 
@@ -49,19 +49,20 @@ def _maskable(length: int, block_size: int) -> torch.Tensor:
 
 
 def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float | tuple[float, float],
-                  blocks: str = "one", generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                  blocks: str = "one", generator: RowGenerators = None) -> list[torch.Tensor]:
     """Certainty-forcing masks (bool [R_i] per row), then the complementary copies of every row.
 
     ``blocks="one"``: one block per row (uniform over its blocks with a maskable slot) is masked at ``rate``; its
     complementary copy masks exactly the block's other maskable slots, and no other block.
     ``blocks="all"``: every block is masked at ``rate`` and the copy masks the complement.
     ``rate`` may be a range ``(lo, hi)``: each noised block then draws its own rate from U(lo, hi).
+    ``generator``: one for every row, or a list with one per row.
     """
     if blocks not in NOISED_BLOCKS:
         raise ValueError(f"blocks must be one of {', '.join(NOISED_BLOCKS)}, got {blocks!r}")
     lo, hi = (rate, rate) if isinstance(rate, (int, float)) else rate
     masks, complements = [], []
-    for length in response_lengths:
+    for length, generator in zip(response_lengths, row_generators(generator, len(response_lengths))):
         maskable = _maskable(length, block_size)  # [R]
         block_of = torch.arange(length) // block_size  # [R]
         if blocks == "one":
@@ -82,11 +83,12 @@ def semi_ar_masks(response_lengths: list[int], block_size: int, rate: float | tu
 
 def nested_masks(response_lengths: list[int], block_size: int, *, student_rate: tuple[float, float] = (0.4, 0.9),
                  teacher_scale: tuple[float, float] = (0.3, 0.7), teacher_clip: tuple[float, float] = (0.1, 0.6),
-                 generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 generator: RowGenerators = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """CD4LM's (student masks, teacher masks), bool [R_i] per row; each teacher mask is a subset
-    of its student mask, so the teacher always sees at least what the student sees."""
+    of its student mask, so the teacher always sees at least what the student sees.
+    ``generator``: one for every row, or a list with one per row."""
     students, teachers = [], []
-    for length in response_lengths:
+    for length, generator in zip(response_lengths, row_generators(generator, len(response_lengths))):
         maskable = _maskable(length, block_size)  # [R]
         lo, hi = student_rate
         r_s = lo + (hi - lo) * float(torch.rand(1, generator=generator))

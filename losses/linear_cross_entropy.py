@@ -173,11 +173,10 @@ def final_hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     For the losses above: their logits are ``hidden @ weight.T`` exactly when the head is a plain
     linear layer without bias or logit soft-capping, which is checked here.
     """
-    core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    head = core.get_output_embeddings()
-    softcap = getattr(core.config.get_text_config(), "final_logit_softcapping", None)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if softcap or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(core).__name__} post-processes its logits (soft-capping {softcap}, or a head bias), "
+        raise ValueError(f"{type(model).__name__} post-processes its logits (soft-capping {softcap}, or a head bias), "
                          "which the fused loss does not reproduce; set method.fused_loss=false for this model")
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1], head.weight

@@ -201,10 +201,9 @@ def heads_of(model, kind: tuple[str, ...] = ("medusa", "hydra")) -> DraftHeads:
 
 
 def unwrap_heads(model) -> tuple:
-    """(the causal LM, maybe under LoRA, and its heads) inside whatever wraps it in training (DDP)."""
-    inner = getattr(model, "module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return inner, getattr(base, HEADS_ATTR)
+    """(the causal LM, maybe under LoRA, and its heads)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model, getattr(base, HEADS_ATTR)
 
 
 def save_heads(heads: DraftHeads, directory: str | Path) -> Path:

@@ -102,7 +102,7 @@ class TwoStreamLinear(nn.Linear):
 
 
 def has_noisy_weights(model: nn.Module) -> bool:
-    return getattr(getattr(model, "module", model), ROLES_ATTR, None) is not None
+    return getattr(model, ROLES_ATTR, None) is not None
 
 
 def split_noisy_weights(model: nn.Module) -> int:
@@ -134,7 +134,7 @@ def split_noisy_weights(model: nn.Module) -> int:
 @contextmanager
 def noisy_tokens(model: nn.Module, noisy: torch.Tensor | None) -> Iterator[None]:
     """Run the forwards inside with ``noisy`` [b, s] (bool) marking noisy tokens; a no-op without noisy weights."""
-    roles = getattr(getattr(model, "module", model), ROLES_ATTR, None)
+    roles = getattr(model, ROLES_ATTR, None)
     if roles is None or noisy is None:
         yield
         return
@@ -146,8 +146,7 @@ def noisy_tokens(model: nn.Module, noisy: torch.Tensor | None) -> Iterator[None]
 
 
 def noisy_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    core = getattr(model, "module", model)
-    return {name: tensor for name, tensor in core.state_dict().items() if name.endswith(NOISY_SUFFIXES)}
+    return {name: tensor for name, tensor in model.state_dict().items() if name.endswith(NOISY_SUFFIXES)}
 
 
 def save_noisy_weights(model: nn.Module, directory: str | Path, dtype: torch.dtype | None = None) -> list[str]:

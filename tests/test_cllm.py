@@ -41,6 +41,7 @@ from leaplm.losses.consistency import (
 )
 from leaplm.models.zoo import load_model
 from leaplm.train import cllm
+from leaplm.train.recipes import NOISE_SEED
 from leaplm.train.trainer import train
 from conftest import SMALL_ROLLOUT_RUN
 
@@ -323,7 +324,7 @@ def test_recipe_trains_through_the_trainer_and_reuses_its_rollouts(tmp_path, mon
     assert len(list((tmp_path / "rollouts").glob("*/settings.json"))) == 1
 
     monkeypatch.setattr(rollouts_module, "collect_jacobi_trajectories", lambda *a, **k: pytest.fail("recollected"))
-    train(load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", "train.max_steps=4", "train.resume_from=latest"]))
+    train(load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", "train.max_steps=3", "train.resume_from=latest"]))
 
 
 @pytest.mark.parametrize("consistency", ["global", "local"])
@@ -331,7 +332,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, consistency):
     cfg = load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", f"method.consistency={consistency}"])
     model, tokenizer = load_model("tiny-teacher")
     rows = _trajectory_rows((model, tokenizer))
-    samples = [{**r, "row": i} for i, r in enumerate(rows)]
+    samples = [{**r, NOISE_SEED: i} for i, r in enumerate(rows)]
     batch = {**cllm.build_collator(cfg, tokenizer)(samples), "step": 0}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()

@@ -14,6 +14,7 @@ from leaplm.losses.dllm_distill import semi_ar_masks
 from leaplm.models.noisy_weights import split_noisy_weights
 from leaplm.models.two_stream import CLEAN, NOISY
 from leaplm.train import cd4lm, dparallel
+from leaplm.train.recipes import NOISE_SEED
 from tests.test_block_diffusion_decoder import converted, prompts_of
 from tests.test_cllm import run_ranks
 from tests.test_noisy_weights import perturb_noisy_weights
@@ -48,7 +49,8 @@ def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp
     cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=one"])
     monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
     prompts = prompts_of(tokenizer)
-    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts, (9, 4, 6))]
+    samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
+               for i, (p, n) in enumerate(zip(prompts, (9, 4, 6)))]
     batch = dparallel.build_collator(cfg, tokenizer)(samples)
     targets = batch["targets"]
     noisy = targets.kinds == NOISY_TARGET
@@ -64,9 +66,10 @@ def test_dparallel_rate_range_reaches_the_masks_and_a_bad_range_is_refused(tiny_
     model, tokenizer = tiny_bd
     monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
     seen = []
-    monkeypatch.setattr(dparallel, "semi_ar_masks", lambda lengths, block, rate, blocks: seen.append(rate) or
-                        semi_ar_masks(lengths, block, rate, blocks))
-    samples = [{"prompt": p, "response": list(range(5, 5 + 16))} for p in prompts_of(tokenizer)]
+    monkeypatch.setattr(dparallel, "semi_ar_masks", lambda lengths, block, rate, blocks, generator:
+                        seen.append(rate) or semi_ar_masks(lengths, block, rate, blocks, generator))
+    samples = [{"prompt": p, "response": list(range(5, 5 + 16)), NOISE_SEED: i}
+               for i, p in enumerate(prompts_of(tokenizer))]
     for overrides, rate in [([], 0.5), (["method.max_rate=1.0"], (0.5, 1.0))]:
         cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.rate=0.5", *overrides])
         dparallel.build_collator(cfg, tokenizer)(samples)
@@ -82,7 +85,8 @@ def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, mo
     model, tokenizer = tiny_bd
     cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=all"])
     monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
-    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts_of(tokenizer), (9, 4, 6))]
+    samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
+               for i, (p, n) in enumerate(zip(prompts_of(tokenizer), (9, 4, 6)))]
     batch = {**dparallel.build_collator(cfg, tokenizer)(samples), "step": 0}
     split = copy.deepcopy(model)
     split_noisy_weights(split)
@@ -109,8 +113,8 @@ def test_cd4lm_teacher_sees_a_nested_less_masked_input(tiny_bd, monkeypatch):
     monkeypatch.setattr(cd4lm, "load_model_config", lambda cfg: model.config.block_diffusion)
     mask_id = model.config.block_diffusion["mask_token_id"]
     prompts = prompts_of(tokenizer)
-    samples = [{"prompt": p, "response": list(range(5, 5 + n))} for p, n in zip(prompts, (12, 8, 10))]
-    torch.manual_seed(0)
+    samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
+               for i, (p, n) in enumerate(zip(prompts, (12, 8, 10)))]
     batch = cd4lm.build_collator(cfg, tokenizer)(samples)
     student, teacher = batch["student"], batch["teacher"]
     noisy = student.stream == NOISY

@@ -1,5 +1,6 @@
 """Launch configs: accelerate resolves each one to the launcher and plugin it is meant to pick,
-the DeepSpeed JSONs leave to accelerate only what it fills, and slurm.sh wires ranks per node.
+each one starts a run on CPU, the DeepSpeed JSONs leave to accelerate only what it fills, and
+slurm.sh wires ranks per node.
 
 The two-rank CPU run itself is tests/test_trainer.py::test_two_process_ddp_matches_one_process.
 """
@@ -50,10 +51,11 @@ def _at_repo_root(monkeypatch):
 
 
 def resolve(name: str):
-    """What `accelerate launch --config_file launch/accelerate/<name>.yaml -m leaplm.train C` resolves to."""
+    """What `accelerate launch --config_file launch/accelerate/<name>.yaml -m leaplm.train C` resolves to:
+    the launcher arguments, the loaded file, and whether the file set mixed_precision."""
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", f"launch/accelerate/{name}.yaml", "-m", "leaplm.train", "c.yaml"])
-    return _validate_launch_command(args)[:2]
+    return _validate_launch_command(args)
 
 
 def test_the_named_configs_exist():
@@ -66,7 +68,7 @@ def test_accelerate_loads_each_config_and_picks_its_launcher(name):
     raw = yaml.safe_load(path.read_text())
     assert {"compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank"} <= raw.keys()
     load_config_from_file(str(path))  # accelerate's own loader: rejects keys this version does not know
-    args, _ = resolve(name)
+    args, *_ = resolve(name)
     flags = {flag for flag in ("multi_gpu", "use_fsdp", "use_deepspeed") if getattr(args, flag)}
     assert flags == ({LAUNCHER_FLAG[name]} if LAUNCHER_FLAG[name] else set())
     assert args.num_processes == raw["num_processes"]
@@ -75,7 +77,7 @@ def test_accelerate_loads_each_config_and_picks_its_launcher(name):
 
 
 def test_cpu_config_starts_two_ranks_on_a_free_port():
-    args, _ = resolve("cpu")
+    args, *_ = resolve("cpu")
     assert args.use_cpu and args.num_processes == 2 and args.main_process_port == 0
     prepare_multi_gpu_env(args)  # what torchrun is then given
     assert args.nproc_per_node == "2" and args.main_process_port > 0
@@ -83,7 +85,7 @@ def test_cpu_config_starts_two_ranks_on_a_free_port():
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_fsdp_config_is_fsdp2_full_shard_wrapping_each_decoder_layer(tiny, family):
-    args, _ = resolve("fsdp")
+    args, *_ = resolve("fsdp")
     env = prepare_multi_gpu_env(args)
     with patch_environment(**{k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}):
         plugin = FullyShardedDataParallelPlugin()
@@ -97,8 +99,11 @@ def test_fsdp_config_is_fsdp2_full_shard_wrapping_each_decoder_layer(tiny, famil
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_reach_the_plugin(stage):
-    args, defaults = resolve(f"zero{stage}")
-    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    args, defaults, mixed_precision_from_file = resolve(f"zero{stage}")
+    # As launch_command does: every rank's DeepSpeedPlugin refuses to start if the file set any of these
+    # fields next to deepspeed_config_file, mixed_precision included.
+    fields = [*defaults.deepspeed_config, *(["mixed_precision"] if mixed_precision_from_file else [])]
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
     _, env = prepare_deepspeed_cmd_env(args)
     assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == f"launch/deepspeed/zero{stage}.json"
     with patch_environment(**{k: v for k, v in env.items() if k.startswith("ACCELERATE_")}):
@@ -141,6 +146,46 @@ def test_docs_name_only_files_that_exist():
     assert all(f"`{p.name}`" in guide for p in CONFIGS)  # every config is documented
     named = set(re.findall(r"launch/[\w/.-]+\.(?:yaml|json|sh)", guide + (REPO / "README.md").read_text()))
     assert all((REPO / p).is_file() for p in named), [p for p in named if not (REPO / p).is_file()]
+
+
+# ----- every config starts a run on this CPU machine ---------------------------------------------
+
+# Without CUDA the Trainer builds Accelerator(cpu=True), which ignores the FSDP or DeepSpeed plugin the
+# launcher asks for: the ranks run plain DDP over gloo, and the main process says so in one line.
+FALLBACK = {
+    "cpu": None,
+    "single_gpu": None,
+    "multi_gpu": None,
+    "fsdp": "launch config asks for FSDP; on CPU this runs as plain DDP over gloo: no sharding",
+    "zero2": "launch config asks for DeepSpeed (launch/deepspeed/zero2.json); on CPU this runs as plain DDP over gloo: "
+             "no sharding",
+    "zero3": "launch config asks for DeepSpeed (launch/deepspeed/zero3.json); on CPU this runs as plain DDP over gloo: "
+             "no sharding",
+}
+
+
+# 10-30 s a start on 2 shared cores: only cpu.yaml's runs by default, the rest in the slow selection.
+@pytest.mark.parametrize("name", [name if name == "cpu" else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in FALLBACK])
+def test_each_config_starts_a_run_on_cpu(tmp_path, name):
+    """The documented command with each shipped file: every process starts and finishes its steps.
+    Parsing a config proves little: accelerate checks some fields only when each rank builds its
+    Accelerator (a DeepSpeed file that also sets mixed_precision fails exactly there)."""
+    processes = 1 if name == "single_gpu" else 2
+    # --main_process_port 0: the GPU files pin 29500, which concurrent launches on one machine would share.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{name}.yaml",
+           "--num_processes", str(processes), "--main_process_port", "0",
+           "-m", "leaplm.train", "configs/pretrain/tiny_teacher.yaml", f"output_dir={tmp_path}", "train.max_steps=2",
+           "data.train_per_task=50", "model.init.num_hidden_layers=1", "eval.at_end=false", "export.dir=null",
+           "logging.wandb=false", "logging.progress_bar=false"]
+    # No visible GPU, so that on a GPU box too this checks the CPU fallback (single_gpu.yaml's gpu_ids
+    # makes GPU 0 visible again; it has no fallback to check).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"trained 2 steps; outputs in {tmp_path}") == processes, proc.stdout[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "launch config asks for" in line]
+    assert said == ([f"WARNING leaplm.train.trainer: {FALLBACK[name]}"] if FALLBACK[name] else []), said
 
 
 # ----- slurm.sh ---------------------------------------------------------------------------------

@@ -106,7 +106,6 @@ def test_bad_shapes_are_named():
 
 def _loss_and_grads(recipe_loss, model, batch, cfg):
     model.zero_grad()
-    torch.manual_seed(0)  # ar2bd draws its noise from the global generator
     loss, metrics = recipe_loss(model, batch, cfg)
     loss.backward()
     return loss.detach(), metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -128,7 +127,9 @@ def test_ar2bd_fused_loss_equals_the_logits_loss():
     model, tokenizer = tiny_model("qwen3")
     tokenizer = copy.deepcopy(tokenizer)  # the mask token must not leak into other tests' tokenizer
     convert(model, tokenizer, 4, "causal")
-    batch = {"prompts": [[5, 6, 7], [8, 9]], "responses": [[10, 11, 12, 13, 14, 15], [16, 17, 18]], "step": 0}
+    # each sample's noise seed: both calls draw the same masks
+    batch = {"prompts": [[5, 6, 7], [8, 9]], "responses": [[10, 11, 12, 13, 14, 15], [16, 17, 18]], "step": 0,
+             "noise_seeds": [0, 1]}
     _assert_fused_equals_plain(ar2bd.loss, ar2bd.AR2BDConfig, model.train(), batch, block_size=4, ar_weight=0.5,
                                inverse_t_weight=True)
 

@@ -38,7 +38,7 @@ from leaplm.models.block_diffusion import (
 from leaplm.models.noisy_weights import noisy_tokens, split_noisy_weights
 from leaplm.models.two_stream import NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
-from leaplm.train.recipes import Recipe
+from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
 
 NOISY_WEIGHTS = ("shared", "separate")
 
@@ -128,6 +128,8 @@ def collate(samples):
     return {
         "prompts": [s["prompt"] for s in samples],
         "responses": [s["response"] for s in samples],
+        # masks are drawn in the loss, which knows the step's block size (curriculum)
+        "noise_seeds": [s[NOISE_SEED] for s in samples],
         "n_targets": torch.tensor(n_answer),
         "n_tokens": torch.tensor(sum(len(s["prompt"]) for s in samples) + n_answer),
     }
@@ -139,18 +141,18 @@ def build_collator(cfg: Config, tokenizer):
 
 def loss(model, batch, cfg: Config):
     m: AR2BDConfig = cfg.method
-    core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    spec = spec_of(core)
+    spec = spec_of(model)
     block_size = m.block_size_at(batch["step"])
-    masks, rates = sample_masks([len(r) for r in batch["responses"]], block_size, m.t_min, m.t_max, m.complementary)
+    masks, rates = sample_masks([len(r) for r in batch["responses"]], block_size, m.t_min, m.t_max, m.complementary,
+                                generator=sample_generators(batch["noise_seeds"]))
     layout, targets = build_batch(batch["prompts"], batch["responses"], masks, rates, block_size, spec.mask_token_id,
                                   inverse_t_weight=m.inverse_t_weight, ar_weight=m.ar_weight)
     device = next(model.parameters()).device
     layout = layout.to(device)
     backend = resolve_backend(m.attention, device)
-    with attention_backend(core, backend), noisy_tokens(core, layout.stream == NOISY):
+    with attention_backend(model, backend), noisy_tokens(model, layout.stream == NOISY):
         inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                      attention_mask=training_attention(core, layout, backend), use_cache=False)
+                      attention_mask=training_attention(model, layout, backend), use_cache=False)
         if m.fused_loss:
             hidden, head = final_hidden_states(model, **inputs)  # [v*b, T, h], [V, h]
             loss_sum, metrics = block_diffusion_loss_sum(hidden, targets.to(device), head=head)

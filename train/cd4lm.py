@@ -40,7 +40,7 @@ from leaplm.models.block_diffusion import export_settings
 from leaplm.models.two_stream import ATTENTION_BACKENDS, resolve_backend
 from leaplm.train.ar2bd import build_dataset
 from leaplm.train.dparallel import load_block_diffusion_model, load_model_config, two_stream_forward
-from leaplm.train.recipes import Recipe
+from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
 
 TEACHER = "_cd4lm_teacher"  # attribute of the student holding the frozen teacher
 
@@ -88,7 +88,8 @@ def build_collator(cfg: Config, tokenizer):
         prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
         students, teachers = nested_masks([len(r) for r in responses], spec["block_size"],
                                           student_rate=tuple(m.student_rate), teacher_scale=tuple(m.teacher_scale),
-                                          teacher_clip=tuple(m.teacher_clip))
+                                          teacher_clip=tuple(m.teacher_clip),
+                                          generator=sample_generators(s[NOISE_SEED] for s in samples))
         ones = [torch.ones(len(x)) for x in students]
         layouts = [build_batch(prompts, responses, masks, ones, spec["block_size"], spec["mask_token_id"],
                                inverse_t_weight=False, ar_weight=0.0) for masks in (students, teachers)]
@@ -105,8 +106,7 @@ def build_collator(cfg: Config, tokenizer):
 
 def loss(model, batch, cfg: Config):
     m: CD4LMConfig = cfg.method
-    core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    teacher = getattr(core, TEACHER, None)
+    teacher = getattr(model, TEACHER, None)
     if teacher is None:
         raise ConfigError("cd4lm's loss needs the frozen teacher that cd4lm's build_model attaches to the model")
     device = next(model.parameters()).device

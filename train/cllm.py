@@ -35,7 +35,7 @@ from leaplm.inference.jacobi import INITS
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.losses.consistency import CONSISTENCY, ar_labels, block_batch, block_logits, consistency_loss_sum
 from leaplm.models.zoo import load_model
-from leaplm.train.recipes import Recipe
+from leaplm.train.recipes import NOISE_SEED, Recipe
 from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
 
 
@@ -84,21 +84,8 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
                      max_prompts=m.max_prompts)
 
 
-class RolloutSamples(Sequence):
-    """The rollout dataset's rows (kept memory-mapped), each with its row number for seeding."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.ds[index], "row": index}
-
-
 def build_dataset(cfg: Config, tokenizer):
-    return RolloutSamples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
+    return load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong)  # rows stay memory-mapped
 
 
 def build_collator(cfg: Config, tokenizer):
@@ -136,9 +123,8 @@ def loss(model, batch, cfg: Config):
     samples = batch["samples"]
     b = len(samples)
     device = next(model.parameters()).device
-    # The state is drawn per (seed, step, row): the same whatever the micro-batch split or resume.
-    picks = [pick_states(s["states"], m.consistency, random.Random(f"{cfg.seed}:{batch['step']}:{s['row']}"))
-             for s in samples]
+    # The state is drawn from the sample's own seed: the same whatever the process, micro-batch or resume.
+    picks = [pick_states(s["states"], m.consistency, random.Random(s[NOISE_SEED])) for s in samples]
     contexts = [s["prompt_ids"] + s["prefix_ids"] for s in samples]
     fixed_points = [s["fixed_point"] for s in samples]
 

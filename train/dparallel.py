@@ -48,7 +48,7 @@ from leaplm.models.block_diffusion import export_settings, spec_of, training_att
 from leaplm.models.noisy_weights import has_noisy_weights, noisy_tokens
 from leaplm.models.two_stream import ATTENTION_BACKENDS, NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
-from leaplm.train.recipes import Recipe
+from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
 from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
 
 
@@ -120,9 +120,8 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
 def two_stream_forward(model, layout, backend: str) -> torch.Tensor:
     """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``; the noisy
     stream's tokens go through the noisy weights of a model that has them (a no-op otherwise)."""
-    core = getattr(model, "module", model)  # the model inside a DDP wrapper
-    with attention_backend(core, backend), noisy_tokens(core, layout.stream == NOISY):
-        attention = training_attention(core, layout, backend)
+    with attention_backend(model, backend), noisy_tokens(model, layout.stream == NOISY):
+        attention = training_attention(model, layout, backend)
         return model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
                      use_cache=False).logits
 
@@ -134,7 +133,8 @@ def build_collator(cfg: Config, tokenizer):
     def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
         rate = m.rate if m.max_rate is None else (m.rate, m.max_rate)
-        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], rate, m.blocks)
+        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], rate, m.blocks,
+                              generator=sample_generators(s[NOISE_SEED] for s in samples))
         layout, targets = build_batch(prompts, responses, masks, [torch.ones(len(x)) for x in masks],
                                       model_cfg["block_size"], model_cfg["mask_token_id"],
                                       inverse_t_weight=False, ar_weight=0.0)

@@ -154,16 +154,31 @@ def head_inputs(heads: DraftHeads, embed, input_ids: torch.Tensor, hidden: torch
     return hidden[:, :t], torch.stack([embeds[:, 1 + j:1 + j + t] for j in range(k + 1)], dim=2)
 
 
-def record_accuracy(heads: DraftHeads, k: int, logits: torch.Tensor, targets: torch.Tensor,
-                    counted: torch.Tensor) -> float:
-    """Update head k's running rank accuracies; return its top-1 accuracy on this batch."""
+def rank_hits(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """[R + 1]: how many counted targets were each head's rank-r prediction, then how many were counted."""
     with torch.no_grad():
         top = logits[counted].topk(ACCURACY_TOP_K, dim=-1).indices  # [n, R]
-        hits = (top == targets[counted][:, None]).float().mean(0)  # [R]
-        if counted.any():
+        hits = (top == targets[counted][:, None]).sum(0)  # [R]
+        return torch.cat([hits, counted.sum()[None]]).double()
+
+
+def record_accuracy(heads: DraftHeads, counts: torch.Tensor) -> dict[str, float]:
+    """Update every head's running rank accuracies from this micro-batch's ``counts`` [K, R + 1]
+    (:func:`rank_hits` per head, zeros for heads the batch was too short for); their top-1 metrics.
+
+    The counts are summed over processes first, so the accuracies (which shape the decoding tree)
+    are those of the global micro-batch, the same on every process and for any process count.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)  # every process calls this once per micro-batch
+    metrics = {}
+    for k, row in enumerate(counts):
+        if row[-1] > 0:
+            hits = (row[:-1] / row[-1]).to(heads.accuracy.dtype)  # [R]
             seen = heads.accuracy[k].any()
             heads.accuracy[k] = torch.where(seen, 0.95 * heads.accuracy[k] + 0.05 * hits, hits)
-        return float(hits[0])
+            metrics[f"head{k}_top1"] = float(hits[0])
+    return metrics
 
 
 def loss(model, batch, cfg: Config):
@@ -185,6 +200,7 @@ def loss(model, batch, cfg: Config):
     total = torch.zeros((), device=input_ids.device)
     metrics: dict[str, float] = {}
     weight = m.heads_coefficient * schedule_weight(m.schedule, batch["step"], cfg.train.max_steps)
+    counts = torch.zeros(heads.config.num_heads, ACCURACY_TOP_K + 1, dtype=torch.float64, device=input_ids.device)
     for k in range(heads.config.num_heads):
         shift = k + 2
         if input_ids.shape[1] <= shift:
@@ -201,7 +217,8 @@ def loss(model, batch, cfg: Config):
             total = total + m.teacher_weight * (soft * counted).sum() + m.lm_weight * ce_sum
         else:
             total = total + weight * m.decay ** k * ce_sum
-        metrics[f"head{k}_top1"] = record_accuracy(heads, k, logits, targets, counted)
+        counts[k] = rank_hits(logits, targets, counted)
+    metrics.update(record_accuracy(heads, counts))
     if joint:
         predicted = answer[:, 1:]  # [b, T-1] positions whose next token is an answer token
         student = base_logits[:, :-1].float()

@@ -233,13 +233,12 @@ def build_collator(cfg: Config, tokenizer):
 
 def loss(model, batch, cfg: Config):
     m: JacobiForcingConfig = cfg.method
-    core = getattr(model, "module", model)  # the model inside a DDP wrapper
     device = next(model.parameters()).device
     backend = resolve_backend(m.attention, device)
     layout, targets = batch["layout"].to(device), batch["targets"].to(device)
-    with attention_backend(core, backend):
+    with attention_backend(model, backend):
         inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                      attention_mask=training_attention(core, layout, backend, m.noisy_context), use_cache=False)
+                      attention_mask=training_attention(model, layout, backend, m.noisy_context), use_cache=False)
         if m.fused_loss:
             hidden, head = final_hidden_states(model, **inputs)  # [b, T, h], [V, h]
             return jacobi_forcing_loss_sum(hidden, targets, ar_weight=m.ar_weight, temperature=m.temperature,

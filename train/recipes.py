@@ -8,9 +8,10 @@ logging, eval, export) is the trainer's.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -28,6 +29,27 @@ RECIPE_MODULES = {
 }
 
 
+# The key the trainer adds to every sample it hands to a collator: the seed of that sample's noise.
+NOISE_SEED = "noise_seed"
+
+
+def noise_seed(seed: int, position: int) -> int:
+    """Seed of the noise (mask rates, masks, picked states) of the sample at ``position`` in the
+    run's sample stream (step s holds positions [s*E, (s+1)*E), E the global batch).
+
+    Keyed by the global position, not by a process's generator: a sample gets the same noise
+    whichever process and micro-batch it lands in, so the loss curve does not depend on how a
+    step is split, and resuming redraws exactly what the interrupted run would have drawn.
+    """
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.Generator.manual_seed takes < 2**63
+
+
+def sample_generators(seeds: Iterable[int]) -> list[torch.Generator]:
+    """One fresh CPU generator per sample, from the seeds the trainer put under ``NOISE_SEED``."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -37,7 +59,8 @@ class Recipe:
     build_model: Callable[[Any], tuple[Any, Any]]
     # (cfg, tokenizer) -> list of samples the collator understands
     build_dataset: Callable[[Any, Any], Sequence[dict]]
-    # (cfg, tokenizer) -> callable(list of samples) -> batch dict with an `n_targets` count
+    # (cfg, tokenizer) -> callable(list of samples) -> batch dict with an `n_targets` count. Each sample
+    # carries NOISE_SEED: a collator or loss that draws noise seeds one generator per sample from it.
     build_collator: Callable[[Any, Any], Callable[[Sequence[dict]], dict]]
     # (model, batch, cfg) -> (sum of the loss over the batch's n_targets items, extra metrics)
     loss: Callable[[Any, dict, Any], tuple[torch.Tensor, dict[str, float]]]

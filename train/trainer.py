@@ -28,21 +28,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
+from leaplm.inference.engine import check_config_decoders
 from leaplm.models.draft_heads import save_attached_heads
 from leaplm.models.noisy_weights import has_noisy_weights, save_noisy_weights
 from leaplm.train import checkpoint as ckpt
-from leaplm.train.recipes import Recipe, get_recipe
+from leaplm.train.recipes import NOISE_SEED, Recipe, get_recipe, noise_seed
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class ProcessesDiverged(RuntimeError):
+    """Processes that should hold one model hold different weights."""
 
 
 @dataclass
@@ -54,16 +60,28 @@ class TrainResult:
     preempted: bool = False  # stopped early by SIGTERM, after saving a checkpoint at `steps`
 
 
+class SetupInterrupted(SystemExit):
+    """SIGTERM before the first step: exit with the status a SIGTERM kill gives (128 + 15)."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
 class PreemptionFlag:
     """Turns SIGTERM (what SLURM and cloud schedulers send before they kill a job) into a flag.
 
     The loop checks it between optimizer steps, so the checkpoint it then writes holds a whole
     step: resuming from it continues the loss curve exactly. Any rank's signal stops every rank
     (the flag is summed over processes), since a checkpoint needs all of them.
+
+    Until ``training`` is set, during setup (model build, rollouts: minutes, with nothing trained
+    to save), the signal raises :class:`SetupInterrupted` at once instead: waiting for a first
+    step would outlast the scheduler's grace period.
     """
 
     def __init__(self):
         self.raised = False
+        self.training = False
         self._previous = None
 
     def __enter__(self) -> "PreemptionFlag":
@@ -72,6 +90,8 @@ class PreemptionFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.training:
+            raise SetupInterrupted()
         log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
         self.raised = True
 
@@ -106,12 +126,45 @@ class StepSampler:
             self._perms = {epoch: perm}
         return self._perms[epoch]
 
+    def positions(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches of ``step`` as global positions in the run's sample stream."""
+        starts = (step * self.per_step + (m * self.world + self.rank) * self.micro for m in range(self.accum))
+        return [list(range(start, start + self.micro)) for start in starts]
+
+    def index(self, position: int) -> int:
+        """The dataset index of the sample at a global ``position``."""
+        return int(self._perm(position // self.n)[position % self.n])
+
     def micro_batches(self, step: int) -> list[list[int]]:
-        out = []
-        for m in range(self.accum):
-            start = step * self.per_step + (m * self.world + self.rank) * self.micro
-            out.append([int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + self.micro)])
-        return out
+        return [[self.index(pos) for pos in micro] for micro in self.positions(step)]
+
+
+class RecipeForward(torch.nn.Module):
+    """The recipe's loss as the forward of one module around the model: what the trainer prepares.
+
+    DDP averages the gradients only of parameters used inside a forward of the module it wraps,
+    run with gradients enabled. A recipe that runs a frozen base under ``no_grad`` and its trained
+    heads on the output (draft heads, acceptance heads) would leave the heads' gradients
+    unsynchronised if DDP wrapped only the model, and each process would train its own heads.
+    Wrapping the whole loss puts every trained parameter inside the wrapped forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, cfg: Config):
+        super().__init__()
+        self.model = model
+        self._loss, self._cfg = recipe.loss, cfg
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._loss(self.model, batch, self._cfg)
+
+    # FSDP wraps the decoder layers the model names, and DeepSpeed sizes ZeRO-3 buckets from its config.
+    @property
+    def _no_split_modules(self):
+        return getattr(self.model, "_no_split_modules", None)
+
+    @property
+    def config(self):
+        return self.model.config
 
 
 def lr_lambda(cfg: Config):
@@ -147,12 +200,75 @@ def apply_lora(model, cfg: Config, new_token_ids: list[int] | None = None):
     return get_peft_model(model, peft_cfg)
 
 
-class MetricsLogger:
-    """Rank-0 metrics to ``metrics.jsonl`` and wandb (offline unless WANDB_API_KEY is set)."""
+# What a training run writes into its output_dir that a later run there would mix with. A
+# config.yaml alone is a run stopped before its first step (it is rewritten), and rollouts/ is a
+# cache keyed by its settings: neither is in the way.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "eval-step-*.json", "stage_done.json")
 
-    def __init__(self, cfg: Config, output_dir: Path, enabled: bool):
+
+def previous_run(output_dir: Path) -> list[Path]:
+    """The files an earlier run left in ``output_dir`` (none for a new or empty directory)."""
+    found = sorted(p for pattern in RUN_FILES for p in Path(output_dir).glob(pattern))
+    return [p for p in found if not p.is_dir() or any(p.iterdir())]
+
+
+def delete_previous_run(output_dir: Path) -> None:
+    found = previous_run(output_dir)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if found:
+        log.warning("train.overwrite=true: deleted the earlier run's %s in %s", ", ".join(p.name for p in found),
+                    output_dir)
+
+
+# Settings a resumed run may change: where and how often it saves, logs, evaluates and exports.
+# The others shaped the weights, optimizer state, lr schedule or data order that resume restores.
+# A key ending in "." stands for its whole section.
+CHANGEABLE_ON_RESUME = ("output_dir", "train.resume_from", "train.overwrite", "train.save_every", "train.keep_last",
+                        "train.log_every", "train.torch_threads", "logging.", "eval.", "export.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_changes(cfg: Config, checkpoint: Path) -> list[str]:
+    """``key: old -> new`` for each setting of ``cfg`` that differs from the checkpoint's config.yaml
+    and may not change on resume. ``train.max_steps`` may change only under a constant schedule:
+    cosine and linear decay over max_steps, and the restored scheduler would switch curves mid-run."""
+    old = _flatten(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    new = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # the same round trip the saved file took
+    changeable = CHANGEABLE_ON_RESUME + (("train.max_steps",) if cfg.train.lr_schedule == "constant" else ())
+
+    def shown(tree: dict, key: str) -> str:  # a key one config lacks: written by another leaplm version
+        return repr(tree[key]) if key in tree else "(absent)"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in sorted(old.keys() | new.keys())
+            if (key in old, old.get(key)) != (key in new, new.get(key))
+            and not any(key == c or (c.endswith(".") and key.startswith(c)) for c in changeable)]
+
+
+class MetricsLogger:
+    """Rank-0 metrics to ``metrics.jsonl`` and wandb (offline unless WANDB_API_KEY is set).
+
+    A run resumed at ``start_step`` replays the steps after it: the rows the interrupted run logged
+    for them are dropped first, so each step appears once.
+    """
+
+    def __init__(self, cfg: Config, output_dir: Path, enabled: bool, start_step: int):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
+        if enabled and self.path.is_file():
+            self._drop_after(start_step)
         self.wandb = None
         if enabled and cfg.logging.wandb:
             if not os.environ.get("WANDB_API_KEY"):
@@ -170,6 +286,20 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
+    def _drop_after(self, step: int) -> None:
+        def kept(line: str) -> bool:
+            try:
+                return json.loads(line)["step"] <= step
+            except json.JSONDecodeError:  # the torn last line of a killed run
+                return False
+
+        lines = self.path.read_text().splitlines(keepends=True)
+        rows = [line for line in lines if kept(line)]
+        if len(rows) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(rows))
+            os.replace(tmp, self.path)  # a crash here leaves the old rows, never a truncated file
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -177,11 +307,23 @@ class MetricsLogger:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        check_config_decoders(cfg)  # a bad decoder setting fails now, not after training
         self.cfg = cfg
         self.recipe: Recipe = get_recipe(cfg.recipe)
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        # find_unused_parameters: a step may leave a trained parameter unused on one process (a draft
+        # head past a short batch's end); DDP then still reduces it, as zeros, instead of hanging.
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        # `accelerate launch` asks for FSDP or DeepSpeed through these variables; Accelerator(cpu=True)
+        # ignores both without a word, so a sharded launch config on CPU must say what runs instead.
+        plugins = (("FSDP", "FSDP"), ("DEEPSPEED", f"DeepSpeed ({os.environ.get('ACCELERATE_DEEPSPEED_CONFIG_FILE')})"))
+        asked = [what for key, what in plugins if os.environ.get(f"ACCELERATE_USE_{key}", "").lower() == "true"]
+        acc = self.accelerator
+        if asked and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) and acc.is_main_process:
+            log.warning("launch config asks for %s; on CPU this runs as %s: no sharding", " and ".join(asked),
+                        f"plain DDP over {acc.state.backend}" if acc.num_processes > 1 else "one plain process")
         self.output_dir = Path(cfg.output_dir)
         self.model = None  # built by setup(), which fit() runs if it has not run yet
         self._deepspeed = self.accelerator.state.deepspeed_plugin is not None
@@ -191,7 +333,10 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
+        resume = self._claim_output_dir()
         if acc.is_main_process:
+            if cfg.train.overwrite:
+                delete_previous_run(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output_dir / "config.yaml")
         model, self.tokenizer = self.recipe.build_model(cfg)
@@ -208,7 +353,8 @@ class Trainer:
                 "model.gradient_checkpointing=false"
             )
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # non-reentrant: the reentrant variant marks parameters ready twice under DDP's unused-parameter search
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.model.lora.r > 0:
             new_tokens = self.recipe.new_token_ids(model) if self.recipe.new_token_ids else None
             model = apply_lora(model, cfg, new_tokens)
@@ -222,7 +368,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(RecipeForward(model, self.recipe, cfg), optimizer)
         # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
         # step it once per process), and registered so checkpoints carry it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -231,9 +377,9 @@ class Trainer:
         self.sampler = StepSampler(len(self.samples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                    acc.num_processes, acc.process_index, cfg.seed, lengths)
         self.start_step = 0
-        if cfg.train.resume_from:
-            self._resume(cfg.train.resume_from)
-        self.metrics = MetricsLogger(cfg, self.output_dir, acc.is_main_process)
+        if resume is not None:
+            self._resume(*resume)
+        self.metrics = MetricsLogger(cfg, self.output_dir, acc.is_main_process, self.start_step)
 
     def _configure_deepspeed(self) -> None:
         """DeepSpeed runs accumulation and clipping inside its engine: hand it our values.
@@ -254,15 +400,54 @@ class Trainer:
             "gradient_clipping": t.max_grad_norm,
         })
 
-    def _resume(self, resume_from: str) -> None:
-        path = ckpt.resolve_resume(self.output_dir, resume_from)
-        if path is None:
-            log.warning("train.resume_from=latest: no checkpoint in %s yet, starting from scratch", self.output_dir)
-            return
-        state = ckpt.validate(path)
+    def _claim_output_dir(self) -> tuple[Path, dict] | None:
+        """Refuse a run that would mix with, or silently diverge from, what output_dir holds; return the
+        checkpoint to resume from and its trainer state.
+
+        Every rank decides from the files as they are before any is written (config.yaml, by the main
+        process, comes after), and the ranks agree before going on: one refusing rank stops them all.
+        """
+        t = self.cfg.train
+        resume, problem = None, None
+        try:
+            if t.resume_from:
+                path = ckpt.resolve_resume(self.output_dir, t.resume_from)
+                if path is None:
+                    log.warning("train.resume_from=latest: no checkpoint in %s yet, starting from scratch",
+                                self.output_dir)
+                else:
+                    resume = path, ckpt.validate(path)
+                    self._check_resumable(path)
+            elif not t.overwrite and (found := previous_run(self.output_dir)):
+                raise ConfigError(
+                    f"output_dir {self.output_dir} holds an earlier run ({', '.join(p.name for p in found)}); a new "
+                    "run there would mix its metrics and checkpoints with that run's, and train.resume_from=latest "
+                    "or `leaplm export` would pick whichever model has the highest step. Continue that run with "
+                    "train.resume_from=latest, start over with train.overwrite=true (deletes those files), or "
+                    "choose another output_dir."
+                )
+        except (ConfigError, ckpt.CheckpointError) as err:
+            problem = err
+        if self._any_rank(problem is not None):
+            raise problem or ConfigError("another process refused to start this run; its log says why")
+        return resume
+
+    def _check_resumable(self, path: Path) -> None:
+        changes = resume_changes(self.cfg, path)
+        if changes:
+            may = ", ".join(c + "*" if c.endswith(".") else c for c in CHANGEABLE_ON_RESUME)
+            raise ConfigError(
+                f"train.resume_from={self.cfg.train.resume_from}: these settings differ from the ones checkpoint "
+                f"{path} was trained with: {'; '.join(changes)}. Resuming continues that run's weights, optimizer "
+                "state, lr schedule and data order, which these settings shaped: set them back, or start a new run "
+                "with them (another output_dir, or train.overwrite=true). Settings that may change on resume: "
+                f"{may}, and train.max_steps under train.lr_schedule=constant."
+            )
+
+    def _resume(self, path: Path, state: dict) -> None:
         try:
             self.accelerator.load_state(str(path / "state"))
-        except Exception as err:  # a file whose bytes are damaged but whose size matches the record
+        except Exception as err:  # a checkpoint of another model or topology (validate caught damaged bytes)
             raise ckpt.CheckpointError(
                 f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); it is corrupt or was written "
                 "by a different model or topology. Resume from an earlier one with train.resume_from=<dir>."
@@ -281,7 +466,9 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         acc, model = self.accelerator, self.model
-        batches = [self.collate([self.samples[i] for i in idx]) for idx in self.sampler.micro_batches(step)]
+        cfg, sampler = self.cfg, self.sampler
+        batches = [self.collate([{**self.samples[sampler.index(pos)], NOISE_SEED: noise_seed(cfg.seed, pos)}
+                                 for pos in micro]) for micro in sampler.positions(step)]
         # Every micro-batch carries the step, for losses that follow a curriculum (block size).
         batches = [{**{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in b.items()}, "step": step}
                    for b in batches]
@@ -294,7 +481,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with acc.no_sync(model) if not last else contextlib.nullcontext():
-                batch_loss, metrics = self.recipe.loss(model, batch, self.cfg)
+                batch_loss, metrics = model(batch)
                 # DDP averages gradients over processes, so scale by their count to get the
                 # gradient of (global loss sum / global target count). DeepSpeed also divides
                 # by its accumulation steps, which this normalisation already accounts for.
@@ -311,10 +498,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = (self._reduce_sum(loss_sum) / total_targets).item()
         if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}; training stopped. Lower train.lr, enable "
-                "train.max_grad_norm, or check the data; resume from the last checkpoint with train.resume_from=latest"
-            )
+            raise TrainingDiverged(f"loss is {loss} at step {step + 1}")  # fit() says what to do about it
         # Real tokens trained on: collators without a padded attention mask report `n_tokens`.
         tokens = self._reduce_sum(sum(b["n_tokens"] if "n_tokens" in b else b["attention_mask"].sum()
                                       for b in batches)).item()
@@ -324,19 +508,28 @@ class Trainer:
         return out
 
     def fit(self) -> TrainResult:
-        if self.model is None:
-            self.setup()
         cfg, acc = self.cfg, self.accelerator
-        result = TrainResult(self.output_dir, self.start_step)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, desc=cfg.recipe,
-                   disable=not (acc.is_main_process and cfg.logging.progress_bar))
-        window_tokens, window_start = 0.0, time.perf_counter()
         with PreemptionFlag() as preemption:
+            if self.model is None:
+                try:
+                    self.setup()
+                except SetupInterrupted:
+                    log.warning("SIGTERM during setup: nothing trained yet, no checkpoint written; rerun the same "
+                                "command to start again")
+                    raise
+            preemption.training = True
+            result = TrainResult(self.output_dir, self.start_step)
+            bar = tqdm(total=cfg.train.max_steps, initial=self.start_step, desc=cfg.recipe,
+                       disable=not (acc.is_main_process and cfg.logging.progress_bar))
+            window_tokens, window_start = 0.0, time.perf_counter()
             for step in range(self.start_step, cfg.train.max_steps):
                 if self._any_rank(preemption.raised):
                     result.preempted = True
                     break
-                stats = self.train_step(step)
+                try:
+                    stats = self.train_step(step)
+                except TrainingDiverged:
+                    raise self._diverged(step, f"the loss is not finite at step {step + 1}") from None
                 done = step + 1
                 result.losses.append(stats["loss"])
                 result.steps = done
@@ -378,10 +571,16 @@ class Trainer:
     # ----- Checkpoints, eval --------------------------------------------------------------
 
     def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model).model
 
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
+        # A checkpoint of non-finite weights could only resume into NaN. Every rank checks its own
+        # (under ZeRO, sharded) state and they agree, so none writes while another stops.
+        if self._any_rank(not self._finite()):
+            raise self._diverged(step, f"the trained weights or optimizer state are not finite after step {step}, "
+                                       "so no checkpoint of it was written")
+        fingerprints = self.check_processes_agree(step)
         tmp = ckpt.temporary_dir(self.output_dir, step)
         if acc.is_main_process:  # a crash may have left a partial write of this step behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -393,10 +592,53 @@ class Trainer:
             save_noisy_weights(self.unwrapped_model(), tmp / "model")  # ar2bd's separate noisy weights, likewise
             self.tokenizer.save_pretrained(tmp / "model")
             self.cfg.save(tmp / "config.yaml")
-            final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step()},
+            final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step(),
+                                                          "process_fingerprints": fingerprints},
                                   self.cfg.train.keep_last)
         acc.wait_for_everyone()
         return ckpt.checkpoint_root(self.output_dir) / ckpt.step_dir_name(step) if not acc.is_main_process else final
+
+    def _finite(self) -> bool:
+        trained = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        moments = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in trained + moments)
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        """The error for a run that diverged in the step after ``step`` optimizer steps, pointing at the
+        newest checkpoint older than that step: the checkpoint of ``step`` itself holds the weights
+        that diverged."""
+        good = [p for p in ckpt.list_checkpoints(self.output_dir) if int(ckpt.STEP_DIR.match(p.name)[1]) < step]
+        where = (f"The last checkpoint written before the divergence is {good[-1]} (its weights are in "
+                 f"{good[-1] / 'model'}); any later one holds diverging weights." if good else
+                 "No checkpoint was written before the divergence.")
+        return TrainingDiverged(
+            f"{what}; training stopped. Resuming repeats the same steps on the same data and diverges again: "
+            "start a new run (another output_dir, or train.overwrite=true) with a lower train.lr, "
+            f"train.max_grad_norm > 0, or checked data. {where}"
+        )
+
+    def check_processes_agree(self, step: int) -> list[list[float]]:
+        """Every process's fingerprint of the trained weights; raise unless they are identical.
+
+        Where each process holds the whole model (DDP, ZeRO-1/2), one run has one set of weights:
+        processes that disagree have trained different models, and a checkpoint of rank 0's
+        would silently drop the others' updates. Sharded setups (FSDP, ZeRO-3) hold different
+        shards by design and are not compared.
+        """
+        acc = self.accelerator
+        trained = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        # [2]: two float64 sums, equal for bit-identical weights and unequal for any realistic drift
+        local = torch.stack([sum(p.double().sum() for p in trained), sum(p.double().square().sum() for p in trained)])
+        everyone = acc.gather(local.to(acc.device)[None]).cpu()  # [processes, 2]
+        sharded = acc.distributed_type == DistributedType.FSDP or (
+            self._deepspeed and acc.state.deepspeed_plugin.zero_stage == 3)
+        if not sharded and not bool((everyone == everyone[0]).all()):
+            raise ProcessesDiverged(
+                f"at step {step} the {acc.num_processes} processes hold different trained weights "
+                f"(fingerprints {everyone.tolist()}): their gradients were not synchronised. No checkpoint was "
+                "written; a recipe whose trained parameters run outside the prepared module causes this."
+            )
+        return everyone.tolist()
 
     def _per_step(self) -> int:
         t = self.cfg.train
@@ -422,16 +664,19 @@ def train(cfg: Config) -> TrainResult:
     """Run ``cfg``; the result of its last stage when the recipe splits it into stages (``Recipe.stages``).
 
     Stages run in order, each a full Trainer run in its own output_dir. Each finished stage leaves
-    ``stage_done.json`` (its config but ``resume_from``); under ``train.resume_from=latest`` a stage
-    whose marker holds the same config is skipped, and the first unfinished one resumes from its own checkpoints.
+    ``stage_done.json`` (its config but ``resume_from`` and ``overwrite``); under ``train.resume_from=latest``
+    a stage whose marker holds the same config is skipped, and the first unfinished one resumes from its own
+    checkpoints. Without resume_from, each stage refuses (or with ``train.overwrite``, clears) the earlier
+    run in its output_dir, like a single run.
     """
     recipe = get_recipe(cfg.recipe)
     stages = recipe.stages(cfg) if recipe.stages is not None else [cfg]
     if len(stages) == 1:
         return Trainer(stages[0]).fit()
-    def settings(stage: Config) -> dict:  # the stage's config as its marker reads back, whatever resume_from
+    def settings(stage: Config) -> dict:  # the stage's config as its marker reads back, however it was started
         tree = json.loads(json.dumps(stage.to_dict()))
         tree["train"].pop("resume_from")
+        tree["train"].pop("overwrite")
         return tree
 
     result = None
