@@ -318,8 +318,13 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: {err}") from err
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults < YAML < overrides, validated after merging; ``method`` checked by the recipe."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 method_config: type | None = None) -> Config:
+    """Defaults < YAML < overrides, validated after merging.
+
+    ``method`` is built as ``method_config`` (the recipe's dataclass), or left a plain dict without
+    one. ``leaplm.train.recipes.load_config`` passes the recipe's own: use that to load a run's config.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -336,13 +341,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             update = {k: update}
         tree = merge(tree, update)
     config = build(Config, tree)
-    from leaplm.train.recipes import get_recipe  # late import: recipes import this module
-
-    try:
-        recipe = get_recipe(config.recipe)
-    except KeyError as err:
-        raise ConfigError(f"recipe: {err.args[0]}") from None
-    config.method = build(recipe.method_config, config.method or {}, "method")
+    if method_config is not None:
+        config.method = build(method_config, config.method or {}, "method")
     if path is not None:
         config.origin = "leaplm train " + shlex.join([str(path), *overrides])
     return config

@@ -1,7 +1,5 @@
-"""Decoding: the engine (``engine.py``), per-task evaluation (``evaluate.py``), benchmarks against
-HF generate (``bench.py``), the ``eval`` / ``bench`` / ``quickstart`` commands (``cli.py``) and
-``load(DIR)``, which restores an exported model with its fast decoder (``loader.py``)."""
+"""Decoding: the engine (``engine.py``: KV cache, batching, the decoder registry and the AR
+decoders), the parallel decoders (``decoders/``, registered on import), the decode-step kernels
+(``kernels/``) and per-task evaluation (``evaluate.py``)."""
 
-from leaplm.inference.loader import FastDecoder, load
-
-__all__ = ["FastDecoder", "load"]
+from leaplm.inference import decoders  # noqa: F401  (registers every decoder with the engine)

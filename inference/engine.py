@@ -40,7 +40,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from leaplm.config import Config, ConfigError
-from leaplm.models.noisy_weights import noisy_tokens
 
 
 class DecoderError(ValueError):
@@ -360,7 +359,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         if stop_token_ids is None:
-            stop_token_ids = _default_stop_ids(model, tokenizer)
+            stop_token_ids = default_stop_ids(model, tokenizer)
         if not stop_token_ids:
             raise ValueError("the engine needs at least one stop token; set tokenizer.eos_token")
         self.stop_token_ids = list(dict.fromkeys(stop_token_ids))
@@ -409,7 +408,6 @@ class Engine:
         *,
         custom_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        noisy_from: int | None = None,
         **model_kwargs: Any,
     ):
         """One model call: new tokens ``input_ids`` [b, s] at ``positions`` [b, s] after ``cache``.
@@ -418,27 +416,21 @@ class Engine:
         mask ``attention_mask`` [b, cache + s] (None = no padding), or ``custom_mask``
         [b, s, cache + s] (bool, True = may attend) for patterns such as trees or bidirectional
         blocks; see :meth:`mask_for_new_tokens`. ``logits_to_keep=k`` computes logits for the
-        last k tokens only (0 = all). ``noisy_from=j`` marks tokens j.. as a block-diffusion model's
-        noisy stream, which a model with separate noisy weights runs through them
-        (``models/noisy_weights.py``); the rest, and every token by default, are clean.
+        last k tokens only (0 = all).
         """
         if custom_mask is not None:
             if attention_mask is not None:
                 raise ValueError("pass either attention_mask (padding) or custom_mask, not both")
             attention_mask = self._model_mask(custom_mask, cache.get_seq_length())
-        noisy = None
-        if noisy_from is not None:
-            noisy = (torch.arange(input_ids.shape[1], device=input_ids.device) >= noisy_from).expand_as(input_ids)
-        with noisy_tokens(self.model, noisy):
-            return self.model(
-                input_ids=input_ids,
-                past_key_values=cache,
-                position_ids=positions,
-                attention_mask=attention_mask,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **model_kwargs,
-            )
+        return self.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            position_ids=positions,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **model_kwargs,
+        )
 
     @staticmethod
     def mask_for_new_tokens(padding_mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -526,7 +518,7 @@ class Engine:
         return GenerationOutput(sequences, texts, stats)
 
 
-def _default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     generation_config = getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
@@ -630,7 +622,3 @@ def hf_generate(engine: Engine, batch: PromptBatch, max_new_tokens: int) -> Deco
     first_stop = torch.where(stops.any(-1), stops.int().argmax(-1) + 1, tokens.shape[1])  # [b]
     return DecodeResult(tokens, first_stop, tokens.shape[1], row_forwards=first_stop)
 
-
-# Decoders kept in their own modules register themselves on import. Importing them here (last,
-# since they import this module) makes every decoder available wherever the engine is used.
-from leaplm.inference import block_diffusion, draft_heads, jacobi, speculative  # noqa: E402,F401

@@ -1,8 +1,8 @@
 """Block-diffusion training: noising, the two-stream batch, and its loss.
 
-Facts from ``shared/reference/block_diffusion_and_dllm_distillation.md`` (Fast-dLLM v2, NBDiff,
-dllm/BD3-LM); the conventions (response-aligned blocks, first slot from the clean stream) are
-in ``models/block_diffusion.py``. Per training row:
+Follows Fast-dLLM v2 (arXiv 2509.26328; github.com/NVlabs/Fast-dLLM), NBDiff (arXiv 2512.06776)
+and BD3-LM (arXiv 2503.09573); the conventions (response-aligned blocks, first slot from the clean
+stream) are in ``models/block_diffusion.py``. Per training row:
 
 - every response block draws a noise level ``t ~ U(t_min, t_max)`` (the clipping range; BD3-LM
   tunes it to cut gradient variance, Fast-dLLM v2 uses ``[1e-3, 1]``) and masks each of its

@@ -1,6 +1,6 @@
 """CLLM's consistency loss: map any Jacobi state of a block to the block's fixed point in one step.
 
-A training row is one block of a greedy Jacobi trajectory (``data/rollouts.py``): a *context* x
+A training row is one block of a greedy Jacobi trajectory (``train/rollouts.py``): a *context* x
 (prompt plus the answer before the block), the block's *states* y⁽⁰⁾ … y⁽ᴷ⁾ and its *fixed point*
 y* = y⁽ᴷ⁾, the model's own greedy answer for those tokens. The model is fed x followed by a block
 of tokens; column i of the block logits is the model's distribution for block token i given x and

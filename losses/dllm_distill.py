@@ -1,7 +1,7 @@
 """Distilling a block-diffusion LM into fewer denoising steps: noising and losses of dParallel and CD4LM.
 
-Facts from ``shared/reference/block_diffusion_and_dllm_distillation.md`` (sections 4 and 6); the
-batch layout (``[clean | noisy]`` rows, response-aligned blocks, slot 0 from the clean stream,
+References: dParallel (Chen et al., 2025; czg1225/dParallel, ``LLaDA/llada_train.py``) and CD4LM;
+the batch layout (``[clean | noisy]`` rows, response-aligned blocks, slot 0 from the clean stream,
 token shift) and the targets are ``losses/block_diffusion.py``'s, reused as they are.
 
 **Certainty forcing (dParallel).** Semi-autoregressive noising of the model's own answer: one
@@ -12,9 +12,9 @@ stream's earlier blocks and to itself, so block k sees exactly that state whatev
 noisy blocks hold, and only block k is noised (``blocks="one"``). Because every noisy block sees
 only clean earlier blocks, the layout can also noise *every* block of the row at once, each as
 the block k of its own semi-AR input, for the same forward cost (``blocks="all"``, our
-addition). The loss per masked token is CE plus ``entropy_weight`` times the entropy of
-``softmax(logits / T)`` on the masked tokens whose argmax already equals the target: it sharpens
-the predictions that are right and leaves the wrong ones to the CE.
+addition). The loss is CE on the masked tokens plus ``entropy_weight`` times the entropy of
+``softmax(logits / T)`` averaged over the masked tokens whose argmax already equals the target: it
+sharpens the predictions that are right and leaves the wrong ones to the CE.
 
 **Consistency distillation (CD4LM).** Nested masks: the student masks each maskable slot with
 a rate ``r_s ~ U(0.4, 0.9)`` (drawn per row); the teacher masks a subset of the student's
@@ -24,9 +24,9 @@ masked input; the loss is ``lambda * T^2 * KL(softmax(z_t / T) || softmax(z_s / 
 for the first 10% of training and then cosine to 0.5.
 
 Sums over tokens, as every leaplm loss: the trainer divides by the step's number of answer
-tokens. Where that differs from the references: dParallel averages the entropy over the correct
-tokens only (here: summed over them, so a batch's weight follows its masked-token count);
-CD4LM clamps the batch means (here: each token's term). The KL is taken at the slots the teacher
+tokens. dParallel's entropy is a mean over the correct tokens, which the trainer's division cannot
+give: :func:`certainty_forcing_loss_sum` scales it so that it does (``entropy_mean``). CD4LM
+clamps the batch means (here: each token's term). The KL is taken at the slots the teacher
 still has masked: with the token shift, the logit before a slot the teacher can see carries no
 trained prediction of it (which slots the reference uses is unverified).
 """
@@ -110,10 +110,27 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
+ENTROPY_MEANS = ("correct", "targets")
+
+
 def certainty_forcing_loss_sum(logits: torch.Tensor, targets: Targets, *, entropy_weight: float = 2.0,
-                               temperature: float = 0.5) -> tuple[torch.Tensor, dict[str, float]]:
-    """Σ CE over ``targets`` + ``entropy_weight`` × Σ entropy(softmax(logit / T)) over the masked
-    targets whose argmax equals their label; logits [b, T, V]. Block-start targets get CE only."""
+                               temperature: float = 0.5,
+                               entropy_mean: str = "correct") -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ CE over ``targets`` + ``entropy_weight`` × the entropy term, for the trainer to divide by
+    the step's target count N; logits [b, T, V]. Block-start targets get CE only.
+
+    The entropy is that of softmax(logit / T) on the masked targets whose argmax equals their label.
+    ``entropy_mean="correct"`` (dParallel): its sum × n / n_correct, n = ``len(targets.labels)``, the
+    batch's target count (the collator's ``n_targets``). Divided by N = Σ n over the step's
+    micro-batches and processes, the term is Σ_batches (n / N) × mean entropy over the batch's
+    correct tokens: the mean per micro-batch, as the reference (per device and accumulation step;
+    exactly its average when every micro-batch holds as many targets), weighted like the CE. A mean
+    over the step's correct tokens would need every micro-batch's forward before the first backward.
+    ``"targets"``: the plain sum, so after the division its weight is ``entropy_weight`` ×
+    n_correct / N, smaller the fewer are right.
+    """
+    if entropy_mean not in ENTROPY_MEANS:
+        raise ValueError(f"entropy_mean must be one of {', '.join(ENTROPY_MEANS)}, got {entropy_mean!r}")
     picked = logits[targets.rows, targets.cols].float()  # [n, V]
     ce = F.cross_entropy(picked, targets.labels, reduction="none")  # [n]
     masked = targets.kinds == NOISY_TARGET  # [n]
@@ -122,7 +139,8 @@ def certainty_forcing_loss_sum(logits: torch.Tensor, targets: Targets, *, entrop
     metrics = {"ce_masked": float(ce[masked].detach().mean()) if masked.any() else 0.0,
                "masked_correct": float(correct.sum() / masked.sum().clamp(min=1)),
                "entropy_correct": float(h.detach().mean()) if len(h) else 0.0}
-    return ce.sum() + entropy_weight * h.sum(), metrics
+    h_term = h.sum() * len(targets.labels) / max(len(h), 1) if entropy_mean == "correct" else h.sum()
+    return ce.sum() + entropy_weight * h_term, metrics
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:

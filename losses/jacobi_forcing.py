@@ -1,6 +1,6 @@
 """Jacobi Forcing training: noise-conditioned choice of states, the packed batch, and its loss.
 
-Facts from ``shared/reference/jacobi_and_consistency.md`` (hao-ai-lab/JacobiForcing: the data
+Follows Jacobi Forcing (arXiv 2512.14681; github.com/hao-ai-lab/JacobiForcing: the data
 script ``2_prepare_efficient_cllm_training_data_progressive_noise_window.py`` and the trainer
 ``soft_flexattn_cllm_trainer_multiblock.py``); the row layout and attention rule are in
 ``models/jacobi_forcing.py``. For one prompt with the Jacobi trajectories of its answer's blocks:

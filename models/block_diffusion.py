@@ -4,7 +4,7 @@ A block-diffusion LM writes its answer in blocks of ``block_size`` tokens: causa
 bidirectional inside the block being written, masked slots filled in parallel. This module holds
 the conventions that the training recipe (``train/ar2bd.py``), its loss
 (``losses/block_diffusion.py``) and the ``block_diffusion`` decoder
-(``inference/block_diffusion.py``) share, so they cannot drift apart:
+(``inference/decoders/block_diffusion.py``) share, so they cannot drift apart:
 
 **Blocks are aligned to the start of the response.** Response token r lies in block
 ``r // block_size``; the prompt is clean context, never noised. (Fast-dLLM v2 counts blocks from

@@ -1,6 +1,6 @@
 """Jacobi Forcing's training row: a prompt and [noisy state | fixed point] pairs, and who sees whom.
 
-Facts from ``shared/reference/jacobi_and_consistency.md`` (hao-ai-lab/JacobiForcing,
+Follows Jacobi Forcing (arXiv 2512.14681; github.com/hao-ai-lab/JacobiForcing,
 ``soft_flexattn_cllm_trainer_multiblock.py``). The model stays a plain causal LM; only training
 changes. One row holds one prompt and, for each block j of its answer (in order, from the
 answer's start), a pair: a noisy Jacobi state k_j of the block, then the block's fixed point
@@ -23,7 +23,7 @@ last_j::
   are the plain model's on prompt + answer;
 - clean never sees noisy; padding is never seen.
 
-The issue and the reference agree on this rule (the default, ``noisy_context="noisy"``): a
+This is the reference's rule (the default, ``noisy_context="noisy"``): a
 noisy block is conditioned on the *noisy* blocks before it, as when several blocks are in flight
 (``jacobi_multiblock``). ``noisy_context="clean"`` is the other choice: a noisy block sees the
 clean blocks before it (and only its own causal prefix of noisy tokens), the context that

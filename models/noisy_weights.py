@@ -4,7 +4,7 @@ A block-diffusion model runs two kinds of tokens through the same network: *clea
 prompt and finished blocks; their K/V is the cache and their logits are the model's AR
 predictions) and *noisy* ones (the block being written, with mask tokens). Plain adaptation
 trains one set of weights for both, so the AR model drifts (the tiny teacher lost 3.5-4 points
-on word problems, ``docs/ar2bd.md``). :func:`split_noisy_weights` gives every ``nn.Linear`` a
+on word problems, ``docs/recipes/ar2bd.md``). :func:`split_noisy_weights` gives every ``nn.Linear`` a
 second, trainable copy of its weights that only noisy tokens go through; everything the clean
 tokens touch (embeddings, norms, the original linears) is frozen. Then:
 
@@ -17,7 +17,7 @@ tokens touch (embeddings, norms, the original linears) is frozen. Then:
 The cost is a second copy of every linear layer's weights. Each token goes through one of the
 two, so FLOPs are unchanged, but a forward mixing both streams (the fused commit pass) runs two
 smaller matmuls per layer: on a CPU 12.3-12.9 ms against 8.5-9.4 ms for 32 tokens of the tiny
-teacher (``docs/ar2bd.md``). Not a paper's choice: Fast-dLLM v2 and NBDiff share the weights, and
+teacher (``docs/recipes/ar2bd.md``). Not a paper's choice: Fast-dLLM v2 and NBDiff share the weights, and
 NBDiff's auxiliary AR loss is its answer to the drift; this is a self-speculative reading of the
 same recipe, where the noisy weights draft and the untouched model verifies.
 

@@ -108,7 +108,7 @@ def load_model(
         path, dtype=DTYPES[dtype], attn_implementation=attention_for(config.model_type, attn_implementation)
     )
     if Path(path).is_dir():  # draft or acceptance heads, or noisy weights, saved beside the weights ride along
-        from leaplm.models.draft_heads import attach_saved_heads
+        from leaplm.models.heads import attach_saved_heads
         from leaplm.models.noisy_weights import attach_saved_noisy_weights
 
         attach_saved_heads(model, path)

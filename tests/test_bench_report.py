@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leaplm.inference.bench_report import END, START, write_section
+from leaplm.bench.report import END, START, write_section
 
 
 def test_write_section_appends_once_then_replaces(tmp_path):

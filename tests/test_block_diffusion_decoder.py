@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leaplm.data.tasks import make_split
-from leaplm.inference.block_diffusion import block_diffusion, select_commits, sub_block_forward
+from leaplm.inference.decoders.block_diffusion import block_diffusion, select_commits, sub_block_forward
 from leaplm.inference.engine import DecoderError, Engine, new_cache
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.block_diffusion import convert, spec_of

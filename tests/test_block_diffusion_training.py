@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leaplm.config import ConfigError, load_config
+from leaplm.config import ConfigError
 from leaplm.data.sft import tokenize_chat
 from leaplm.losses.block_diffusion import (
     AR_TARGET,
@@ -30,6 +30,7 @@ from leaplm.models.block_diffusion import (
 )
 from leaplm.models.two_stream import StreamLayout, attention_backend
 from leaplm.models.zoo import tiny_model
+from leaplm.train.recipes import load_config
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
 RESPONSES = [[20, 21, 22, 23, 24, 25], [30, 31, 32]]
@@ -324,7 +325,7 @@ def test_ar2bd_recipe_trains_and_exports_a_block_diffusion_model(tmp_path, tiny_
 
 
 def test_attention_bench_reports_both_backends(tmp_path):
-    from leaplm.train.attention_bench import run
+    from leaplm.bench.attention import run
 
     rows = run([48], steps=1, block_size=8, batch_size=1, out=tmp_path)
     assert {(r["backend"], r["mode"]) for r in rows} == {("dense", "train"), ("dense", "forward"), ("flex", "forward")}

@@ -15,21 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leaplm.bench.rollout import bench_prompts, reference_trajectories
 from leaplm.cli import main
-from leaplm.config import ConfigError, DataConfig, load_config
-from leaplm.data import rollouts as rollouts_module
-from leaplm.data.rollouts import (
-    RolloutError,
-    RolloutPrompt,
-    choose_prompts,
-    collect_jacobi_rollouts,
-    current_rollouts,
-    load_rollouts,
-)
+from leaplm.config import ConfigError, DataConfig
 from leaplm.data.sft import IGNORE_INDEX
+from leaplm.inference.decoders.jacobi import collect_jacobi_trajectories
 from leaplm.inference.engine import Engine
-from leaplm.inference.jacobi import collect_jacobi_trajectories
-from leaplm.inference.rollout_bench import bench_prompts, reference_trajectories
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.losses.consistency import (
     ar_labels,
@@ -41,8 +32,18 @@ from leaplm.losses.consistency import (
 )
 from leaplm.models.zoo import load_model
 from leaplm.train import cllm
-from leaplm.train.recipes import NOISE_SEED
+from leaplm.train import rollouts as rollouts_module
+from leaplm.train.recipes import NOISE_SEED, load_config
+from leaplm.train.rollouts import (
+    RolloutError,
+    RolloutPrompt,
+    choose_prompts,
+    collect_jacobi_rollouts,
+    current_rollouts,
+    load_rollouts,
+)
 from leaplm.train.trainer import train
+
 from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]

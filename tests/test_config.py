@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leaplm.config import Config, ConfigError, load_config, parse_override
+from leaplm.config import Config, ConfigError, parse_override
 from leaplm.inference.engine import check_config_decoders
 from leaplm.train import recipes
+from leaplm.train.recipes import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))

@@ -14,7 +14,6 @@ import torch
 
 from leaplm.config import DataConfig
 from leaplm.data import tasks
-from leaplm.data.rollouts import choose_prompts
 from leaplm.data.sft import (
     IGNORE_INDEX,
     DataError,
@@ -29,6 +28,7 @@ from leaplm.data.sft import (
 )
 from leaplm.data.tasks import NAMES, TASKS, TEST_CAP, make_split
 from leaplm.models.zoo import load_tokenizer
+from leaplm.train.rollouts import choose_prompts
 
 TASK_NAMES = list(TASKS)
 

@@ -3,9 +3,11 @@ filter rule, end-of-text fill, and the filter's reference-guided labels."""
 
 import torch
 
-from leaplm.inference.block_diffusion import fill_after_stop, select_commits
+from leaplm.inference.decoders.block_diffusion import fill_after_stop, select_commits
 from leaplm.inference.engine import Engine
-from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig, reference_guided_examples
+from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
+from leaplm.train.learn2pd import reference_guided_examples
+
 from tests.test_block_diffusion_decoder import MAX_NEW, converted, never_stopping, prompts_of
 
 

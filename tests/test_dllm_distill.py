@@ -31,14 +31,47 @@ def test_certainty_forcing_entropy_only_on_correct_masked_tokens():
     t = targets([0, 1, 2], [0, 1, 0], [NOISY_TARGET, NOISY_TARGET, BLOCK_START_TARGET])
     ce = -math.log(0.75) - math.log(0.25) - math.log(0.75)
     h_half = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))  # only col 0 counts
+    # Default (dParallel): the mean over the 1 correct token, times the 3 targets the trainer divides by.
     loss, metrics = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, temperature=0.5)
-    assert loss.item() == pytest.approx(ce + 2 * h_half, rel=1e-5)
+    assert loss.item() == pytest.approx(ce + 2 * h_half * 3, rel=1e-5)
     assert metrics["masked_correct"] == pytest.approx(0.5)
+    summed, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, temperature=0.5, entropy_mean="targets")
+    assert summed.item() == pytest.approx(ce + 2 * h_half, rel=1e-5)
     loss_t1, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=1.0, temperature=1.0)
-    assert loss_t1.item() == pytest.approx(ce - (0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-5)
-    # No correct masked token: CE only.
+    assert loss_t1.item() == pytest.approx(ce - 3 * (0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-5)
+    # No correct masked token: CE only, in both forms.
     wrong = targets([1], [1], [NOISY_TARGET])
-    assert certainty_forcing_loss_sum(logits, wrong)[0].item() == pytest.approx(-math.log(0.25), rel=1e-5)
+    for mean in ("correct", "targets"):
+        only_ce = certainty_forcing_loss_sum(logits, wrong, entropy_mean=mean)[0].item()
+        assert only_ce == pytest.approx(-math.log(0.25), rel=1e-5)
+    with pytest.raises(ValueError, match="entropy_mean"):
+        certainty_forcing_loss_sum(logits, t, entropy_mean="masked")
+
+
+def test_certainty_forcing_entropy_weight_after_the_trainers_division():
+    # The trainer divides the micro-batches' summed losses by the step's N targets. Logits (log a, 0)
+    # at T = 0.5 give p = a^2 / (a^2 + 1): a = 3, 2, 4 -> p = 9/10, 4/5, 16/17, all right (label 0).
+    def h(p):
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    def row(*a):
+        return torch.tensor([[[math.log(x), 0.0] for x in a]])  # [1, len(a), 2]
+
+    noisy = [NOISY_TARGET, NOISY_TARGET]
+    first = (row(3, 2), targets([0, 1], [0, 0], noisy))  # 2 targets, both right
+    second = (row(4, 3), targets([0, 1], [0, 1], noisy))  # 2 targets, col 1 wrong (argmax 0, label 1)
+    n = 4
+
+    def entropy_term(mean):
+        return sum(certainty_forcing_loss_sum(x, t, entropy_weight=2.0, entropy_mean=mean)[0]
+                   - certainty_forcing_loss_sum(x, t, entropy_weight=0.0, entropy_mean=mean)[0]
+                   for x, t in (first, second)).item() / n
+
+    # dParallel's per micro-batch means, averaged over the two (equal-sized) accumulation steps.
+    paper = 2 * ((h(0.9) + h(0.8)) / 2 + h(16 / 17)) / 2
+    assert entropy_term("correct") == pytest.approx(paper, rel=1e-5)
+    # Summed: weight 2 x n_correct / N = 2 x 3 / 4 on the mean over the 3 right tokens.
+    assert entropy_term("targets") == pytest.approx(2 * (h(0.9) + h(0.8) + h(16 / 17)) / n, rel=1e-5)
 
 
 def test_entropy_gradient_sharpens_the_right_prediction():

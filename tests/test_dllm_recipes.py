@@ -6,15 +6,16 @@ import copy
 import pytest
 import torch
 
-from leaplm.config import ConfigError, load_config
-from leaplm.data.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
+from leaplm.config import ConfigError
 from leaplm.inference.engine import Engine
 from leaplm.losses.block_diffusion import NOISY_TARGET
 from leaplm.losses.dllm_distill import semi_ar_masks
 from leaplm.models.noisy_weights import split_noisy_weights
 from leaplm.models.two_stream import CLEAN, NOISY
 from leaplm.train import cd4lm, dparallel
-from leaplm.train.recipes import NOISE_SEED
+from leaplm.train.recipes import NOISE_SEED, load_config
+from leaplm.train.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
+
 from tests.test_block_diffusion_decoder import converted, prompts_of
 from tests.test_cllm import run_ranks
 from tests.test_noisy_weights import perturb_noisy_weights
@@ -60,6 +61,16 @@ def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp
     assert int(batch["n_targets"]) == len(targets.labels)
     loss, metrics = dparallel.loss(model, {**batch, "step": 0}, cfg)
     assert torch.isfinite(loss) and 0 <= metrics["masked_correct"] <= 1
+    # method.entropy_mean reaches the loss (its two forms are checked by hand in test_dllm_distill.py)
+    seen = {}
+    monkeypatch.setattr(dparallel, "certainty_forcing_loss_sum",
+                        lambda logits, targets, **settings: seen.update(settings) or (logits.sum(), {}))
+    dparallel.loss(model, {**batch, "step": 0}, cfg)
+    assert seen["entropy_mean"] == "correct"
+    dparallel.loss(model, {**batch, "step": 0}, load_config(None, ["recipe=dparallel", "method.entropy_mean=targets"]))
+    assert seen["entropy_mean"] == "targets"
+    with pytest.raises(ConfigError, match="entropy_mean"):
+        load_config(None, ["recipe=dparallel", "method.entropy_mean=masked"])
 
 
 def test_dparallel_rate_range_reaches_the_masks_and_a_bad_range_is_refused(tiny_bd, monkeypatch):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leaplm.inference.draft_heads import grow_tree, keep_new_slots, make_tree
-from leaplm.inference.engine import DecoderError, Engine, new_cache
-from leaplm.inference.speculative import draft_efficiency
-from leaplm.inference.evaluate import task_prompts
 from leaplm.data.tasks import make_split
-from leaplm.models.draft_heads import DraftHeads, HeadsConfig, attach_heads, save_heads
+from leaplm.inference.decoders.speculative import draft_efficiency
+from leaplm.inference.decoders.tree import grow_tree, keep_new_slots, make_tree
+from leaplm.inference.engine import DecoderError, Engine, new_cache
+from leaplm.inference.evaluate import task_prompts
+from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads, save_heads
 from leaplm.models.zoo import TINY_FAMILIES, load_model
 
 MAX_NEW = 24
@@ -193,7 +193,7 @@ def test_draft_efficiency_counts_rejections(lively_tiny):
 
 
 def test_draft_length_bench_compares_fixed_lengths_with_the_acceptance_head(lively_tiny, tmp_path):
-    from leaplm.inference.draft_length_bench import run_draft_length_bench
+    from leaplm.bench.draft_length import run_draft_length_bench
 
     model, tokenizer = lively_tiny("qwen3")
     draft, _ = lively_tiny("llama", scale=2.0)

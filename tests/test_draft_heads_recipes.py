@@ -11,14 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leaplm.config import ConfigError, load_config
+from leaplm.config import ConfigError
 from leaplm.data.sft import IGNORE_INDEX
 from leaplm.data.tasks import make_split
-from leaplm.inference.evaluate import task_prompts
 from leaplm.inference.engine import Engine
+from leaplm.inference.evaluate import task_prompts
 from leaplm.models.zoo import load_model
 from leaplm.train import acceptance_head, draft_heads
+from leaplm.train.recipes import load_config
 from leaplm.train.trainer import train
+
 from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +58,9 @@ def test_medusa1_loss_matches_a_per_head_reference(tmp_path):
             for t in range(len(s["input_ids"]) - k - 2):
                 if s["labels"][t + k + 2] != IGNORE_INDEX:
                     logits = heads.head(k, hidden[t])
-                    expected += 0.2 * 0.8 ** k * F.cross_entropy(logits[None], torch.tensor([s["input_ids"][t + k + 2]]))
+                    target = torch.tensor([s["input_ids"][t + k + 2]])
+                    # the Medusa fork counts heads from 1: its head 1 drafts t+2 (our head 0), weight decay^1
+                    expected += 0.2 * 0.8 ** (k + 1) * F.cross_entropy(logits[None], target)
     assert total.detach().item() == pytest.approx(float(expected), rel=1e-4)
     assert set(metrics) == {"head0_top1", "head1_top1"}
 

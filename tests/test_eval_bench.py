@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from leaplm.bench.decoders import run_bench
 from leaplm.cli import main
 from leaplm.config import EvalConfig
 from leaplm.data.tasks import TASKS, make_split
-from leaplm.inference.bench import run_bench
-from leaplm.inference.engine import DECODERS, DecodeResult, DecoderError
+from leaplm.inference.engine import DECODERS, DecoderError, DecodeResult
 from leaplm.inference.evaluate import ROW_KEYS, evaluate_model, load_for_eval, task_prompts
 from leaplm.models import zoo
 
@@ -177,7 +177,7 @@ def test_cli_bench_and_quickstart(tiny_model_dir, tmp_path, capsys):
 def test_decoder_specs_sweep_settings():
     import argparse
 
-    from leaplm.inference.cli import _decoder_specs
+    from leaplm.bench.commands import _decoder_specs
 
     assert _decoder_specs("ar, block_diffusion:threshold=0.5|0.9:sub_block_size=8") == [
         "ar",

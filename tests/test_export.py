@@ -1,5 +1,5 @@
 """Export: every landed recipe's model decodes the same tokens after `leaplm export` and
-`leaplm.inference.load` as before; plain transformers loads the weights; the card has real
+`leaplm.ship.load` as before; plain transformers loads the weights; the card has real
 numbers; a push without a token or while offline fails clearly and keeps the export, and the command
 it prints pushes it; an export replaces its directory whole, and only an earlier export."""
 
@@ -14,25 +14,24 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import leaplm.inference
+import leaplm.ship
 from leaplm.cli import main
-from leaplm.config import load_config
 from leaplm.data.tasks import make_split
 from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.block_diffusion import spec_of
-from leaplm.models.draft_heads import HEADS_ATTR
-from leaplm.models import export
-from leaplm.models.export import ADAPTER_DIR, LEAPLM_KEY, ExportError, push
+from leaplm.models.heads import HEADS_ATTR
 from leaplm.models.noisy_weights import NOISY_WEIGHTS_FILE
 from leaplm.models.unmask_filter import UnmaskFilter
 from leaplm.models.zoo import load_model
-from leaplm.train.checkpoint import CheckpointError
+from leaplm.ship import export
+from leaplm.ship.checkpoint import CheckpointError
+from leaplm.ship.export import ADAPTER_DIR, LEAPLM_KEY, ExportError, push
+from leaplm.train.recipes import load_config
 from leaplm.train.trainer import Trainer, train
 
 from conftest import RECIPE_SMOKE
@@ -78,7 +77,7 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
         assert section["draft_heads"]["num_heads"] == cfg.method.num_heads
     if recipe in ("draft_heads", "acceptance_head"):
         assert {"draft_heads.safetensors", "draft_heads.json"} <= set(section["files"])
-    fast = leaplm.inference.load(out)
+    fast = leaplm.ship.load(out)
     assert fast.decoder == cfg.eval.decoder and fast.settings == cfg.eval.decoder_args
     assert fast.generate(prompts(tokenizer), max_new_tokens=24).sequences == before
     assert fast.generate(prompts(tokenizer), max_new_tokens=24).sequences == before
@@ -138,7 +137,7 @@ def test_lora_export_keeps_the_adapter_or_merges_it(tmp_path):
     main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--no-merge-lora"])
     assert (tmp_path / "adapter" / "adapter" / "adapter_config.json").is_file()
     assert "adapter/" in (tmp_path / "adapter" / "README.md").read_text()
-    assert leaplm.inference.load(tmp_path / "adapter").generate(prompts(tokenizer), 24).sequences == before
+    assert leaplm.ship.load(tmp_path / "adapter").generate(prompts(tokenizer), 24).sequences == before
 
     main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])  # export.merge_lora: true
     assert not (tmp_path / "merged" / "adapter").exists()
@@ -223,9 +222,9 @@ def test_export_into_an_earlier_export_leaves_none_of_its_files(tmp_path, lora_r
     main(["export", str(lora_run), "--out", str(out)])  # merged, over the export with the adapter
     main(["export", str(lora_run), "--out", str(fresh)])
     assert snapshot(out).keys() == snapshot(fresh).keys()
-    reference = leaplm.inference.load(fresh)
+    reference = leaplm.ship.load(fresh)
     ids = prompts(reference.tokenizer)
-    assert leaplm.inference.load(out).generate(ids, 24).sequences == reference.generate(ids, 24).sequences
+    assert leaplm.ship.load(out).generate(ids, 24).sequences == reference.generate(ids, 24).sequences
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "fresh"]  # no temporary directory left
 
 

@@ -57,7 +57,7 @@ def test_log_likelihoods_equal_lm_evals_own_hf_model():
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from leaplm.inference.harness import LeapLM
+    from leaplm.ship.harness import LeapLM
 
     pairs = [("Copy: abc\nAnswer:", " abc"), ("Sort: 3 1 2\nAnswer:", " 1 2 3"), ("x", "y z")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]

@@ -12,16 +12,16 @@ import torch
 
 from leaplm.cli import main
 from leaplm.data.tasks import TASKS, make_split
-from leaplm.inference import jacobi as jacobi_module
-from leaplm.inference.engine import DecoderError, Engine, TokenPicker, new_cache, shift_cache_rows
-from leaplm.inference.evaluate import task_prompts
-from leaplm.inference.jacobi import (
+from leaplm.inference.decoders import jacobi as jacobi_module
+from leaplm.inference.decoders.jacobi import (
     NgramPool,
     collect_jacobi_trajectories,
     jacobi,
     jacobi_multiblock,
     lookup_continuation,
 )
+from leaplm.inference.engine import DecoderError, Engine, TokenPicker, new_cache, shift_cache_rows
+from leaplm.inference.evaluate import task_prompts
 from leaplm.models.zoo import TINY_FAMILIES, load_model, tiny_model
 
 MAX_NEW = 24

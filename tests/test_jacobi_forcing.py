@@ -320,7 +320,7 @@ def test_rows_beyond_the_model_are_clear_errors(tiny):
 
 
 def test_attention_bench_times_the_jacobi_forcing_mask():
-    from leaplm.train.attention_bench import measure
+    from leaplm.bench.attention import measure
 
     row = measure(48, "dense", "train", steps=1, block_size=8, batch_size=2, mask="jacobi_forcing")
     assert row["mask"] == "jacobi_forcing" and row["tokens_per_s"] > 0

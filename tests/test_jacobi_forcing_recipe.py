@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leaplm.config import ConfigError, load_config
-from leaplm.data import rollouts as rollouts_module
-from leaplm.data.rollouts import RolloutError
-from leaplm.inference.cli import quickstart_jacobi_forcing
+from leaplm.bench.commands import quickstart_jacobi_forcing
+from leaplm.config import ConfigError
 from leaplm.losses.jacobi_forcing import noise_ratio
 from leaplm.models.zoo import load_model
 from leaplm.train import jacobi_forcing
+from leaplm.train import rollouts as rollouts_module
 from leaplm.train import trainer as trainer_module
+from leaplm.train.recipes import load_config
+from leaplm.train.rollouts import RolloutError
 from leaplm.train.trainer import train
+
 from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]

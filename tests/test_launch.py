@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, patch_environment
 
 # Private helpers, but they are exactly what `accelerate launch` runs before starting processes:
 # resolving a config file into launcher arguments and the environment the ranks receive.
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, patch_environment
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from leaplm.models.zoo import TINY_FAMILIES
@@ -299,7 +299,7 @@ def test_each_recipe_trains_under_two_cpu_ranks(tmp_path, recipe):
     """`accelerate launch --config_file launch/accelerate/cpu.yaml` on each landed recipe's smoke run:
     both gloo ranks train (rollout recipes shard their rollouts by rank and merge them), and the
     checkpoint is complete."""
-    from leaplm.train import checkpoint as ckpt
+    from leaplm.ship import checkpoint as ckpt
     from leaplm.train.recipes import get_recipe
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
@@ -321,7 +321,7 @@ def test_sigterm_to_a_two_rank_launch_checkpoints_on_every_rank(tmp_path):
     """SLURM preemption signals the launcher; torchrun forwards SIGTERM to both ranks, which finish
     the step in flight, write one checkpoint together and exit. (torchrun itself then exits with
     its SignalException: the launcher's status, not the ranks'.)"""
-    from leaplm.train import checkpoint as ckpt
+    from leaplm.ship import checkpoint as ckpt
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu.yaml",
            "-m", "leaplm.train", "configs/pretrain/tiny_teacher.yaml", *RECIPE_SMOKE["pretrain"],

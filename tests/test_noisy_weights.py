@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_block_diffusion_decoder import converted, prompts_of
 from test_block_diffusion_training import ar2bd_run
 
-from leaplm.config import ConfigError, load_config
+from leaplm.config import ConfigError
 from leaplm.inference.engine import Engine
 from leaplm.models.noisy_weights import (
     NOISY_WEIGHTS_FILE,
@@ -25,6 +25,7 @@ from leaplm.models.noisy_weights import (
     split_noisy_weights,
 )
 from leaplm.models.zoo import load_model
+from leaplm.train.recipes import load_config
 from leaplm.train.trainer import Trainer
 
 

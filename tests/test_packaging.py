@@ -101,7 +101,7 @@ def test_installed_wheel_imports_and_finds_its_data_files(wheel, tmp_path):
                     str(target), str(wheel)], check=True, timeout=300)
     check = (
         "import leaplm, pathlib\n"
-        "from leaplm.config import load_config\n"
+        "from leaplm.train.recipes import load_config\n"
         "root = pathlib.Path(leaplm.__file__).parent\n"
         f"assert root == pathlib.Path({str(target)!r}) / 'leaplm', root\n"
         "cfg = load_config(root / 'configs' / 'pretrain' / 'tiny_teacher.yaml')\n"

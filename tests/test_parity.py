@@ -28,12 +28,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leaplm.config import load_config
 from leaplm.losses.block_diffusion import sample_masks
 from leaplm.losses.dllm_distill import nested_masks, semi_ar_masks
-from leaplm.train import checkpoint as ckpt
-from leaplm.train.recipes import noise_seed, sample_generators
+from leaplm.ship import checkpoint as ckpt
+from leaplm.train.recipes import load_config, noise_seed, sample_generators
 from leaplm.train.trainer import StepSampler, train
+
 from conftest import RECIPE_SMOKE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,8 +146,8 @@ import sys
 
 import torch
 
-from leaplm.config import load_config
-from leaplm.train import checkpoint as ckpt
+from leaplm.train.recipes import load_config
+from leaplm.ship import checkpoint as ckpt
 from leaplm.train.trainer import ProcessesDiverged, Trainer
 
 trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))

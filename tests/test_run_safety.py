@@ -14,12 +14,11 @@ import sys
 import pytest
 import torch
 import yaml
+from test_trainer import REPO, TEACHER_CONFIG, TINY, tiny_config
 
 from leaplm.config import ConfigError
-from leaplm.train import checkpoint as ckpt
+from leaplm.ship import checkpoint as ckpt
 from leaplm.train.trainer import SetupInterrupted, Trainer, TrainingDiverged, train
-
-from test_trainer import REPO, TEACHER_CONFIG, TINY, tiny_config
 
 
 def _snapshot(run):

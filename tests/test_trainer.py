@@ -15,9 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from leaplm.config import load_config
-from leaplm.train import checkpoint as ckpt
-from leaplm.train.recipes import get_recipe
+from leaplm.ship import checkpoint as ckpt
+from leaplm.train.recipes import get_recipe, load_config
 from leaplm.train.trainer import StepSampler, Trainer, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +187,8 @@ def test_sigterm_to_the_train_command_exits_cleanly_with_a_checkpoint(tmp_path):
 # disk in the temporary directory, the marker that completes it is not.
 KILLED_IN_CHECKPOINT = """
 import os, signal, sys
-from leaplm.config import load_config
-from leaplm.train import checkpoint as ckpt
+from leaplm.train.recipes import load_config
+from leaplm.ship import checkpoint as ckpt
 from leaplm.train.trainer import train
 
 finalize = ckpt.finalize

@@ -130,7 +130,7 @@ def test_export_in_half_precision_casts_a_copy(tmp_path, tiny):
     from safetensors import safe_open
 
     from leaplm.config import Config
-    from leaplm.models.export import export_model
+    from leaplm.ship.export import export_model
 
     model, tokenizer = tiny("llama")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

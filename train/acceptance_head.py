@@ -13,10 +13,10 @@ min(1, p(y)/q(y)) (at temperature 0: 1 when y is the target's argmax, else 0). E
 then takes, with probability ``mixing_ratio``, the target's own token (and no label), otherwise y
 with its label.
 
-Loss: the draft reads the mixed sequence; the head (``models/draft_heads.py``) on its last hidden
+Loss: the draft reads the mixed sequence; the head (``models/heads.py``) on its last hidden
 state at each drafted token predicts (reject, accept); weighted soft BCE
 Σ [w (1 - p) (-log q_reject) + p (-log q_accept)] / (w Σ (1 - p) + Σ p) with w = ``mismatch_weight``,
-as SpecDec++. Decoder: ``speculative`` with ``stop_threshold`` (``inference/speculative.py``).
+as SpecDec++. Decoder: ``speculative`` with ``stop_threshold`` (``inference/decoders/speculative.py``).
 
 Where we differ from the reference (Kaffaljidhmah2/SpecDec_pp): the target's answers are greedy
 (the reference samples them); the mixing is drawn once per sample when the dataset is built (the
@@ -35,12 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import answer_samples, load_rollouts, model_fingerprint, rollout_key
 from leaplm.data.sft import IGNORE_INDEX
-from leaplm.models.draft_heads import DraftHeads, HeadsConfig, attach_heads, unwrap_heads
+from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads, unwrap_heads
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
-from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
+from leaplm.train.rollouts import (
+    answer_samples,
+    check_rollout_sections,
+    collect_run_trajectories,
+    load_rollouts,
+    model_fingerprint,
+    rollout_key,
+)
 
 LABELS_FILE = "acceptance_labels"  # in output_dir: the path of the labels in use
 
@@ -96,7 +102,7 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The target's greedy answers, then (on the main process) the draft's proposals and labels."""
     m: AcceptanceHeadConfig = cfg.method
     target, _ = load_model(m.target, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.tokenizer)
-    found = collect_rollouts(cfg, target, tokenizer, accelerator, block_size=m.block_size, init="prompt",
+    found = collect_run_trajectories(cfg, target, tokenizer, accelerator, block_size=m.block_size, init="prompt",
                              max_prompts=m.max_prompts, model_name=m.target)
     draft_key = rollout_key({"draft": model_fingerprint(cfg.model.name_or_path), "temperature": m.temperature,
                              "seed": cfg.seed})

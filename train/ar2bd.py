@@ -9,7 +9,7 @@ complementary view, block-start CE, optional auxiliary AR loss (``losses/block_d
 the block size can grow over training (NBDiff's curriculum, AR = block size 1). With
 ``method.noisy_weights: separate`` only noisy tokens' copies of the linear layers train and the
 clean stream stays the original model (``models/noisy_weights.py``).
-Decoder for eval and bench: ``block_diffusion`` (``inference/block_diffusion.py``).
+Decoder for eval and bench: ``block_diffusion`` (``inference/decoders/block_diffusion.py``).
 
     leaplm train configs/ar2bd/tiny_teacher.yaml
     accelerate launch --config_file launch/accelerate/zero2.yaml -m leaplm.train configs/ar2bd/qwen2.5-1.5b.yaml

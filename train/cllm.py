@@ -5,20 +5,20 @@
     ACCELERATE_CONFIG=launch/accelerate/zero2.yaml sbatch --nodes=2 launch/slurm.sh configs/cllm/qwen2.5-1.5b.yaml
 
 Rollout: the model decodes prompts of the configured data with greedy Jacobi decoding and records
-every block's Jacobi states and fixed point (``data/rollouts.py``; sharded over ranks, reused on
+every block's Jacobi states and fixed point (``train/rollouts.py``; sharded over ranks, reused on
 a rerun with the same settings). The fixed points are its own greedy answers.
 Loss: per block, the consistency soft CE from a random non-final state to the stop-gradient
 fixed point (``global``) or to the next state (``local``), counted where the state differs
 (``losses/consistency.py``), plus ``ar_weight`` times the label-smoothed next-token CE on the
 fixed point, all summed and divided by the step's fixed-point tokens.
-Decoders for eval and bench: ``jacobi`` and ``jacobi_multiblock`` (``inference/jacobi.py``); the
+Decoders for eval and bench: ``jacobi`` and ``jacobi_multiblock`` (``inference/decoders/jacobi.py``); the
 model stays an ordinary causal LM, so greedy output is the base model's as long as training
 keeps its greedy answers (the AR term's job).
 
 Where we differ from the reference (hao-ai-lab Consistency_LLM): one forward serves the AR term
 and the global teacher (the fixed-point row, detached for the teacher), and the AR term
 supervises only the block's answer tokens given prompt and earlier blocks, not the prompt; the
-loss details are in ``losses/consistency.py``, the collection's in ``data/rollouts.py``.
+loss details are in ``losses/consistency.py``, the collection's in ``train/rollouts.py``.
 """
 
 from __future__ import annotations
@@ -30,13 +30,18 @@ from typing import Any, Sequence
 import torch
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import current_rollouts, load_rollouts
-from leaplm.inference.jacobi import INITS
+from leaplm.inference.decoders.jacobi import INITS
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.losses.consistency import CONSISTENCY, ar_labels, block_batch, block_logits, consistency_loss_sum
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import NOISE_SEED, Recipe
-from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
+from leaplm.train.rollouts import (
+    check_rollout_sections,
+    collect_run_trajectories,
+    current_rollouts,
+    load_rollouts,
+    rollouts_dir,
+)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def build_model(cfg: Config):
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank."""
     m: CLLMConfig = cfg.method
-    collect_rollouts(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
                      max_prompts=m.max_prompts)
 
 

@@ -12,24 +12,25 @@ Rollout: the model decodes the training prompts with its ``block_diffusion`` dec
 (``rollout.decoder_args``; one token per step, ``threshold: 1.0``, as dParallel's 256-step
 trajectories), answers that fail their task's checker are dropped (``rollout.drop_wrong``); the
 answers are a ``datasets`` dataset reused on a rerun with the same settings
-(``data/rollouts.py::collect_decoded_rollouts`` through ``train/rollout_step.py``, sharded over ranks).
+(``train/rollouts.py::collect_decoded_rollouts`` through the run's rollout step, sharded over ranks).
 Data: one (prompt, self-generated answer) per rollout.
 Batch: the two-stream ``[clean | noisy]`` rows of ``losses/block_diffusion.py::build_batch``,
 semi-AR noising (one block per row masked at ``rate``) and its complementary copy
 (``losses/dllm_distill.py::semi_ar_masks``), built in the collator so ``n_targets`` is exact.
 Loss: CE on the masked tokens (and the block starts, from the clean stream) plus
-``entropy_weight`` x entropy of ``softmax(logits / temperature)`` on the masked tokens already
-predicted right (``losses/dllm_distill.py::certainty_forcing_loss_sum``); weights 2.0 and T=0.5
-as the LLaDA reference.
+``entropy_weight`` x the entropy of ``softmax(logits / temperature)`` averaged over the masked
+tokens already predicted right, per micro-batch as the reference
+(``losses/dllm_distill.py::certainty_forcing_loss_sum``; ``method.entropy_mean``); weights 2.0
+and T=0.5 as the LLaDA reference.
 Decoder for eval and bench: ``block_diffusion`` with ``rule: entropy`` (dParallel's entropy
 threshold, ``entropy_bound: 0.5``) or the confidence threshold.
 
 Where we differ from the reference (czg1225/dParallel): blocks are the model's own (response
 aligned, slot 0 from the clean stream), so the later blocks need no masking (a noisy block never
 sees them) and ``method.blocks: all`` may noise every block of a row at once for the same forward;
-the entropy is summed over the correct tokens and the sum divided by the step's target count,
-masked tokens and block starts (the reference averages over the correct tokens); block-start
-tokens keep a CE term, as ar2bd trains them.
+the CE and the entropy are each one mean over both copies together (the reference adds one mean
+per copy: about twice our loss, same entropy-to-CE ratio); block-start tokens keep a CE term, as
+ar2bd trains them.
 """
 
 from __future__ import annotations
@@ -41,15 +42,21 @@ import torch
 from transformers import AutoConfig
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollouts
 from leaplm.losses.block_diffusion import build_batch
-from leaplm.losses.dllm_distill import NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
+from leaplm.losses.dllm_distill import ENTROPY_MEANS, NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
 from leaplm.models.block_diffusion import export_settings, spec_of, training_attention
 from leaplm.models.noisy_weights import has_noisy_weights, noisy_tokens
 from leaplm.models.two_stream import ATTENTION_BACKENDS, NOISY, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model, resolve
 from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
-from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
+from leaplm.train.rollouts import (
+    ANSWER_FEATURES,
+    check_rollout_sections,
+    collect_answers,
+    current_rollouts,
+    load_rollouts,
+    rollouts_dir,
+)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class DParallelConfig:
     max_rate: float | None = None  # > rate: each noised block draws its rate from U(rate, max_rate) (ours)
     blocks: str = "one"  # one block per row (reference) | all blocks of the row, each its own semi-AR input
     entropy_weight: float = 2.0  # the LLaDA reference's 2 (Dream: 1)
+    entropy_mean: str = "correct"  # correct: entropy averaged over the right tokens (reference) | targets (see the doc)
     temperature: float = 0.5  # of the softmax whose entropy is minimised
     attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
     max_prompts: int = 0  # prompts to roll out, drawn from the configured data; 0 = all of them
@@ -69,6 +77,7 @@ class DParallelConfig:
             raise ConfigError(f"method.max_rate must be in (method.rate, 1] = ({self.rate}, 1], or null for a fixed "
                               f"rate, got {self.max_rate}")
         for key, value, choices in [("blocks", self.blocks, NOISED_BLOCKS),
+                                    ("entropy_mean", self.entropy_mean, ENTROPY_MEANS),
                                     ("attention", self.attention, ATTENTION_BACKENDS)]:
             if value not in choices:
                 raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
@@ -157,7 +166,7 @@ def loss(model, batch, cfg: Config):
     device = next(model.parameters()).device
     logits = two_stream_forward(model, batch["layout"].to(device), resolve_backend(m.attention, device))
     return certainty_forcing_loss_sum(logits, batch["targets"].to(device), entropy_weight=m.entropy_weight,
-                                      temperature=m.temperature)
+                                      temperature=m.temperature, entropy_mean=m.entropy_mean)
 
 
 RECIPE = Recipe(

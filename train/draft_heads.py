@@ -6,14 +6,15 @@
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m leaplm.train configs/draft_heads/qwen2.5-1.5b.yaml
 
 Data (self-distillation): the base model answers the configured data's prompts through the
-shared engine (the shared rollout step, ``train/rollout_step.py``: greedy, so the answers are
+shared engine (the shared rollout step, ``train/rollouts.py``: greedy, so the answers are
 exactly what the decoders will verify against; Jacobi decoding only makes the collection faster).
 Each sample is a prompt and the base's answer; every loss below counts answer tokens only.
 
-Heads (``models/draft_heads.py``): head k at position t predicts token t+k+2.
+Heads (``models/heads.py``): head k at position t predicts token t+k+2.
 
-- ``medusa1``: Medusa heads, base frozen. Loss = Σ_k decay^k · heads_coefficient · sched(step) · CE_k
-  (the Medusa fork's loss with ``medusa_only_heads``).
+- ``medusa1``: Medusa heads, base frozen. Loss = Σ_k decay^(k+1) · heads_coefficient · sched(step) · CE_k
+  over heads k = 0.. (the loss of Medusa's axolotl fork, ctlllll/axolotl ``medusa_utils.py``, with
+  ``medusa_only_heads``: its head 1 drafts token t+2, as our head 0, and is weighted decay^1).
 - ``medusa2``: Medusa heads trained jointly with LoRA on the base (``model.lora.r > 0``; the heads
   stay fully trainable). Loss = L_0 + the Medusa-1 head terms, where L_0 is the base's own
   next-token loss: with ``self_distillation`` the KL from the adapter-disabled base's distribution
@@ -31,7 +32,7 @@ grow their default tree from them. Export writes the base (merged, for Medusa-2)
 Where we differ from the references: self-distillation answers are greedy (Medusa samples at
 temperature 0.3); the heads share the base's learning rate (Medusa multiplies it by 4 for the heads
 through a second optimizer group; the trainer has one); each Medusa head has its own residual
-blocks (see ``models/draft_heads.py``); Hydra++ drops the hidden-state reconstruction loss and its
+blocks (see ``models/heads.py``); Hydra++ drops the hidden-state reconstruction loss and its
 dropout.
 """
 
@@ -39,16 +40,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import answer_samples, current_rollouts, load_rollouts
 from leaplm.data.sft import IGNORE_INDEX, PadCollator
-from leaplm.models.draft_heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads, unwrap_heads
+from leaplm.models.heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads, unwrap_heads
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
-from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
+from leaplm.train.rollouts import (
+    answer_samples,
+    check_rollout_sections,
+    collect_run_trajectories,
+    current_rollouts,
+    load_rollouts,
+    rollouts_dir,
+)
 
 VARIANTS = ("medusa1", "medusa2", "hydra_pp")
 
@@ -59,7 +67,7 @@ class DraftHeadsMethodConfig:
     num_heads: int = 4  # heads; head k drafts the token k+2 ahead. Medusa uses 5, Hydra++ 4
     num_layers: int = 1  # residual blocks per head; Medusa uses 1, Hydra++ 4
     heads_coefficient: float = 0.2  # Medusa: weight of the head losses (0.2 in stage 1, 0.01 in Zephyr's stage 2)
-    decay: float = 0.8  # Medusa: head k's loss weighted decay**k
+    decay: float = 0.8  # Medusa: head k (drafting t+k+2) weighted decay**(k+1), as the fork's head k+1
     schedule: str = "constant"  # Medusa: warm-up of the head weight: constant | linear | sine | sine_<r>
     self_distillation: bool = True  # Medusa-2: L_0 = KL to the adapter-disabled base instead of CE
     teacher_weight: float = 1.0  # Hydra++: soft CE to the base's distribution
@@ -126,7 +134,7 @@ def build_model(cfg: Config):
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The base's greedy answers to the data's prompts (collected once, reused on a rerun)."""
     m: DraftHeadsMethodConfig = cfg.method
-    collect_rollouts(cfg, model, tokenizer, accelerator, block_size=m.block_size, init="prompt",
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init="prompt",
                      max_prompts=m.max_prompts)
 
 
@@ -216,7 +224,7 @@ def loss(model, batch, cfg: Config):
             soft = -(teacher * F.log_softmax(logits, dim=-1)).sum(-1)  # [b, T-shift]
             total = total + m.teacher_weight * (soft * counted).sum() + m.lm_weight * ce_sum
         else:
-            total = total + weight * m.decay ** k * ce_sum
+            total = total + weight * m.decay ** (k + 1) * ce_sum
         counts[k] = rank_hits(logits, targets, counted)
     metrics.update(record_accuracy(heads, counts))
     if joint:

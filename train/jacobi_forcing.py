@@ -5,8 +5,8 @@
     ACCELERATE_CONFIG=launch/accelerate/zero2.yaml sbatch --nodes=2 launch/slurm.sh configs/jacobi_forcing/qwen2.5-1.5b.yaml
 
 Rollout: the model decodes prompts of the configured data with greedy Jacobi decoding and records
-every block's Jacobi states and fixed point (``data/rollouts.py``, through the shared step in
-``train/rollout_step.py``; sharded over ranks, reused on a rerun with the same settings).
+every block's Jacobi states and fixed point (``train/rollouts.py``, through the shared step in
+``train/rollouts.py``; sharded over ranks, reused on a rerun with the same settings).
 Data: one sample per prompt: its answer's blocks in order, each as a (noisy state, fixed point)
 pair whose state is chosen by the progressive noise schedule over a window of blocks
 (``losses/jacobi_forcing.py::pick_states``; deterministic, chosen once when the dataset is built),
@@ -21,7 +21,7 @@ Stages: ``method.stages`` runs progressive distillation from one config (e.g. n=
 stage k trains under ``OUTPUT_DIR/stage_k`` from the model stage k-1 exported to
 ``OUTPUT_DIR/stage_{k-1}/model`` and collects its rollouts with that model; the last stage exports
 to ``export.dir``. ``train.resume_from=latest`` skips finished stages and resumes the current one.
-Decoders for eval and bench: ``jacobi`` and ``jacobi_multiblock`` (``inference/jacobi.py``); the
+Decoders for eval and bench: ``jacobi`` and ``jacobi_multiblock`` (``inference/decoders/jacobi.py``); the
 model stays an ordinary causal LM with its exact KV cache.
 
 Where we differ from the reference (hao-ai-lab/JacobiForcing): the states are picked when the
@@ -48,16 +48,22 @@ from typing import Any, Sequence
 import torch
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import SETTINGS_FILE, RolloutError, current_rollouts, load_rollouts
-from leaplm.inference.jacobi import INITS
+from leaplm.inference.decoders.jacobi import INITS
 from leaplm.losses.jacobi_forcing import STRATEGIES, build_batch, jacobi_forcing_loss_sum, pick_states
 from leaplm.losses.linear_cross_entropy import final_hidden_states
 from leaplm.models.jacobi_forcing import NOISY_CONTEXTS, training_attention
 from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
-from leaplm.train.rollout_step import check_rollout_sections, collect_rollouts, rollouts_dir
-
+from leaplm.train.rollouts import (
+    SETTINGS_FILE,
+    RolloutError,
+    check_rollout_sections,
+    collect_run_trajectories,
+    current_rollouts,
+    load_rollouts,
+    rollouts_dir,
+)
 
 WINDOW_OFFSETS = ("random", "start")
 
@@ -179,7 +185,7 @@ def build_model(cfg: Config):
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     m: JacobiForcingConfig = cfg.method
-    collect_rollouts(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
                      max_prompts=m.max_prompts)
 
 

@@ -9,7 +9,7 @@ Rollout: the LM decodes the training prompts one token per step with its ``block
 decoder (``rollout.decoder_args``; the same stored answers as dParallel's rollouts, reused when
 the settings match), wrong answers dropped; then reference-guided decoding of those answers
 records (confidences, is-final labels) per block and step
-(``models/unmask_filter.py::reference_guided_examples``), saved next to the answers and reused.
+(:func:`reference_guided_examples`, below), saved next to the answers and reused.
 Loss: BCE with logits on the slots still masked at that step, summed (the trainer divides by
 their count).
 Decoder: ``block_diffusion`` with ``rule: filter, unmask_filter: EXPORT_DIR, accept: 0.96``,
@@ -22,6 +22,16 @@ open slots only; the commit rule is the filter plus the most confident slot, wit
 schedule; end-of-text prediction fills the block after a *committed* stop token, not after a
 masked slot that merely predicts one. The exported directory holds the filter (its model card is
 the trainer's generic one).
+
+**Labels** (the reference's ``generate_training_data.py``): the reference answer is the model's
+own careful decode (one token per step; the rollouts of ``train/rollouts.py``). Re-decoding it
+"extremely greedy parallel", every step commits every masked slot whose argmax already equals
+the reference, or, when none does, the most confident one with its reference token. Each step
+records, per block still being decoded, (confidences, which masked slots are right). All blocks
+of an answer are decoded at once: every block sees the reference before it, which is exactly
+what it sees in that decode, because every committed token equals the reference. The forwards
+use the two-stream training layout (``losses/block_diffusion.py::build_batch``), whose noisy
+block attends to the clean earlier blocks and to itself, as the decoder's block over its cache.
 """
 
 from __future__ import annotations
@@ -34,12 +44,20 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.rollouts import ANSWER_FEATURES, current_rollouts, load_rollouts
-from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig, reference_guided_examples
+from leaplm.losses.block_diffusion import build_batch
+from leaplm.models.block_diffusion import spec_of, training_attention
+from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
 from leaplm.models.zoo import resolve
 from leaplm.train.dparallel import load_block_diffusion_model, load_model_config
 from leaplm.train.recipes import Recipe
-from leaplm.train.rollout_step import check_rollout_sections, collect_answers, rollouts_dir
+from leaplm.train.rollouts import (
+    ANSWER_FEATURES,
+    check_rollout_sections,
+    collect_answers,
+    current_rollouts,
+    load_rollouts,
+    rollouts_dir,
+)
 
 EXAMPLES_FILE = "learn2pd_examples.pt"
 
@@ -53,6 +71,56 @@ class Learn2PDConfig:
     def __post_init__(self):
         if self.hidden < 1 or self.label_batch_size < 1 or self.max_prompts < 0:
             raise ConfigError("method.hidden and method.label_batch_size must be >= 1, method.max_prompts >= 0")
+
+
+@torch.no_grad()
+def reference_guided_examples(model, prompts: list[list[int]], answers: list[list[int]],
+                              batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(confidences, labels, open) [N, block_size - 1] from reference-guided decoding of
+    ``answers`` by the block-diffusion ``model``, one row per (block, step) (module docstring).
+
+    ``open`` marks the slots still masked at that step: only they carry a label. Committed slots
+    and slots past the answer read confidence 1.
+    """
+    spec = spec_of(model)
+    size, device = spec.block_size, next(model.parameters()).device
+    features, labels, opened = [], [], []
+    for first in range(0, len(prompts), batch_size):
+        ps, rs = prompts[first:first + batch_size], answers[first:first + batch_size]
+        masks = [torch.arange(len(r)) % size != 0 for r in rs]  # [R] every decodable slot masked
+        while any(m.any() for m in masks):
+            layout, _ = build_batch(ps, rs, masks, [torch.ones(len(m)) for m in masks], size, spec.mask_token_id,
+                                    inverse_t_weight=False, ar_weight=0.0)
+            layout = layout.to(device)
+            logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                           attention_mask=training_attention(model, layout, "dense"), use_cache=False).logits
+            for k, (prompt, response, mask) in enumerate(zip(ps, rs, masks)):
+                n_padded = size * -(-len(response) // size)
+                noisy_start = len(prompt) + n_padded  # column of the noisy stream's slot 0
+                # token shift: slot j is predicted at the noisy stream's column of slot j - 1
+                probs = logits[k, noisy_start - 1:noisy_start + len(response) - 1].float().softmax(-1)  # [R, V]
+                confidence, predicted = probs.max(-1)  # [R]
+                target = torch.tensor(response, device=device)
+                right = (predicted == target).cpu() & mask  # [R]
+                conf = torch.ones(n_padded)
+                conf[:len(response)] = torch.where(mask, confidence.cpu(), torch.ones(len(response)))
+                padded_mask = torch.zeros(n_padded, dtype=torch.bool)
+                padded_mask[:len(response)] = mask
+                padded_right = torch.zeros(n_padded, dtype=torch.bool)
+                padded_right[:len(response)] = right
+                blocks = padded_mask.view(-1, size).any(-1)  # [n_blocks] still being decoded
+                features.append(conf.view(-1, size)[blocks, 1:])
+                labels.append(padded_right.view(-1, size)[blocks, 1:])
+                opened.append(padded_mask.view(-1, size)[blocks, 1:])
+                # Commit the right ones; a block with none right commits its most confident slot.
+                commit = right.clone()
+                for b in torch.nonzero(blocks).flatten().tolist():
+                    lo, hi = b * size, min((b + 1) * size, len(response))
+                    if not commit[lo:hi].any():
+                        best = torch.where(mask[lo:hi], conf[lo:hi], torch.full((hi - lo,), -1.0)).argmax()
+                        commit[lo + best] = True
+                masks[k] = mask & ~commit
+    return torch.cat(features), torch.cat(labels).float(), torch.cat(opened)
 
 
 def build_model(cfg: Config):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+
+from leaplm.config import Config, ConfigError, parse_config
 
 # recipe name -> module defining RECIPE. One readable file per recipe.
 RECIPE_MODULES = {
@@ -73,8 +76,18 @@ class Recipe:
     # (cfg) -> configs run one after another, each by its own Trainer (progressive stages); None = [cfg]
     stages: Callable[[Any], list[Any]] | None = None
     # (cfg, model, out_dir) -> entries of config.json's `leaplm` section on export (block size, heads);
-    # may write extra files (heads) under out_dir and list them under "files". See models/export.py.
+    # may write extra files (heads) under out_dir and list them under "files". See ship/export.py.
     export_settings: Callable[[Any, Any, Any], dict[str, Any]] | None = None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run's config: defaults < YAML < dotted overrides, its ``method`` section checked by the recipe."""
+    raw = parse_config(path, overrides)
+    try:
+        recipe = get_recipe(raw.recipe)
+    except KeyError as err:
+        raise ConfigError(f"recipe: {err.args[0]}") from None
+    return parse_config(path, overrides, recipe.method_config)
 
 
 def get_recipe(name: str) -> Recipe:

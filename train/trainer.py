@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
 from leaplm.inference.engine import check_config_decoders
-from leaplm.models.draft_heads import save_attached_heads
+from leaplm.models.heads import save_attached_heads
 from leaplm.models.noisy_weights import has_noisy_weights, save_noisy_weights
-from leaplm.train import checkpoint as ckpt
+from leaplm.ship import checkpoint as ckpt
+from leaplm.ship.export import export_model, push
 from leaplm.train.recipes import NOISE_SEED, Recipe, get_recipe, noise_seed
 
 log = logging.getLogger(__name__)
@@ -559,9 +560,8 @@ class Trainer:
         if cfg.eval.at_end:
             result.eval_rows = self.evaluate(cfg.train.max_steps)
         if cfg.export.dir and acc.is_main_process:
-            from leaplm.models.export import export_model, push
-
-            export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows)
+            export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows,
+                         export_settings=self.recipe.export_settings)
             if cfg.export.push_to:
                 push(cfg.export.dir, cfg.export.push_to)
         acc.wait_for_everyone()

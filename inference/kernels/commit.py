@@ -10,7 +10,7 @@ so no softmax is ever materialised: the compiled and Triton paths keep m, m₂, 
 t as running values (rescaling s and t when the running max grows), the reference computes
 the softmax and reads the numbers off it. Ties: the argmax is the lowest index, and two equal
 maxima give gap 0. The commit mask itself is chosen from these per-slot numbers by the decoder
-(:func:`leaplm.inference.block_diffusion.select_commits`), on tensors of block size, not vocab.
+(:func:`leaplm.inference.decoders.block_diffusion.select_commits`), on tensors of block size, not vocab.
 """
 
 from __future__ import annotations

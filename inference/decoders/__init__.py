@@ -1,0 +1,13 @@
+"""The parallel decoders, one module per decoding family; each registers its decoders with the
+engine's registry (``inference/engine.py``) when imported. ``leaplm.inference`` imports this
+package, so every decoder is registered wherever the engine is used.
+
+- ``jacobi``: Jacobi decoding, one block or several (``jacobi``, ``jacobi_multiblock``)
+- ``block_diffusion``: block-parallel denoising of a block-diffusion model (``block_diffusion``)
+- ``tree``: draft heads verified as a sparse tree (``medusa``, ``hydra``)
+- ``speculative``: a draft model, fixed or adaptive draft length (``speculative``)
+"""
+
+from leaplm.inference.decoders import block_diffusion, jacobi, speculative, tree
+
+__all__ = ["block_diffusion", "jacobi", "speculative", "tree"]

@@ -1,0 +1,343 @@
+"""Tree decoders on draft heads: ``medusa`` and ``hydra`` (heads from ``models/heads.py``).
+
+**One step** (one base forward). The *root* is the token the base predicted last (committed, not
+cached yet). The heads, read at the hidden state that predicted the root, propose a sparse tree
+of continuations: a node is a path of ranks, ``(0, 1)`` = "head 0's top-1 token, then head 1's
+top-2 token". Medusa heads rank their tokens once per depth; a Hydra head is called per parent
+node, on the embeddings of the path before it, so siblings differ by what precedes them. The
+root and every node are fed in one forward with the tree attention mask (each node sees the
+cache and its ancestors) at position root + depth. A node is *accepted* when its token is what the
+base predicts at its parent (greedy) or clears the typical-acceptance bar; the deepest node whose
+whole path is accepted wins. Its path's tokens are committed, then the base's prediction at it
+(the *bonus* token) becomes the next root. The KV cache keeps only the root and the accepted path.
+
+Greedy decoding is lossless: every committed token is the base's greedy token given the tokens
+before it, so the output equals ``ar`` and ``model.generate`` token for token (tests check this
+on every tiny family). ``typical`` acceptance (Medusa's, with temperature) accepts a node when
+p(x) > min(epsilon, delta * exp(-H(p))) of its parent's distribution; it is not lossless.
+
+**Trees.** ``tree`` is a list of rank paths (Medusa's ``medusa_choices``; missing prefixes are
+added), or ``"auto"`` (the default): grown greedily to ``tree_size`` nodes by the product of the
+heads' measured rank accuracies along the path (Medusa's ``gen_results`` rule), from the
+accuracies the training run stored with the heads.
+
+**Hydra++** heads carry a prefix decoder layer over the base's hidden states; it runs over the
+same tree nodes with the same mask and its own cache, which keeps the same accepted path.
+
+**Batches.** Rows advance independently; every row's cached tokens stay right-aligned against
+the cache end (as left padding aligns prompts) by :func:`~leaplm.inference.engine.gather_cache_slots`,
+which at the same time drops the rejected nodes. With a sliding window, the window is applied
+on cache slots: a tree node lies (depth - index) slots further from the cache than its position
+says, so a model whose context exceeds its window may drop one or two keys at the window's edge.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from leaplm.inference.engine import (
+    DecoderError,
+    DecodeResult,
+    Engine,
+    PromptBatch,
+    TokenPicker,
+    check_sampling,
+    gather_cache_slots,
+    keep_cache_tail,
+    new_cache,
+    register_decoder,
+)
+from leaplm.models.heads import DraftHeads, heads_of
+
+# Medusa's typical-acceptance defaults (posterior_threshold, posterior_alpha).
+TYPICAL_EPSILON, TYPICAL_DELTA = 0.09, 0.3
+
+
+# ----- Answers and cache bookkeeping shared with the speculative decoder ----------------------
+
+
+class Answers:
+    """New tokens per row, appended as a decoder commits them; a row ends at a stop token or the budget."""
+
+    def __init__(self, engine: Engine, batch: PromptBatch, max_new_tokens: int, spare: int):
+        b, device = batch.size, engine.device
+        self.engine, self.max_new_tokens = engine, max_new_tokens
+        self.tokens = torch.full((b, max_new_tokens + spare), engine.pad_token_id, dtype=torch.long, device=device)
+        self.count = torch.zeros(b, dtype=torch.long, device=device)  # [b] tokens written
+        self.lengths = torch.zeros(b, dtype=torch.long, device=device)  # [b] final lengths
+        self.unfinished = torch.ones(b, dtype=torch.bool, device=device)  # [b]
+        self.row_forwards = torch.ones(b, dtype=torch.long, device=device)  # [b] the prefill
+        self.forwards = 1
+
+    def commit(self, new: torch.Tensor, n: torch.Tensor) -> None:
+        """Append the first ``n[b]`` tokens of ``new`` [b, w] to each unfinished row."""
+        w = new.shape[1]
+        n = torch.where(self.unfinished, n, 0)  # [b]
+        valid = torch.arange(w, device=new.device)[None] < n[:, None]  # [b, w]
+        columns = (self.count[:, None] + torch.arange(w, device=new.device)).clamp(max=self.tokens.shape[1] - 1)
+        self.tokens.scatter_(1, columns, torch.where(valid, new, self.tokens.gather(1, columns)))
+        stops = self.engine.is_stop(new) & valid  # [b, w]
+        stopped = stops.any(-1)  # [b]
+        end = torch.where(stopped, self.count + stops.long().argmax(-1) + 1, self.count + n)  # [b]
+        self.count += n
+        done = self.unfinished & (stopped | (self.count >= self.max_new_tokens))
+        self.lengths = torch.where(done, end.clamp(max=self.max_new_tokens), self.lengths)
+        self.unfinished &= ~done
+
+    def stepped(self) -> None:
+        """Count one more forward, for every row that is still unfinished."""
+        self.forwards += 1
+        self.row_forwards += self.unfinished
+
+    def result(self) -> DecodeResult:
+        return DecodeResult(self.tokens[:, :self.max_new_tokens], self.lengths, self.forwards, self.row_forwards)
+
+
+def real_slots(cached: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, length] True on the slots holding a row's real tokens (right-aligned against the end)."""
+    return torch.arange(length, device=cached.device)[None] >= length - cached[:, None]
+
+
+def keep_new_slots(caches: list, context: int, kept: torch.Tensor, counts: torch.Tensor) -> None:
+    """After a forward of new tokens on top of ``context`` slots, keep in each row the new slots
+    ``kept[b, :counts[b]]`` (indices among the new ones, in order) right after its cached tokens,
+    and right-align every row again. Rows with ``counts = 0`` keep nothing new."""
+    grown = int(counts.max())
+    if bool((counts == grown).all()):  # nothing to re-align: move the kept slots, leave the rest
+        for cache in caches:
+            keep_cache_tail(cache, context, context + kept[:, :grown])
+        return
+    length = context + grown
+    j = torch.arange(length, device=kept.device)[None]  # [1, length]
+    start = length - counts[:, None]  # [b, 1] where the row's kept new tokens begin
+    shifted = j - (grown - counts[:, None])  # old slot that moves to j
+    pick = kept.gather(1, (j - start).clamp(0, kept.shape[1] - 1))  # [b, length]
+    source = torch.where(j >= start, context + pick, shifted)
+    for cache in caches:
+        gather_cache_slots(cache, source)
+
+
+# ----- Trees --------------------------------------------------------------------------------
+
+
+@dataclass
+class Tree:
+    """A sparse candidate tree; node 0 is the root, nodes sorted by depth."""
+
+    paths: list[tuple[int, ...]]  # rank path of each node; () for the root
+    parent: torch.Tensor  # [N] parent node (0 for the root)
+    depth: torch.Tensor  # [N]
+    rank: torch.Tensor  # [N] rank of the node's token among its head's predictions
+    ancestors: torch.Tensor  # [N, N] bool: column j is node i itself or one of its ancestors
+    path_nodes: torch.Tensor  # [N, D + 1] the nodes from the root to node i, padded with node i
+    # per depth d = 1..D: (its nodes [c], their distinct parents [P], each node's parent among them [c])
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    def to(self, device) -> Tree:
+        return Tree(self.paths, *(t.to(device) for t in (self.parent, self.depth, self.rank, self.ancestors,
+                                                          self.path_nodes)),
+                    [tuple(t.to(device) for t in level) for level in self.levels])
+
+
+def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int) -> Tree:
+    """The tree of ``paths`` (rank lists), with every missing prefix added."""
+    nodes = {()}
+    for path in paths:
+        path = tuple(int(r) for r in path)
+        if not path or len(path) > num_heads or min(path) < 0:
+            raise DecoderError(f"tree path {list(path)} must hold 1 to {num_heads} ranks (one per head), each >= 0")
+        nodes.update(path[:d] for d in range(1, len(path) + 1))
+    ordered = sorted(nodes, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(ordered)}
+    n, depth = len(ordered), max(len(p) for p in ordered)
+    parent = torch.tensor([index[p[:-1]] if p else 0 for p in ordered])
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    path_nodes = torch.zeros(n, depth + 1, dtype=torch.long)
+    for i, p in enumerate(ordered):
+        chain = [index[p[:d]] for d in range(len(p) + 1)]
+        ancestors[i, chain] = True
+        path_nodes[i] = torch.tensor(chain + [i] * (depth + 1 - len(chain)))
+    depths = torch.tensor([len(p) for p in ordered])
+    levels = []
+    for d in range(1, depth + 1):
+        nodes = (depths == d).nonzero().squeeze(1)
+        parents, slot = torch.unique(parent[nodes], return_inverse=True)
+        levels.append((nodes, parents, slot))
+    return Tree(ordered, parent, depths, torch.tensor([p[-1] if p else 0 for p in ordered]), ancestors, path_nodes,
+                levels)
+
+
+def grow_tree(accuracy: torch.Tensor, size: int) -> list[tuple[int, ...]]:
+    """The ``size - 1`` non-root paths with the highest product of rank accuracies, grown greedily.
+
+    ``accuracy`` [heads, ranks]: the chance that head k's rank-r token is right. A path's score
+    is the product along it, so a child never outscores its parent and the best paths form a tree.
+    """
+    heads, ranks = accuracy.shape
+    acc = accuracy.clamp(min=1e-6).tolist()
+    frontier = [(-acc[0][r], (r,)) for r in range(ranks)]
+    heapq.heapify(frontier)
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < size - 1:
+        score, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < heads:
+            for r in range(ranks):
+                heapq.heappush(frontier, (score * acc[len(path)][r], path + (r,)))
+    return chosen
+
+
+def default_accuracy(num_heads: int, ranks: int) -> torch.Tensor:
+    """Rank accuracies for heads that have none recorded: Medusa's Vicuna-7B top-1 (0.56, 0.32,
+    0.20, 0.15, 0.12 for heads 0-4), halving with each rank."""
+    top1 = torch.tensor([0.56, 0.32, 0.20, 0.15, 0.12] + [0.1] * max(0, num_heads - 5))[:num_heads]
+    return top1[:, None] * 0.5 ** torch.arange(ranks)[None]
+
+
+def choose_tree(heads: DraftHeads, tree: Any, tree_size: int) -> Tree:
+    k = heads.config.num_heads
+    if tree == "auto":
+        if not isinstance(tree_size, int) or tree_size < 2:
+            raise DecoderError(f"tree_size must be an integer >= 2 (root plus drafted nodes), got {tree_size!r}")
+        accuracy = heads.accuracy.float().cpu()
+        if not bool(accuracy.any()):
+            accuracy = default_accuracy(k, accuracy.shape[1])
+        return make_tree(grow_tree(accuracy, tree_size), k)
+    if not isinstance(tree, (list, tuple)) or not tree or not all(isinstance(p, (list, tuple)) for p in tree):
+        raise DecoderError(f"tree must be 'auto' or a list of rank paths such as [[0], [0, 0], [1]], got {tree!r}")
+    return make_tree(tree, k)
+
+
+# ----- Candidates ---------------------------------------------------------------------------
+
+
+def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Tokens [b, N] of the tree's nodes (column 0 the root) from hidden states ``hidden`` [b, H]."""
+    b, n = root.shape[0], tree.size
+    tokens = root[:, None].expand(b, n).clone()  # [b, N]
+    max_rank = int(tree.rank.max()) + 1
+    if heads.kind == "medusa":
+        top = torch.stack([heads.head(k, hidden).topk(max_rank, dim=-1).indices
+                           for k in range(tree.max_depth)], dim=1)  # [b, D, R]
+        tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]
+        return tokens
+    for d, (nodes, parents, slot) in enumerate(tree.levels, 1):  # Hydra: one head call per parent, on its path
+        path = tokens[:, tree.path_nodes[parents, :d]]  # [b, P, d] root .. parent
+        logits = heads.head(d - 1, hidden[:, None].expand(-1, len(parents), -1), embed(path))  # [b, P, V]
+        top = logits.topk(max_rank, dim=-1).indices  # [b, P, R]
+        tokens[:, nodes] = top[:, slot, tree.rank[nodes]]
+    return tokens
+
+
+# ----- The decoding loop -------------------------------------------------------------------
+
+
+def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: DraftHeads, tree: Tree,
+                pick: TokenPicker, typical: bool) -> DecodeResult:
+    device, b = engine.device, batch.size
+    tree = tree.to(device)
+    n = tree.size
+    embed = engine.model.get_input_embeddings()
+    answers = Answers(engine, batch, max_new_tokens, spare=tree.max_depth + 2)
+    cache = new_cache()
+    prefix_cache = new_cache() if heads.prefix is not None else None
+    caches = [cache] + ([prefix_cache] if prefix_cache is not None else [])
+
+    out = engine.forward(batch.input_ids, cache, batch.position_ids, batch.attention_mask if batch.has_padding else None,
+                         output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # [b, p, H]
+    if prefix_cache is not None:
+        p = batch.width
+        allowed = (torch.ones(p, p, dtype=torch.bool, device=device).tril()[None]
+                   & batch.attention_mask.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)
+        hidden = heads.prefix(hidden, batch.position_ids, allowed, prefix_cache)
+    hidden = hidden[:, -1]  # [b, H] the state that predicted the root
+    root = pick(out.logits[:, -1])  # [b]
+    answers.commit(root[:, None], torch.ones_like(root))
+    cached = batch.lengths.clone()  # [b] real tokens in the cache
+    pattern = tree.ancestors  # [N, N]
+
+    while answers.unfinished.any():
+        context = cache.get_seq_length()
+        tokens = propose(heads, embed, tree, hidden, root)  # [b, N]
+        positions = batch.lengths[:, None] + answers.count[:, None] - 1 + tree.depth[None]  # [b, N]
+        real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
+        allowed = Engine.mask_for_new_tokens(real, pattern)  # [b, N, context + N]
+        out = engine.forward(tokens, cache, positions, custom_mask=allowed, output_hidden_states=True)
+        answers.stepped()
+        logits, node_hidden = out.logits, out.hidden_states[-1]  # [b, N, V], [b, N, H]
+        if prefix_cache is not None:
+            node_hidden = heads.prefix(node_hidden, positions, allowed, prefix_cache)
+
+        parent_logits = logits[:, tree.parent]  # [b, N, V] the distribution each node's token is checked against
+        if typical:
+            probs = pick.filtered_logits(parent_logits.flatten(0, 1)).softmax(-1).view_as(parent_logits)
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # [b, N]
+            p_token = probs.gather(-1, tokens[..., None]).squeeze(-1)  # [b, N]
+            correct = p_token > torch.minimum(torch.full_like(entropy, TYPICAL_EPSILON),
+                                              TYPICAL_DELTA * torch.exp(-entropy))
+        else:
+            correct = tokens == parent_logits.argmax(-1)
+        correct[:, 0] = True  # the root is committed already
+        on_path = ((~correct).float() @ pattern.T.float()) == 0  # [b, N] every node from the root on accepted
+        best = (on_path * (tree.depth[None] + 1)).argmax(-1)  # [b] deepest such node (first in order on ties)
+        accepted = tree.depth[best]  # [b] drafted tokens accepted
+        path = tree.path_nodes[best]  # [b, D + 1]
+        rows = torch.arange(b, device=device)
+        bonus = pick(logits[rows, best])  # [b]
+
+        new = torch.cat([tokens.gather(1, path[:, 1:]), bonus[:, None]], 1)  # [b, D + 1]
+        new.scatter_(1, accepted[:, None], bonus[:, None])  # the bonus right after the accepted path
+        live = answers.unfinished.clone()
+        answers.commit(new, accepted + 1)
+        counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
+        keep_new_slots(caches, context, path, counts)
+        cached += counts
+        root, hidden = bonus, node_hidden[rows, best]
+    return answers.result()
+
+
+def check_acceptance(acceptance: str = "greedy", temperature: float = 0.0) -> None:
+    """Refuse an acceptance rule that does not fit the sampling temperature, naming the fix."""
+    if acceptance not in ("greedy", "typical"):
+        raise DecoderError(f"acceptance must be 'greedy' (lossless) or 'typical', got {acceptance!r}")
+    if acceptance == "greedy" and temperature != 0:
+        raise DecoderError("greedy acceptance is lossless for greedy decoding only; set temperature=0, "
+                           "or acceptance='typical' to sample")
+    if acceptance == "typical" and temperature == 0:
+        raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
+
+
+def tree_decoder(kind: str, description: str):
+    """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
+    heads they read (``models/heads.py``); tree, acceptance and sampling are shared."""
+
+    def decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
+               acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int = 0) -> DecodeResult:
+        heads = heads_of(engine.model, (kind,))
+        check_acceptance(acceptance, temperature)
+        pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
+        return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size), pick,
+                           typical=acceptance == "typical")
+
+    decode.__name__ = decode.__qualname__ = kind
+    decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring).\n\n"
+                      "Greedy (the default) equals ``ar`` and ``model.generate`` token for token.")
+    return register_decoder(kind, checks=(check_sampling, check_acceptance))(decode)
+
+
+medusa = tree_decoder("medusa", "Medusa")
+hydra = tree_decoder("hydra", "Hydra (and Hydra++)")
