@@ -138,7 +138,7 @@ def run_export(args: argparse.Namespace) -> None:
 
             decoders: list = ["ar"]
             if cfg.eval.decoder != "ar":
-                decoders.append({"decoder": cfg.eval.decoder, "settings": dict(cfg.eval.decoder_args)})
+                decoders.append({"decoder": cfg.eval.decoder, "decoder_settings": dict(cfg.eval.decoder_settings)})
             return run_bench(Path(args.out).name, decoders, cfg.eval.tasks or cfg.data.tasks, args.bench_n,
                              cfg.eval.batch_size, cfg.eval.max_new_tokens, directory, model=model,
                              tokenizer=tokenizer, command=command)

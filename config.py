@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 # ----- Sections ---------------------------------------------------------------------------
 
+ATTENTION_BACKENDS = ("auto", "flex", "dense")  # train.attention; resolved by models/two_stream.py
+
 
 @dataclass
 class LoraConfig:
@@ -114,11 +116,21 @@ class TrainConfig:
     overwrite: bool = False
     log_every: int = 10
     torch_threads: int = 0  # 0 = torch's default
+    # Attention of the two-stream training forward (block diffusion, Jacobi Forcing): the
+    # FlexAttention block mask (flex), the same mask as a dense tensor (dense, the reference), or
+    # auto: flex on GPUs, dense on CPU, where FlexAttention has no backward.
+    attention: str = "auto"
+    # Compute only the supervised positions' logits from the final hidden states, a chunk at a time
+    # (losses/linear_cross_entropy.py), never the full [rows, length, vocab] logits (pretrain, ar2bd,
+    # jacobi_forcing).
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
@@ -131,20 +143,27 @@ class TrainConfig:
 @dataclass
 class RolloutConfig:
     # How a recipe makes its own training data through the inference engine.
+    RENAMED: ClassVar[dict[str, str]] = {"decoder_args": "decoder_settings"}  # old key -> new (see build)
     decoder: str = "ar"
-    decoder_args: dict[str, Any] = field(default_factory=dict)  # settings of `decoder` (answer rollouts)
+    decoder_settings: dict[str, Any] = field(default_factory=dict)  # settings of `decoder` (answer rollouts)
     max_new_tokens: int = 128
     batch_size: int = 32
     temperature: float = 0.0  # 0 = greedy
     drop_wrong: bool = True  # drop rollouts whose answer fails the task checker
+    max_prompts: int = 0  # prompts to roll out (per stage), drawn seeded from the configured data; 0 = all
+
+    def __post_init__(self) -> None:
+        if self.max_prompts < 0:
+            raise ConfigError(f"rollout.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
 @dataclass
 class EvalConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"decoder_args": "decoder_settings"}
     tasks: list[str] | None = None  # None = every task of the data source
     n: int = 100  # prompts per task (from the test split)
     decoder: str = "ar"
-    decoder_args: dict[str, Any] = field(default_factory=dict)
+    decoder_settings: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 160
     batch_size: int = 32
     at_end: bool = False  # evaluate the final model when training ends
@@ -296,12 +315,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones."""
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with the list of valid ones.
+
+    A section's ``RENAMED`` (old key -> new key) turns an old key in a user's YAML into an error
+    naming its new name, rather than a bare "unknown key".
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
+        renamed = getattr(cls, "RENAMED", {}).get(unknown[0])
+        if renamed:
+            raise ConfigError(f"config key {prefix + unknown[0]!r} was renamed to {prefix + renamed!r}")
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + where if where else ''}: "
             f"{', '.join(names) or '(none)'}"

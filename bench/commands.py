@@ -1,6 +1,6 @@
 """The `leaplm eval`, `leaplm bench` and `leaplm quickstart` commands (listed in leaplm.cli's table).
 
-    leaplm eval MODEL --tasks synth --decoder ar [--decoder-args JSON] [--n 100] [--out DIR]
+    leaplm eval MODEL --tasks synth --decoder ar [--decoder-settings JSON] [--n 100] [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR [--tasks copy,sort] [--n 50]
     leaplm quickstart [--out runs/quickstart] [--n 50] [--jf-n 20] [--skip-jacobi-forcing]
 
@@ -31,7 +31,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _decoder_specs(text: str) -> list:
-    """Decoders to bench: a JSON list of names / {"decoder": ..., "settings": {...}} objects, or a
+    """Decoders to bench: a JSON list of names / {"decoder": ..., "decoder_settings": {...}} objects, or a
     comma list whose items are ``name`` or ``name:key=value:key=value``, where ``a|b|c`` sweeps a
     setting: ``ar,block_diffusion:threshold=0.5|0.7|0.9:sub_block_size=8`` is four decoders."""
     if text.lstrip().startswith("["):
@@ -51,7 +51,7 @@ def _decoder_specs(text: str) -> list:
             if not eq or not key:
                 raise argparse.ArgumentTypeError(f"cannot read {pair!r} in {item!r}; write key=value or key=v1|v2")
             sweeps = [{**s, key: yaml.safe_load(v)} for s in sweeps for v in values.split("|")]
-        specs += [{"decoder": name, "settings": s} if s else name for s in sweeps]
+        specs += [{"decoder": name, "decoder_settings": s} if s else name for s in sweeps]
     return specs
 
 
@@ -90,7 +90,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     rows = evaluate_model(model, tokenizer, tasks=args.tasks, n=args.n, decoder=args.decoder,
-                          decoder_args=args.decoder_args, max_new_tokens=args.max_new_tokens,
+                          decoder_settings=args.decoder_settings, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, seed=args.seed, model_name=args.model)
     print_eval(rows)
     if args.out:
@@ -116,7 +116,7 @@ def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
     from leaplm.bench.decoders import BENCH_COLUMNS
     from leaplm.inference.evaluate import format_table
 
-    print(format_table(rows, [c for c in BENCH_COLUMNS if c[0] != "settings"]))
+    print(format_table(rows, [c for c in BENCH_COLUMNS if c[0] != "decoder_settings"]))
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
 
@@ -135,9 +135,9 @@ def quickstart_jacobi_forcing(out: Path, n: int, max_new_tokens: int, overrides:
     cfg = load_config(config, [f"output_dir={out}", f"export.dir={out / 'model'}", "train.resume_from=latest",
                                *overrides])
     train(cfg)
-    n_block = cfg.method.block_size
-    decoders = ["ar", {"decoder": "jacobi", "settings": {"block_size": n_block}},
-                {"decoder": "jacobi_multiblock", "settings": {"block_size": n_block}}]
+    n_block = cfg.method.jacobi_block_size
+    decoders = ["ar", {"decoder": "jacobi", "decoder_settings": {"jacobi_block_size": n_block}},
+                {"decoder": "jacobi_multiblock", "decoder_settings": {"jacobi_block_size": n_block}}]
     model, tokenizer = load_for_eval(str(out / "model"))
     return run_bench(str(out / "model"), decoders, None, n, 1, max_new_tokens, out, model=model, tokenizer=tokenizer,
                      command=command)
@@ -173,7 +173,7 @@ def run_quickstart(args: argparse.Namespace) -> None:
           f"block_diffusion (threshold {args.threshold}, unverified and verified) vs HF generate, one prompt at a time")
     bd_model, bd_tokenizer = load_for_eval(EMBEDDED_BLOCK_DIFFUSION)
     # Verified blocks are exactly the model's AR output; unverified ones are faster and may differ.
-    bd_decoders = [{"decoder": "block_diffusion", "settings": {"threshold": args.threshold, "verify": verify}}
+    bd_decoders = [{"decoder": "block_diffusion", "decoder_settings": {"threshold": args.threshold, "verify": verify}}
                    for verify in (False, True)]
     bd_rows = run_bench(EMBEDDED_BLOCK_DIFFUSION, bd_decoders, None, args.n, 1, args.max_new_tokens, parallel,
                         model=bd_model, tokenizer=bd_tokenizer, command=command)
@@ -193,7 +193,7 @@ def run_quickstart(args: argparse.Namespace) -> None:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory, a Hub id, or tiny-teacher")
     p.add_argument("--decoder", default="ar", help="a registered decoder (default %(default)s)")
-    p.add_argument("--decoder-args", type=_json_object, default={}, help="decoder settings as JSON, e.g. "
+    p.add_argument("--decoder-settings", type=_json_object, default={}, help="decoder settings as JSON, e.g. "
                    "'{\"temperature\": 0.7, \"top_p\": 0.9}'")
     _add_common(p, n=100)
     p.add_argument("--out", help="also write DIR/eval.json")
@@ -204,7 +204,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", type=_decoder_specs, default=["ar"],
                    help="comma list, settings after colons, | sweeps a setting: "
                         "'ar,block_diffusion:threshold=0.5|0.7|0.9'; or a JSON list of names and "
-                        "{\"decoder\": NAME, \"settings\": {...}} objects; hf_generate is always included")
+                        "{\"decoder\": NAME, \"decoder_settings\": {...}} objects; hf_generate is always included")
     _add_common(p, n=50)
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
 

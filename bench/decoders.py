@@ -38,23 +38,25 @@ from leaplm.inference.evaluate import (
 REFERENCE = "hf_generate"
 WARMUP_TOKENS = 16
 
-# A decoder to benchmark: a registered name, or {"decoder": name, "settings": {...}}.
+# A decoder to benchmark: a registered name, or {"decoder": name, "decoder_settings": {...}}.
 DecoderSpec = Union[str, dict[str, Any]]
 
 
 def parse_spec(spec: DecoderSpec) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, str):
         return spec, {}
-    if isinstance(spec, dict) and isinstance(spec.get("decoder"), str) and set(spec) <= {"decoder", "settings"}:
-        return spec["decoder"], dict(spec.get("settings") or {})
+    if isinstance(spec, dict) and "settings" in spec:
+        raise ValueError(f"decoder spec {spec!r}: the key 'settings' was renamed to 'decoder_settings'")
+    if isinstance(spec, dict) and isinstance(spec.get("decoder"), str) and set(spec) <= {"decoder", "decoder_settings"}:
+        return spec["decoder"], dict(spec.get("decoder_settings") or {})
     raise ValueError(
         f"cannot read decoder spec {spec!r}; use a decoder name such as 'ar', or "
-        '{"decoder": "ar", "settings": {"temperature": 0.7}}'
+        '{"decoder": "ar", "decoder_settings": {"temperature": 0.7}}'
     )
 
 
-def spec_label(name: str, settings: dict[str, Any]) -> str:
-    return f"{name} {json.dumps(settings, sort_keys=True)}" if settings else name
+def spec_label(name: str, decoder_settings: dict[str, Any]) -> str:
+    return f"{name} {json.dumps(decoder_settings, sort_keys=True)}" if decoder_settings else name
 
 
 def run_bench(
@@ -77,7 +79,7 @@ def run_bench(
     ``tiny-teacher``) is loaded with :func:`load_for_eval`.
     """
     specs = [(REFERENCE, {})] + [parse_spec(s) for s in decoders if s != REFERENCE]
-    labels = [spec_label(name, settings) for name, settings in specs]
+    labels = [spec_label(name, decoder_settings) for name, decoder_settings in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"decoder specs repeat: {labels}; list each decoder (with its settings) once")
     if model is None:
@@ -88,8 +90,8 @@ def run_bench(
     # Warm-up: first calls pay for allocator growth and lazy initialisation; also surfaces a
     # bad decoder name or setting before any timing starts.
     warm_prompts = task_prompts(tokenizer, make_split(task_names[0], "test", min(n, batch_size), seed))
-    for name, settings in specs:
-        engine.generate(warm_prompts, name, min(WARMUP_TOKENS, max_new_tokens), **settings)
+    for name, decoder_settings in specs:
+        engine.generate(warm_prompts, name, min(WARMUP_TOKENS, max_new_tokens), **decoder_settings)
 
     rows: list[dict[str, Any]] = []
     for task in task_names:
@@ -100,15 +102,15 @@ def run_bench(
         for batch_no, idx in enumerate(batches(list(range(len(examples))), batch_size)):
             shift = batch_no % len(specs)
             for k in list(range(shift, len(specs))) + list(range(shift)):  # rotate who goes first
-                name, settings = specs[k]
+                name, decoder_settings = specs[k]
                 reset_peak_memory(engine.device)
-                out = engine.generate([prompts[i] for i in idx], name, max_new_tokens, **settings)
+                out = engine.generate([prompts[i] for i in idx], name, max_new_tokens, **decoder_settings)
                 scores[k].add(out.texts, [examples[i] for i in idx], out.stats)
                 peaks[k] = max(peaks[k], peak_memory_mb(engine.device))
         reference_tps = scores[0].stats.tokens_per_s
-        for (name, settings), score, peak in zip(specs, scores, peaks):
+        for (name, decoder_settings), score, peak in zip(specs, scores, peaks):
             speedup = score.stats.tokens_per_s / reference_tps if reference_tps > 0 else None
-            rows.append(make_row(model_name, name, settings, task, score, peak, speedup))
+            rows.append(make_row(model_name, name, decoder_settings, task, score, peak, speedup))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
     return info
 
 
-BENCH_COLUMNS = [("decoder", "decoder"), ("settings", "settings"), ("task", "task"), ("n", "n"),
+BENCH_COLUMNS = [("decoder", "decoder"), ("decoder_settings", "settings"), ("task", "task"), ("n", "n"),
                  ("accuracy", "accuracy"), ("tokens_per_forward", "tokens/forward"), ("tokens_per_s", "tokens/s"),
                  ("speedup_vs_generate", "speedup vs generate"), ("peak_mem_mb", "peak mem MB")]
 
@@ -175,7 +177,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax = fig.add_subplot()
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        by_label.setdefault(spec_label(r["decoder"], r["settings"]), []).append(r)
+        by_label.setdefault(spec_label(r["decoder"], r["decoder_settings"]), []).append(r)
     for label, group in by_label.items():
         xs = [r["speedup_vs_generate"] or 0.0 for r in group]
         ys = [100 * r["accuracy"] for r in group]

@@ -35,12 +35,12 @@ from leaplm.models.zoo import EMBEDDED_BLOCK_DIFFUSION, EMBEDDED_TEACHER
 START, END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 DECODERS = {
     EMBEDDED_TEACHER: ["ar", "jacobi", "jacobi_multiblock"],
-    EMBEDDED_BLOCK_DIFFUSION: [{"decoder": "block_diffusion", "settings": {"threshold": 0.9}}],
+    EMBEDDED_BLOCK_DIFFUSION: [{"decoder": "block_diffusion", "decoder_settings": {"threshold": 0.9}}],
 }
 DECODER_COLUMNS = [("model", "model")] + bench.BENCH_COLUMNS
 
 
-def build(args: argparse.Namespace, command: str) -> str:
+def build_report(args: argparse.Namespace, command: str) -> str:
     """Run every part and return the report's markdown."""
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,4 +107,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    write_section(Path(args.doc), build(args, shlex.join(["leaplm", *sys.argv[1:]])))
+    write_section(Path(args.doc), build_report(args, shlex.join(["leaplm", *sys.argv[1:]])))

@@ -39,7 +39,7 @@ from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import format_table, load_for_eval, resolve_tasks, task_prompts
 
 
-def reference_trajectories(engine: Engine, prompt: list[int], block_size: int, max_new_tokens: int,
+def reference_trajectories(engine: Engine, prompt: list[int], jacobi_block_size: int, max_new_tokens: int,
                            rng: random.Random) -> tuple[list[dict[str, Any]], int]:
     """One prompt's blocks collected as CLLM's ``generate_trajectory.py`` does; (rows, forwards).
 
@@ -48,7 +48,7 @@ def reference_trajectories(engine: Engine, prompt: list[int], block_size: int, m
     """
     model, rows, answer, forwards = engine.model, [], [], 0
     while len(answer) < max_new_tokens:
-        n = min(block_size, max_new_tokens - len(answer))
+        n = min(jacobi_block_size, max_new_tokens - len(answer))
         context = prompt + answer
         state = rng.choices(prompt, k=n)
         states = [state]
@@ -80,7 +80,7 @@ def bench_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     return task_prompts(tokenizer, ordered)
 
 
-def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size: int = 16,
+def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, jacobi_block_size: int = 16,
                       max_new_tokens: int = 96, batch_sizes: tuple[int, ...] = (32, 8, 1),
                       out_dir: str | Path = "runs/rollout_bench", *, seed: int = 0,
                       command: str | None = None) -> list[dict[str, Any]]:
@@ -95,12 +95,13 @@ def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size
 
     def ours(size: int):
         def collect(chunk: list[list[int]]) -> tuple[list[list[list[int]]], int]:
-            rows = collect_jacobi_trajectories(engine, chunk, block_size, max_new_tokens, seed=seed, batch_size=size)
+            rows = collect_jacobi_trajectories(engine, chunk, jacobi_block_size, max_new_tokens, seed=seed,
+                                               batch_size=size)
             return _by_prompt(rows, len(chunk)), sum(len(r["states"]) for r in rows)
         return collect
 
     def reference(chunk: list[list[int]]) -> tuple[list[list[list[int]]], int]:
-        found = [reference_trajectories(engine, p, block_size, max_new_tokens, rng)[0] for p in chunk]
+        found = [reference_trajectories(engine, p, jacobi_block_size, max_new_tokens, rng)[0] for p in chunk]
         return [[r["fixed_point"] for r in rows] for rows in found], sum(len(r["states"]) for rows in found for r in rows)
 
     collectors = [("ours", {"batch_size": size, "kv_cache": True}, ours(size)) for size in batch_sizes]
@@ -125,14 +126,15 @@ def run_rollout_bench(model, tokenizer, model_name: str, n: int = 64, block_size
     for (name, settings, _), total in zip(collectors, totals):
         per_s = total["trajectories"] / total["wall_s"]
         rows.append({"model": model_name, "collector": name, "settings": settings, "prompts": len(prompts),
-                     "block_size": block_size, "trajectories": total["trajectories"],
+                     "jacobi_block_size": jacobi_block_size, "trajectories": total["trajectories"],
                      "states_per_trajectory": total["states"] / max(total["trajectories"], 1),
                      "wall_s": total["wall_s"], "trajectories_per_s": per_s, "speedup_vs_reference": per_s / baseline,
                      "same_fixed_points": total["fixed_points"] == totals[-1]["fixed_points"]})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout_bench.json").write_text(json.dumps(rows, indent=2))
-    command = command or (f"run_rollout_bench(model, tokenizer, {model_name!r}, n={n}, block_size={block_size}, "
+    command = command or (f"run_rollout_bench(model, tokenizer, {model_name!r}, n={n}, "
+                          f"jacobi_block_size={jacobi_block_size}, "
                           f"max_new_tokens={max_new_tokens}, batch_sizes={tuple(batch_sizes)})")
     (out / "rollout_bench.md").write_text(render_markdown(rows, command, engine.device))
     return rows
@@ -155,7 +157,7 @@ ROLLOUT_COLUMNS = [("collector", "collector"), ("settings", "settings"), ("promp
 def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.device) -> str:
     machine = "\n".join(f"- {k}: {v}" for k, v in machine_info(device).items())
     return (
-        f"# leaplm bench-rollout: {rows[0]['model']}, block size {rows[0]['block_size']}\n\n"
+        f"# leaplm bench-rollout: {rows[0]['model']}, block size {rows[0]['jacobi_block_size']}\n\n"
         "Greedy Jacobi trajectories of the same model on the same prompts: our batched, KV-cached collector "
         "against the reference's one prompt at a time without a cache, interleaved chunk by chunk.\n\n"
         f"```text\n{command}\n```\n\n{machine}\n\n{format_table(rows, ROLLOUT_COLUMNS)}\n"
@@ -165,7 +167,7 @@ def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.devi
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory, a Hub id, or tiny-teacher")
     p.add_argument("--n", type=int, default=64, help="prompts (synthetic test split, tasks in turn; default %(default)s)")
-    p.add_argument("--block-size", type=int, default=16, help="Jacobi block size (default %(default)s)")
+    p.add_argument("--jacobi-block-size", type=int, default=16, help="Jacobi block size (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="answer budget per prompt (default %(default)s)")
     p.add_argument("--batch-sizes", default="32,8,1",
                    help="batch sizes to run ours with, comma separated (default %(default)s)")
@@ -177,9 +179,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> None:
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     command = command_line(["bench-rollout", args.model], args,
-                       ["n", "block_size", "max_new_tokens", "batch_sizes", "seed", "out"])
+                       ["n", "jacobi_block_size", "max_new_tokens", "batch_sizes", "seed", "out"])
     batch_sizes = tuple(int(size) for size in args.batch_sizes.split(","))
-    rows = run_rollout_bench(model, tokenizer, args.model, args.n, args.block_size, args.max_new_tokens,
+    rows = run_rollout_bench(model, tokenizer, args.model, args.n, args.jacobi_block_size, args.max_new_tokens,
                              batch_sizes, args.out, seed=args.seed, command=command)
     print(format_table(rows, ROLLOUT_COLUMNS))
     print(f"wrote {Path(args.out) / 'rollout_bench.json'}, {Path(args.out) / 'rollout_bench.md'}")

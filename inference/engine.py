@@ -270,14 +270,18 @@ class TokenPicker:
 Decoder = Callable[..., DecodeResult]
 DECODERS: dict[str, Decoder] = {}
 SETTINGS_CHECKS: dict[str, tuple[Callable[..., None], ...]] = {}  # decoder name -> its model-free checks
+RENAMED_SETTINGS: dict[str, dict[str, str]] = {}  # decoder name -> {old setting name: new name}
 
 
-def register_decoder(name: str, checks: Sequence[Callable[..., None]] = ()) -> Callable[[Decoder], Decoder]:
+def register_decoder(name: str, checks: Sequence[Callable[..., None]] = (),
+                     renamed: dict[str, str] | None = None) -> Callable[[Decoder], Decoder]:
     """Register ``fn(engine, batch, max_new_tokens, **settings) -> DecodeResult`` as ``name``.
 
     ``checks`` are the decoder's own settings checks that need no model (ranges, choices): the
-    decoder calls them itself, and :func:`check_decoder_args` runs them before any model is
-    loaded, so a run's bad value fails as the trainer starts, not after training.
+    decoder calls them itself, and :func:`check_decoder_settings` runs them before any model is
+    loaded, so a run's bad value fails as the trainer starts, not after training. ``renamed``
+    maps a setting's former name to its new one, so a config still using the old name is told
+    the new one.
     """
 
     def wrap(fn: Decoder) -> Decoder:
@@ -285,6 +289,7 @@ def register_decoder(name: str, checks: Sequence[Callable[..., None]] = ()) -> C
             raise ValueError(f"a decoder named {name!r} is already registered ({DECODERS[name].__module__})")
         DECODERS[name] = fn
         SETTINGS_CHECKS[name] = tuple(checks)
+        RENAMED_SETTINGS[name] = dict(renamed or {})
         return fn
 
     return wrap
@@ -296,7 +301,7 @@ def get_decoder(name: str) -> Decoder:
     return DECODERS[name]
 
 
-def decoder_settings(name: str) -> list[str] | None:
+def decoder_setting_names(name: str) -> list[str] | None:
     """The keyword settings decoder ``name`` accepts (for error messages); None when it takes any."""
     params = list(inspect.signature(get_decoder(name)).parameters.values())[3:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -304,7 +309,7 @@ def decoder_settings(name: str) -> list[str] | None:
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
 
 
-def check_decoder_args(name: str, settings: dict[str, Any]) -> None:
+def check_decoder_settings(name: str, settings: dict[str, Any]) -> None:
     """Refuse an unknown decoder, a setting it does not have, or a value its checks reject.
 
     Needs no model: each registered check gets the settings its signature names, the decoder's
@@ -312,9 +317,12 @@ def check_decoder_args(name: str, settings: dict[str, Any]) -> None:
     draft heads, a draft's vocabulary) are checked by the decoder when it runs.
     """
     fn = get_decoder(name)
-    allowed = decoder_settings(name)
+    allowed = decoder_setting_names(name)
     unknown = [k for k in settings if allowed is not None and k not in allowed]
     if unknown:
+        if unknown[0] in RENAMED_SETTINGS.get(name, {}):
+            raise DecoderError(f"decoder {name!r}: the setting {unknown[0]!r} was renamed to "
+                               f"{RENAMED_SETTINGS[name][unknown[0]]!r}")
         raise DecoderError(
             f"decoder {name!r} has no setting {unknown[0]!r}; its settings: {', '.join(allowed) or 'none'}"
         )
@@ -337,9 +345,9 @@ def check_config_decoders(cfg: Config) -> None:
     for section in ("eval", "rollout"):
         part = getattr(cfg, section)
         try:
-            check_decoder_args(part.decoder, part.decoder_args)
+            check_decoder_settings(part.decoder, part.decoder_settings)
         except DecoderError as err:
-            key = f"{section}.decoder_args" if part.decoder in DECODERS else f"{section}.decoder"
+            key = f"{section}.decoder_settings" if part.decoder in DECODERS else f"{section}.decoder"
             raise ConfigError(f"{key}: {err}") from None
 
 
@@ -487,10 +495,10 @@ class Engine:
     # --- public entry ---
 
     def generate(
-        self, prompts: list[list[int]], decoder: str = "ar", max_new_tokens: int = 128, **decoder_args: Any
+        self, prompts: list[list[int]], decoder: str = "ar", max_new_tokens: int = 128, **decoder_settings: Any
     ) -> GenerationOutput:
         """Decode ``prompts`` (token ids, chat formatted if the model expects it) with ``decoder``."""
-        check_decoder_args(decoder, decoder_args)
+        check_decoder_settings(decoder, decoder_settings)
         fn = get_decoder(decoder)
         if not prompts:
             return GenerationOutput([], [], GenerationStats())
@@ -501,7 +509,7 @@ class Engine:
             with torch.inference_mode():
                 _synchronize(self.device)
                 start = time.perf_counter()
-                result = fn(self, batch, max_new_tokens, **decoder_args)
+                result = fn(self, batch, max_new_tokens, **decoder_settings)
                 _synchronize(self.device)
                 wall = time.perf_counter() - start
         finally:

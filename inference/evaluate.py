@@ -23,7 +23,7 @@ from leaplm.inference.engine import Engine, GenerationStats
 from leaplm.models.zoo import EMBEDDED_TEACHER, load_model
 
 # Every eval and bench row has exactly these keys; later decoders add rows, never keys.
-ROW_KEYS = ("model", "decoder", "settings", "task", "n", "accuracy", "tokens_per_forward", "tokens_per_s",
+ROW_KEYS = ("model", "decoder", "decoder_settings", "task", "n", "accuracy", "tokens_per_forward", "tokens_per_s",
             "speedup_vs_generate", "peak_mem_mb")
 
 
@@ -76,12 +76,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def make_row(model_name: str, decoder: str, settings: dict[str, Any], task: str, score: TaskScore,
+def make_row(model_name: str, decoder: str, decoder_settings: dict[str, Any], task: str, score: TaskScore,
              peak_mem_mb: float, speedup_vs_generate: float | None = None) -> dict[str, Any]:
     return {
         "model": model_name,
         "decoder": decoder,
-        "settings": dict(settings),
+        "decoder_settings": dict(decoder_settings),
         "task": task,
         "n": score.total,
         "accuracy": score.accuracy,
@@ -125,7 +125,7 @@ def evaluate_model(
     tasks: list[str] | None = None,
     n: int = 100,
     decoder: str = "ar",
-    decoder_args: dict[str, Any] | None = None,
+    decoder_settings: dict[str, Any] | None = None,
     max_new_tokens: int = 160,
     batch_size: int = 32,
     seed: int = 0,
@@ -135,7 +135,7 @@ def evaluate_model(
 
     ``speedup_vs_generate`` is None here: only ``run_bench`` times HF ``generate`` alongside.
     """
-    decoder_args = dict(decoder_args or {})
+    decoder_settings = dict(decoder_settings or {})
     engine = Engine(model, tokenizer)
     rows = []
     for task in resolve_tasks(tasks):
@@ -144,9 +144,9 @@ def evaluate_model(
         score = TaskScore()
         reset_peak_memory(engine.device)
         for idx in batches(list(range(len(examples))), batch_size):
-            out = engine.generate([prompts[i] for i in idx], decoder, max_new_tokens, **decoder_args)
+            out = engine.generate([prompts[i] for i in idx], decoder, max_new_tokens, **decoder_settings)
             score.add(out.texts, [examples[i] for i in idx], out.stats)
-        rows.append(make_row(model_name, decoder, decoder_args, task, score, peak_memory_mb(engine.device)))
+        rows.append(make_row(model_name, decoder, decoder_settings, task, score, peak_memory_mb(engine.device)))
     return rows
 
 

@@ -21,7 +21,7 @@ nothing.
 
 **Token shift.** Column i is the logit at the input position of block token i-1 (for i = 0, the
 last context token): the prediction *of* token i. :func:`block_batch` lays rows out so that the
-last ``block_size + 1`` logits of every row are columns 0..n (column n, the prediction after the
+last ``jacobi_block_size + 1`` logits of every row are columns 0..n (column n, the prediction after the
 block, is not used).
 
 Where we differ from the reference (hao-ai-lab Consistency_LLM, ``cllm_trainer_global.py``):
@@ -72,22 +72,24 @@ class BlockBatch:
                                                    self.blocks, self.lengths)))
 
     @property
-    def block_size(self) -> int:
+    def jacobi_block_size(self) -> int:
         return self.blocks.shape[1]
 
 
-def block_batch(contexts: list[list[int]], blocks: list[list[int]], block_size: int, pad_token_id: int) -> BlockBatch:
-    """Lay out ``contexts[r] + blocks[r]`` per row (each block at most ``block_size`` tokens)."""
+def block_batch(contexts: list[list[int]], blocks: list[list[int]], jacobi_block_size: int,
+                pad_token_id: int) -> BlockBatch:
+    """Lay out ``contexts[r] + blocks[r]`` per row (each block at most ``jacobi_block_size`` tokens)."""
     if len(contexts) != len(blocks) or not contexts:
         raise ValueError(f"need one block per context and at least one row, got {len(contexts)} and {len(blocks)}")
     width = max(len(c) for c in contexts)
     if min(len(c) for c in contexts) == 0:
         raise ValueError("every context needs at least one token (the prompt), which predicts the block's first token")
-    if max(len(b) for b in blocks) > block_size or min(len(b) for b in blocks) == 0:
-        raise ValueError(f"blocks must hold 1..{block_size} tokens, got lengths {sorted({len(b) for b in blocks})}")
+    if max(len(b) for b in blocks) > jacobi_block_size or min(len(b) for b in blocks) == 0:
+        raise ValueError(f"blocks must hold 1..{jacobi_block_size} tokens, "
+                         f"got lengths {sorted({len(b) for b in blocks})}")
     b = len(contexts)
-    input_ids = torch.full((b, width + block_size), pad_token_id, dtype=torch.long)  # [b, w + n]
-    mask = torch.zeros((b, width + block_size), dtype=torch.long)  # [b, w + n]
+    input_ids = torch.full((b, width + jacobi_block_size), pad_token_id, dtype=torch.long)  # [b, w + n]
+    mask = torch.zeros((b, width + jacobi_block_size), dtype=torch.long)  # [b, w + n]
     for row, (context, block) in enumerate(zip(contexts, blocks)):
         input_ids[row, width - len(context):width] = torch.tensor(context)
         input_ids[row, width:width + len(block)] = torch.tensor(block)
@@ -100,7 +102,7 @@ def block_batch(contexts: list[list[int]], blocks: list[list[int]], block_size: 
 def block_logits(model, batch: BlockBatch) -> torch.Tensor:
     """Logits [b, n + 1, v]: column i predicts block token i (column n: the token after the block)."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 use_cache=False, logits_to_keep=batch.block_size + 1).logits
+                 use_cache=False, logits_to_keep=batch.jacobi_block_size + 1).logits
 
 
 def counted_columns(states: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -104,9 +104,9 @@ def nested_masks(response_lengths: list[int], block_size: int, *, student_rate: 
     return students, teachers
 
 
-def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy in nats of ``softmax(logits / temperature)`` over the last axis; [...]."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+def entropy(logits: torch.Tensor, entropy_temperature: float = 1.0) -> torch.Tensor:
+    """Entropy in nats of ``softmax(logits / entropy_temperature)`` over the last axis; [...]."""
+    log_p = F.log_softmax(logits.float() / entropy_temperature, dim=-1)
     return -(log_p.exp() * log_p).sum(-1)
 
 
@@ -114,7 +114,7 @@ ENTROPY_MEANS = ("correct", "targets")
 
 
 def certainty_forcing_loss_sum(logits: torch.Tensor, targets: Targets, *, entropy_weight: float = 2.0,
-                               temperature: float = 0.5,
+                               entropy_temperature: float = 0.5,
                                entropy_mean: str = "correct") -> tuple[torch.Tensor, dict[str, float]]:
     """Σ CE over ``targets`` + ``entropy_weight`` × the entropy term, for the trainer to divide by
     the step's target count N; logits [b, T, V]. Block-start targets get CE only.
@@ -135,7 +135,7 @@ def certainty_forcing_loss_sum(logits: torch.Tensor, targets: Targets, *, entrop
     ce = F.cross_entropy(picked, targets.labels, reduction="none")  # [n]
     masked = targets.kinds == NOISY_TARGET  # [n]
     correct = masked & (picked.argmax(-1) == targets.labels)  # [n]
-    h = entropy(picked[correct], temperature)  # [n_correct]
+    h = entropy(picked[correct], entropy_temperature)  # [n_correct]
     metrics = {"ce_masked": float(ce[masked].detach().mean()) if masked.any() else 0.0,
                "masked_correct": float(correct.sum() / masked.sum().clamp(min=1)),
                "entropy_correct": float(h.detach().mean()) if len(h) else 0.0}
@@ -143,13 +143,14 @@ def certainty_forcing_loss_sum(logits: torch.Tensor, targets: Targets, *, entrop
     return ce.sum() + entropy_weight * h_term, metrics
 
 
-def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                       kl_temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) over the last axis, [...]; teacher detached.
 
     The forward KL, as CD4LM: Σ_v p_t (log p_t - log p_s), which makes the student cover every
     token the teacher gives mass to."""
-    log_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / kl_temperature, dim=-1)
+    log_s = F.log_softmax(student_logits.float() / kl_temperature, dim=-1)
     return (log_t.exp() * (log_t - log_s)).sum(-1)
 
 
@@ -162,16 +163,16 @@ def consistency_lambda(step: int, max_steps: int, start: float = 0.9, end: float
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def consistency_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: Targets,
-                         distilled: torch.Tensor, *, weight: float, temperature: float = 2.0,
-                         clamp: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
+def kl_consistency_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: Targets,
+                            distilled: torch.Tensor, *, weight: float, kl_temperature: float = 2.0,
+                            clamp: float = 5.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Σ over ``targets`` of ``(1 - weight) × CE`` plus, where ``distilled`` [n] (the slots the
     teacher has masked too), ``weight × T² × KL(teacher || student)``; each token's term clamped
     to ``clamp``. Both logits [b, T, V] come from layouts of the same shape."""
     student = student_logits[targets.rows, targets.cols]  # [n, V]
     teacher = teacher_logits[targets.rows, targets.cols]  # [n, V]
     ce = F.cross_entropy(student.float(), targets.labels, reduction="none").clamp(max=clamp)  # [n]
-    kl = (temperature ** 2 * kl_teacher_student(teacher, student, temperature)).clamp(max=clamp)  # [n]
+    kl = (kl_temperature ** 2 * kl_teacher_student(teacher, student, kl_temperature)).clamp(max=clamp)  # [n]
     kl = kl * distilled
     metrics = {"ce": float(ce.detach().mean()), "kl": float(kl.detach().sum() / distilled.sum().clamp(min=1)),
                "lambda": weight}

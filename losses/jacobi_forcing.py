@@ -27,7 +27,7 @@ script ``2_prepare_efficient_cllm_training_data_progressive_noise_window.py`` an
      o (for the block's last offset, the next block's first token), one from a noisy, one from
      the clean prefix. Offsets before the block's first difference are skipped (there the two
      see the same tokens of the block), and so are offsets from a stop token on (their
-     teacher predicts past the answer's end). With ``temperature`` T both sides are divided by
+     teacher predicts past the answer's end). With ``distill_temperature`` T both sides are divided by
      T and the term is scaled by T^2;
    - ``ar_weight`` x AR: next-token CE of every answer token from the clean logit before it
      (the prompt's last token or the previous clean token, across block boundaries), through
@@ -173,7 +173,7 @@ def build_batch(prompts: Sequence[Sequence[int]], pairs: Sequence[Sequence[Pair]
 
 
 def jacobi_forcing_loss_sum(logits: torch.Tensor, targets: JacobiTargets, *, ar_weight: float,
-                            temperature: float = 1.0,
+                            distill_temperature: float = 1.0,
                             head: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Consistency soft CE + ``ar_weight`` x AR CE, summed over ``targets``, from one forward's ``logits`` [b, T, V].
 
@@ -185,22 +185,22 @@ def jacobi_forcing_loss_sum(logits: torch.Tensor, targets: JacobiTargets, *, ar_
     is the soft CE less the teacher's entropy, 0 when the noisy logits match the clean ones), and
     ``consistency_fraction``, consistency targets per answer token.
     """
-    if temperature <= 0:
-        raise JacobiForcingError(f"temperature must be positive, got {temperature}")
+    if distill_temperature <= 0:
+        raise JacobiForcingError(f"distill_temperature must be positive, got {distill_temperature}")
     ar_picked = logits[targets.ar_rows, targets.ar_cols]  # [n_ar, V], or [n_ar, h] with a head
     student_picked = logits[targets.rows, targets.student_cols]  # [n_c, V] or [n_c, h]
     teacher_picked = logits[targets.rows, targets.teacher_cols].detach()  # [n_c, V] or [n_c, h]
     if head is None:
         ar_ce = F.cross_entropy(ar_picked.float(), targets.ar_labels, reduction="none")  # [n_ar]
-        student = F.log_softmax(student_picked.float() / temperature, dim=-1)  # [n_c, V]
-        teacher = F.log_softmax(teacher_picked.float() / temperature, dim=-1)
-        soft_ce = -(teacher.exp() * student).sum(-1) * temperature**2  # [n_c]
-        kl = (teacher.exp() * (teacher - student.detach())).sum(-1) * temperature**2
+        student = F.log_softmax(student_picked.float() / distill_temperature, dim=-1)  # [n_c, V]
+        teacher = F.log_softmax(teacher_picked.float() / distill_temperature, dim=-1)
+        soft_ce = -(teacher.exp() * student).sum(-1) * distill_temperature**2  # [n_c]
+        kl = (teacher.exp() * (teacher - student.detach())).sum(-1) * distill_temperature**2
         ar_sum, consistency_sum = ar_ce.sum(), soft_ce.sum()
     else:
         ar_sum, ar_ce = linear_cross_entropy_sum(ar_picked, head, targets.ar_labels, return_rows=True)
-        consistency_sum, soft_ce, kl = linear_soft_cross_entropy_sum(student_picked, teacher_picked, head,
-                                                                     temperature=temperature, return_rows=True)
+        consistency_sum, soft_ce, kl = linear_soft_cross_entropy_sum(
+            student_picked, teacher_picked, head, distill_temperature=distill_temperature, return_rows=True)
     metrics = {"consistency_fraction": len(soft_ce) / max(len(ar_ce), 1)}
     if len(ar_ce):
         metrics["ce_ar"] = float(ar_ce.detach().mean())

@@ -15,9 +15,10 @@ gradients by the incoming one, and one matmul per chunk is saved.
   label smoothing as ``F.cross_entropy`` defines it). On CUDA, without row weights, it runs Liger
   Kernel's fused linear cross-entropy when ``liger_kernel`` is installed.
 - :func:`linear_soft_cross_entropy_sum`: soft CE / KL from a detached teacher's hidden states
-  through the same head (consistency and distillation losses), with a temperature.
+  through the same head (consistency and distillation losses), with a distillation temperature.
 
-Both return sums, as the other losses do: the trainer normalises over the whole step.
+Both return sums, as the other losses do: the trainer normalises over the whole step. The hidden
+states and the head weight come from one forward, ``models/zoo.py::final_hidden_states``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
     row's unweighted T² soft CE and KL, which carry no gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, weight, row_weights, temperature, kl, chunk_size):
+    def forward(ctx, student, teacher, weight, row_weights, distill_temperature, kl, chunk_size):
         # student, teacher [n, h], weight [v, h], row_weights [n] float
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         w32 = weight.float()  # [v, h]
@@ -101,14 +102,14 @@ class _LinearSoftCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(w32) if needs_grad else None  # [v, h]
         for start, end in _chunks(student.shape[0], chunk_size):
             h = student[start:end].float()  # [c, h]
-            log_q = (h @ w32.T).div_(temperature).log_softmax(-1)  # [c, v]
-            log_p = (teacher[start:end].float() @ w32.T).div_(temperature).log_softmax(-1)  # [c, v]
+            log_q = (h @ w32.T).div_(distill_temperature).log_softmax(-1)  # [c, v]
+            log_p = (teacher[start:end].float() @ w32.T).div_(distill_temperature).log_softmax(-1)  # [c, v]
             p = log_p.exp()  # [c, v]
-            soft_rows[start:end] = -(p * log_q).sum(-1) * temperature ** 2
-            kl_rows[start:end] = (p * log_p).sum(-1) * temperature ** 2 + soft_rows[start:end]
+            soft_rows[start:end] = -(p * log_q).sum(-1) * distill_temperature ** 2
+            kl_rows[start:end] = (p * log_p).sum(-1) * distill_temperature ** 2 + soft_rows[start:end]
             if needs_grad:
                 # d/dz_student of T² * soft CE(z / T) = T * (q - p)
-                scale = row_weights[start:end] * temperature  # [c]
+                scale = row_weights[start:end] * distill_temperature  # [c]
                 grad = log_q.exp_().sub_(p).mul_(scale[:, None])  # [c, v]
                 grad_student[start:end] = grad @ w32  # [c, h]
                 grad_weight.addmm_(grad.T, h)  # [v, h]
@@ -166,28 +167,12 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     return (total, rows) if return_rows else total
 
 
-def final_hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states [b, s, h] after the final norm, head weight [v, h]) from one forward of
-    ``model`` (possibly DDP-wrapped) that computes the logits of the last position only.
-
-    For the losses above: their logits are ``hidden @ weight.T`` exactly when the head is a plain
-    linear layer without bias or logit soft-capping, which is checked here.
-    """
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__} post-processes its logits (soft-capping {softcap}, or a head bias), "
-                         "which the fused loss does not reproduce; set method.fused_loss=false for this model")
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1], head.weight
-
-
 def linear_soft_cross_entropy_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
-                                  *, row_weights: torch.Tensor | None = None, temperature: float = 1.0,
+                                  *, row_weights: torch.Tensor | None = None, distill_temperature: float = 1.0,
                                   kl: bool = False, chunk_size: int = DEFAULT_CHUNK,
                                   return_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Σ over rows of ``row_weights`` x T² x soft CE (or KL with ``kl``) from the teacher's
-    distribution to the student's, both through the head ``weight`` [v, h] at temperature T.
+    distribution to the student's, both through the head ``weight`` [v, h] at T = ``distill_temperature``.
 
     ``student_hidden`` and ``teacher_hidden`` [..., h] are flattened to rows; the teacher is
     detached (stop-gradient), so soft CE and KL differ by a constant and have the same gradient.
@@ -196,10 +181,11 @@ def linear_soft_cross_entropy_sum(student_hidden: torch.Tensor, teacher_hidden: 
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"student {tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)} hidden "
                          "states must have the same shape (one teacher row per student row)")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not (isinstance(distill_temperature, (int, float)) and math.isfinite(distill_temperature)
+            and distill_temperature > 0):
+        raise ValueError(f"distill_temperature must be a positive number, got {distill_temperature!r}")
     s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [n, h]
     t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # [n, h]
     total, soft_rows, kl_rows = _LinearSoftCrossEntropy.apply(s, t, weight, _rows(s, weight, row_weights, s.shape[0]),
-                                                              float(temperature), kl, chunk_size)
+                                                              float(distill_temperature), kl, chunk_size)
     return (total, soft_rows, kl_rows) if return_rows else total

@@ -39,8 +39,9 @@ machinery (layout tags, rule predicate, mask building) is ``models/two_stream.py
 Jacobi Forcing.
 
 The converted model records its settings in ``config.block_diffusion`` (saved in
-``config.json``): ``mask_token_id``, ``block_size`` and ``clean_attention``; the decoder reads its
-defaults from there.
+``config.json``): ``mask_token_id``, ``block_size`` and ``clean_attention``. That entry is the only
+place they are stored, :func:`spec_of` the only way they are read (from a model, or from its
+config before the weights load) and :func:`check_block_size` the only check of a block size.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # The layout and mask machinery is shared with Jacobi Forcing (models/two_stream.py).
 from leaplm.models.two_stream import CLEAN_SEES_CLEAN, StreamLayout, StreamMaskError, StreamRule, layout_attention
@@ -77,7 +78,8 @@ class BlockDiffusionSpec:
 
 
 def check_block_size(block_size: int, length: int | None = None, what: str = "block_size") -> None:
-    if not isinstance(block_size, int) or block_size < 1:
+    """Refuse a block size that is not a positive integer, or that does not divide ``length``."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise BlockDiffusionError(f"{what} must be a positive integer, got {block_size!r}")
     if length is not None and length % block_size:
         raise BlockDiffusionError(
@@ -86,20 +88,17 @@ def check_block_size(block_size: int, length: int | None = None, what: str = "bl
         )
 
 
-def spec_of(model: PreTrainedModel) -> BlockDiffusionSpec:
-    """The block-diffusion settings a converted model carries in its config."""
-    raw = getattr(model.config, "block_diffusion", None)
+def spec_of(model: PreTrainedModel | PretrainedConfig) -> BlockDiffusionSpec:
+    """The block-diffusion settings a converted model carries in its config (``model`` may be the
+    config itself, read before the weights are loaded)."""
+    config = model if isinstance(model, PretrainedConfig) else model.config
+    raw = getattr(config, "block_diffusion", None)
     if not raw:
         raise BlockDiffusionError(
             f"{type(model).__name__} is not a block-diffusion model (its config has no 'block_diffusion' entry); "
             "adapt it first, e.g. `leaplm train configs/ar2bd/tiny_teacher.yaml`"
         )
     return BlockDiffusionSpec(**raw)
-
-
-def export_settings(cfg, model: PreTrainedModel, out_dir) -> dict[str, Any]:
-    """What an export of a block-diffusion recipe records in config.json's ``leaplm`` section."""
-    return {"block_size": spec_of(model).block_size}
 
 
 def add_mask_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TOKEN) -> int:

@@ -25,12 +25,15 @@ reference, and the CPU path, where torch's FlexAttention has no backward).
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedModel
+
+from leaplm.config import ATTENTION_BACKENDS
+from leaplm.models.noisy_weights import noisy_tokens
+from leaplm.models.zoo import final_hidden_states
 
 # Stream ids of a column.
 PAD, CLEAN, NOISY = -1, 0, 1
@@ -126,9 +129,6 @@ class StreamLayout:
         return create_block_mask(mask_mod, b, None, t, t, device=self.input_ids.device, BLOCK_SIZE=block_rows)
 
 
-ATTENTION_BACKENDS = ("auto", "flex", "dense")
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` is FlexAttention on GPUs and the dense mask on CPU, where FlexAttention has no backward."""
     if backend not in ATTENTION_BACKENDS:
@@ -190,7 +190,7 @@ def layout_attention(model: PreTrainedModel, layout: StreamLayout, backend: str,
             raise error(f"the flex backend needs attn_implementation='flex_attention', the model uses {impl!r}")
         if torch.is_grad_enabled() and not flex_backward_available(layout.input_ids.device):
             raise error(
-                "FlexAttention has no backward pass on CPU in this torch version; train with method.attention=dense "
+                "FlexAttention has no backward pass on CPU in this torch version; train with train.attention=dense "
                 "(the same mask as a dense tensor) or on a GPU"
             )
         mask = layout.flex_mask(rule)
@@ -208,3 +208,22 @@ def layout_attention(model: PreTrainedModel, layout: StreamLayout, backend: str,
     if getattr(config, "layer_types", None) is not None:  # per-layer-type masks (Gemma 2/3, Qwen3 windows)
         return {kind: mask for kind in set(config.layer_types)}
     return mask
+
+
+def two_stream_forward(model: PreTrainedModel, layout: StreamLayout, attention: str,
+                       mask: Callable[[PreTrainedModel, StreamLayout, str], Any], *, hidden_states: bool = False):
+    """The training forward of ``layout`` under ``mask(model, layout, backend)`` (the family's
+    ``training_attention``), with ``attention`` (``train.attention``) resolved for the layout's device.
+
+    The noisy stream's tokens go through the noisy weights of a model that has them (a no-op
+    otherwise). Returns the logits [b, T, V]; with ``hidden_states`` (``train.fused_loss``) the
+    final hidden states [b, T, h] and the head weight [V, h] instead, for a loss that never holds
+    the full logits.
+    """
+    backend = resolve_backend(attention, layout.input_ids.device)
+    with attention_backend(model, backend), noisy_tokens(model, layout.stream == NOISY):
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                      attention_mask=mask(model, layout, backend), use_cache=False)
+        if hidden_states:
+            return final_hidden_states(model, **inputs)
+        return model(**inputs).logits

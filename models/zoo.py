@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from leaplm.models.addons import attach_addons
+
 EMBEDDED_TEACHER = "tiny-teacher"
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "tiny_teacher"
 # The teacher adapted to block diffusion by the ar2bd recipe: the quickstart's parallel decoder.
@@ -108,11 +110,7 @@ def load_model(
         path, dtype=DTYPES[dtype], attn_implementation=attention_for(config.model_type, attn_implementation)
     )
     if Path(path).is_dir():  # draft or acceptance heads, or noisy weights, saved beside the weights ride along
-        from leaplm.models.heads import attach_saved_heads
-        from leaplm.models.noisy_weights import attach_saved_noisy_weights
-
-        attach_saved_heads(model, path)
-        attach_saved_noisy_weights(model, path)
+        attach_addons(model, path)
     if device is not None:
         model.to(device)
     return model, load_tokenizer(tokenizer or name_or_path)
@@ -170,3 +168,20 @@ def tiny_model(family: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedT
     tokenizer = load_tokenizer(EMBEDDED_TEACHER)
     model = build_from_config(TINY_CONFIGS[family], tokenizer, seed=seed)
     return model.eval(), tokenizer
+
+
+def final_hidden_states(model, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [b, s, h] after the final norm, head weight [v, h]) from one forward of
+    ``model`` (possibly DDP-wrapped) that computes the logits of the last position only.
+
+    For the chunked losses of ``losses/linear_cross_entropy.py``: their logits are
+    ``hidden @ weight.T`` exactly when the head is a plain linear layer without bias or logit
+    soft-capping, which is checked here.
+    """
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__} post-processes its logits (soft-capping {softcap}, or a head bias), "
+                         "which the fused loss does not reproduce; set train.fused_loss=false for this model")
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1], head.weight

@@ -36,9 +36,8 @@ from typing import Any, Callable, Sequence
 import jinja2
 
 import leaplm
-from leaplm.inference.engine import check_decoder_args, default_stop_ids
-from leaplm.models.heads import save_attached_heads
-from leaplm.models.noisy_weights import save_noisy_weights
+from leaplm.inference.engine import check_decoder_settings, default_stop_ids
+from leaplm.models.addons import save_addons
 from leaplm.models.zoo import DTYPES
 from leaplm.ship import checkpoint as ckpt
 
@@ -135,20 +134,20 @@ def leaplm_section(cfg, model, out_dir: Path, export_settings: ExportSettings | 
         "version": leaplm.__version__,
         "recipe": cfg.recipe,
         "decoder": cfg.eval.decoder,
-        "decoder_settings": dict(cfg.eval.decoder_args),
+        "decoder_settings": dict(cfg.eval.decoder_settings),
         "max_new_tokens": cfg.eval.max_new_tokens,
         "files": [],
     }
     if export_settings is not None:
         section.update(export_settings(cfg, model, out_dir))
-    check_decoder_args(section["decoder"], section["decoder_settings"])  # a recipe's own choice included
+    check_decoder_settings(section["decoder"], section["decoder_settings"])  # a recipe's own choice included
     return section
 
 
 def _card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["decoder_settings"].items()))
         speedup = r.get("speedup_vs_generate")
         out.append({**r, "label": f"{r['decoder']}" + (f" ({settings})" if settings else ""),
                     "speedup": "-" if speedup is None else f"{speedup:.2f}x"})
@@ -348,8 +347,7 @@ def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] |
     if weights.can_generate():  # not, e.g., Learn2PD's unmask filter
         _write_generation_config(weights, tokenizer, cfg, out)
     # draft heads and separate noisy weights go beside the base, in their own files
-    side_files = save_attached_heads(model, out)
-    side_files += save_noisy_weights(model, out, dtype)
+    side_files = save_addons(model, out, dtype)
     tokenizer.save_pretrained(out)
     section = leaplm_section(cfg, model, out, export_settings)
     section["files"] += side_files

@@ -1,6 +1,6 @@
 """An lm-evaluation-harness model: our decoders on lm-eval's benchmarks (needs the ``eval`` extra).
 
-    leaplm lm-eval --model leaplm --model_args pretrained=DIR,decoder=jacobi,block_size=16 --tasks gsm8k
+    leaplm lm-eval --model leaplm --model_args pretrained=DIR,decoder=jacobi,jacobi_block_size=16 --tasks gsm8k
 
 ``pretrained`` is a ``leaplm export`` directory (its decoder and settings are the defaults), or any
 causal LM with ``decoder=`` named. Other ``model_args`` besides ``dtype`` and ``device`` are decoder
@@ -30,11 +30,11 @@ from leaplm.ship.load import load
 @register_model("leaplm")
 class LeapLM(LM):
     def __init__(self, pretrained: str, decoder: str | None = None, dtype: str = "float32", device: str | None = None,
-                 batch_size: int | str = 16, max_batch_size: int | None = None, **settings: Any):
+                 batch_size: int | str = 16, max_batch_size: int | None = None, **decoder_settings: Any):
         # lm-eval passes batch_size ("auto" included) and max_batch_size to every model; a fixed
         # batch is used, since decoders' memory needs differ from the forward lm-eval would probe.
         super().__init__()
-        self.fast = load(pretrained, device=device or default_device(), dtype=dtype, decoder=decoder, **settings)
+        self.fast = load(pretrained, device=device or default_device(), dtype=dtype, decoder=decoder, **decoder_settings)
         self.tokenizer = self.fast.tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> a fixed default
 

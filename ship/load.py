@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from leaplm.data.sft import prompt_ids
-from leaplm.inference.engine import DecoderError, Engine, GenerationOutput, check_decoder_args
+from leaplm.inference.engine import DecoderError, Engine, GenerationOutput, check_decoder_settings
 from leaplm.models.zoo import load_model
 from leaplm.ship.export import ADAPTER_DIR, LEAPLM_KEY
 
@@ -22,7 +22,7 @@ class FastDecoder:
     model: Any
     tokenizer: Any
     decoder: str
-    settings: dict[str, Any]
+    decoder_settings: dict[str, Any]
     max_new_tokens: int
     section: dict[str, Any]  # the whole `leaplm` section: recipe, block size, heads, ...
     engine: Engine = field(init=False)
@@ -39,17 +39,17 @@ class FastDecoder:
         return self.tokenizer(prompt)["input_ids"]
 
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
-                 **settings: Any) -> GenerationOutput:
-        """Decode with the stored decoder; ``settings`` override the stored ones for this call."""
+                 **decoder_settings: Any) -> GenerationOutput:
+        """Decode with the stored decoder; ``decoder_settings`` override the stored ones for this call."""
         return self.engine.generate([self.prompt_ids(p) for p in prompts], self.decoder,
-                                    max_new_tokens or self.max_new_tokens, **{**self.settings, **settings})
+                                    max_new_tokens or self.max_new_tokens, **{**self.decoder_settings, **decoder_settings})
 
 
 def load(path: str | Path, device: str | None = None, dtype: str = "float32", decoder: str | None = None,
-         **settings: Any) -> FastDecoder:
+         **decoder_settings: Any) -> FastDecoder:
     """Load a ``leaplm export`` directory (or Hub id) as a :class:`FastDecoder`.
 
-    ``decoder`` and ``settings`` override the stored ones; with ``decoder`` given, any causal LM
+    ``decoder`` and ``decoder_settings`` override the stored ones; with ``decoder`` given, any causal LM
     loads (a model that was not exported by leaplm has no stored settings).
     """
     model, tokenizer = load_model(str(path), dtype, device=device)
@@ -62,7 +62,7 @@ def load(path: str | Path, device: str | None = None, dtype: str = "float32", de
     name = decoder or section["decoder"]
     stored = section["decoder_settings"] if name == section["decoder"] else {}
     try:
-        check_decoder_args(name, {**stored, **settings})
+        check_decoder_settings(name, {**stored, **decoder_settings})
     except DecoderError as err:
         raise DecoderError(f"{path} asks for decoder {name!r} with settings {stored}, which this leaplm (exported "
                            f"with {section.get('version', '?')}) does not accept: {err}") from err
@@ -71,4 +71,4 @@ def load(path: str | Path, device: str | None = None, dtype: str = "float32", de
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    return FastDecoder(model.eval(), tokenizer, name, {**stored, **settings}, section["max_new_tokens"], section)
+    return FastDecoder(model.eval(), tokenizer, name, {**stored, **decoder_settings}, section["max_new_tokens"], section)

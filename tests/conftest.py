@@ -112,8 +112,8 @@ SMALL_ROLLOUT_RUN = ["data.tasks=[copy,sort]", "data.train_per_task=4", "rollout
                      "rollout.batch_size=4", "train.warmup_steps=0", "eval.at_end=false", "logging.progress_bar=false"]
 _SMOKE_COMMON = ["eval.at_end=false", "export.dir=null", "logging.wandb=false", "logging.progress_bar=false",
                  "train.warmup_steps=0", "train.save_every=0", "train.max_steps=2"]
-_SMOKE_ROLLOUT = ["data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4", "method.block_size=8",
-                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "eval.decoder_args={block_size: 8}"]
+_SMOKE_ROLLOUT = ["data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4", "method.jacobi_block_size=8",
+                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "eval.decoder_settings={jacobi_block_size: 8}"]
 RECIPE_SMOKE = {
     "pretrain": [*_SMOKE_COMMON, "model.tokenizer=tiny-teacher", "model.init.hidden_size=32",
                  "model.init.intermediate_size=64", "model.init.num_hidden_layers=1",
@@ -127,19 +127,19 @@ RECIPE_SMOKE = {
     "jacobi_forcing": [*_SMOKE_COMMON, *_SMOKE_ROLLOUT, "method.window_size=2", "method.min_noise_ratio=0.0",
                        "train.micro_batch_size=2"],
     # dLLM distillation of the shipped block-diffusion teacher (tiny-teacher-bd, block size 16)
-    "dparallel": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
+    "dparallel": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
                   "rollout.max_new_tokens=32", "rollout.batch_size=4", "rollout.drop_wrong=false",
                   "train.micro_batch_size=2", "export.dtype=null"],
     "cd4lm": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "data.max_length=128",
               "train.micro_batch_size=2", "export.dtype=null"],
-    "learn2pd": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
+    "learn2pd": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
                  "rollout.max_new_tokens=32", "rollout.batch_size=4", "rollout.drop_wrong=false",
                  "train.micro_batch_size=64"],
     # the shipped teacher stands in for a trained draft (configs/pretrain/tiny_draft.yaml), drafting for itself
     "acceptance_head": [*_SMOKE_COMMON, "model.name_or_path=tiny-teacher", "data.tasks=[copy,sort]",
-                        "data.train_per_task=4", "method.max_prompts=4", "rollout.max_new_tokens=32",
+                        "data.train_per_task=4", "rollout.max_prompts=4", "rollout.max_new_tokens=32",
                         "rollout.batch_size=4", "train.micro_batch_size=2"],
-    "draft_heads": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "method.max_prompts=4",
+    "draft_heads": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
                     "method.num_heads=2", "rollout.max_new_tokens=32", "rollout.batch_size=4",
                     "train.micro_batch_size=2"],
 }

@@ -228,7 +228,7 @@ def test_flex_training_on_cpu_is_a_clear_error():
     model, _, spec = converted("llama", 4)
     model.set_attn_implementation("flex_attention")
     layout, _ = layout_for(4, [torch.zeros(6, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)])
-    with pytest.raises(BlockDiffusionError, match="method.attention=dense"):
+    with pytest.raises(BlockDiffusionError, match="train.attention=dense"):
         training_attention(model, layout, "flex")
 
 

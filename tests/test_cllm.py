@@ -93,7 +93,7 @@ def test_counted_columns_start_after_the_first_difference():
 
 
 def test_block_batch_aligns_blocks_and_positions():
-    rows = block_batch([[7, 8, 9], [5]], [[1, 2], [3, 4, 6]], block_size=4, pad_token_id=0)
+    rows = block_batch([[7, 8, 9], [5]], [[1, 2], [3, 4, 6]], jacobi_block_size=4, pad_token_id=0)
     assert rows.input_ids.tolist() == [[7, 8, 9, 1, 2, 0, 0], [0, 0, 5, 3, 4, 6, 0]]
     assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 0], [0, 0, 0, 1, 2, 3, 0]]
@@ -110,7 +110,7 @@ def _trajectory_rows(teacher):
     """Three blocks of the teacher's own trajectories: contexts of different lengths, one short block."""
     model, tokenizer = teacher
     prompts = bench_prompts(tokenizer, 3)
-    rows = collect_jacobi_trajectories(Engine(model, tokenizer), prompts, block_size=8, max_new_tokens=24)
+    rows = collect_jacobi_trajectories(Engine(model, tokenizer), prompts, jacobi_block_size=8, max_new_tokens=24)
     several = [r for r in rows if len(r["states"]) >= 3]
     short = [r for r in rows if len(r["fixed_point"]) < 8]
     picked = several[:2] + short[:1]
@@ -166,14 +166,14 @@ def test_label_smoothing_mixes_in_the_uniform_distribution():
     assert causal_lm_loss_sum(logits, labels, 0.1).item() == pytest.approx((0.9 * nll + 0.1 * uniform).item(), rel=1e-6)
 
 
-def test_pick_states():
+def test_pick_consistency_pair():
     states = [[1, 1], [2, 1], [2, 2], [3, 2]]
     for seed in range(20):
-        student, target = cllm.pick_states(states, "global", random.Random(seed))
+        student, target = cllm.pick_consistency_pair(states, "global", random.Random(seed))
         assert student in states[:-1] and target == states[-1]
-        student, target = cllm.pick_states(states, "local", random.Random(seed))
+        student, target = cllm.pick_consistency_pair(states, "local", random.Random(seed))
         assert target == states[states.index(student) + 1]
-    assert cllm.pick_states([[4, 4]], "global", random.Random(0)) == ([4, 4], [4, 4])
+    assert cllm.pick_consistency_pair([[4, 4]], "global", random.Random(0)) == ([4, 4], [4, 4])
 
 
 # ----- Rollouts -----------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_choose_prompts(teacher):
 def test_rollouts_shard_merge_reuse_and_recollect(teacher, tmp_path, monkeypatch):
     model, tokenizer = teacher
     prompts = _prompts(tokenizer)
-    settings = dict(model_id={"name": "tiny-teacher"}, block_size=8, max_new_tokens=32, progress=False)
+    settings = dict(model_id={"name": "tiny-teacher"}, jacobi_block_size=8, max_new_tokens=32, progress=False)
     single = collect_jacobi_rollouts(model, tokenizer, prompts, tmp_path / "one", **settings)
     # Two ranks: each decodes its slice, rank 0 merges; both return the merged dataset.
     sharded, other = run_ranks(2, lambda acc: collect_jacobi_rollouts(model, tokenizer, prompts, tmp_path / "two",
@@ -249,7 +249,7 @@ def test_rollouts_shard_merge_reuse_and_recollect(teacher, tmp_path, monkeypatch
     assert collect_jacobi_rollouts(model, tokenizer, prompts, tmp_path / "one", **settings) == single
     monkeypatch.undo()
     # Other settings or prompts: collected again, next to the first.
-    other_block = collect_jacobi_rollouts(model, tokenizer, prompts, tmp_path / "one", **{**settings, "block_size": 4})
+    other_block = collect_jacobi_rollouts(model, tokenizer, prompts, tmp_path / "one", **{**settings, "jacobi_block_size": 4})
     other_prompts = collect_jacobi_rollouts(model, tokenizer, prompts[:3], tmp_path / "one", **settings)
     assert len({single, other_block, other_prompts}) == 3
     assert set(load_rollouts(other_prompts)["prompt_index"]) == {0, 1, 2}
@@ -291,7 +291,7 @@ def test_reference_collector_finds_our_fixed_points(lively_tiny):
     model, tokenizer = lively_tiny("qwen2")
     engine = Engine(model, tokenizer)
     prompts = bench_prompts(tokenizer, 3)
-    ours = collect_jacobi_trajectories(engine, prompts, block_size=4, max_new_tokens=14)
+    ours = collect_jacobi_trajectories(engine, prompts, jacobi_block_size=4, max_new_tokens=14)
     for index, prompt in enumerate(prompts):
         rows, forwards = reference_trajectories(engine, prompt, 4, 14, random.Random(index))
         assert [r["fixed_point"] for r in rows] == [r["fixed_point"] for r in ours if r["prompt_index"] == index]
@@ -301,7 +301,7 @@ def test_reference_collector_finds_our_fixed_points(lively_tiny):
 
 
 def test_bench_rollout_command(tmp_path):
-    main(["bench-rollout", "tiny-teacher", "--n", "3", "--block-size", "8", "--max-new-tokens", "24",
+    main(["bench-rollout", "tiny-teacher", "--n", "3", "--jacobi-block-size", "8", "--max-new-tokens", "24",
           "--batch-sizes", "2,1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "rollout_bench.json").read_text())
     assert [r["collector"] for r in rows] == ["ours", "ours", "reference"]
@@ -312,7 +312,7 @@ def test_bench_rollout_command(tmp_path):
 
 # ----- Recipe -------------------------------------------------------------------------------
 
-SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=6", "method.block_size=8", "train.micro_batch_size=4", "export.dir=null"]
+SMALL = [*SMALL_ROLLOUT_RUN, "rollout.max_prompts=6", "method.jacobi_block_size=8", "train.micro_batch_size=4", "export.dir=null"]
 
 
 def test_recipe_trains_through_the_trainer_and_reuses_its_rollouts(tmp_path, monkeypatch):
@@ -352,12 +352,12 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, consistency):
 
 @pytest.mark.parametrize("override,message", [
     ("method.consistency=both", "method.consistency must be one of global, local"),
-    ("method.block_size=1", "method.block_size must be >= 2"),
+    ("method.jacobi_block_size=1", "method.jacobi_block_size must be >= 2"),
     ("method.init=random", "method.init must be one of prompt, pad, repeat"),
     ("method.label_smoothing=1.0", r"method.label_smoothing must be in \[0, 1\)"),
     ("method.ar_weight=-1", "method.ar_weight must be >= 0"),
-    ("method.max_prompts=-2", "method.max_prompts must be >= 0"),
-    ("method.blocksize=8", "unknown config key 'method.blocksize'; valid keys in method: block_size"),
+    ("rollout.max_prompts=-2", "rollout.max_prompts must be >= 0"),
+    ("method.blocksize=8", "unknown config key 'method.blocksize'; valid keys in method: jacobi_block_size"),
 ])
 def test_method_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -372,7 +372,7 @@ def test_shipped_configs_pass_the_section_rules(path):
 @pytest.mark.parametrize("override,message", [
     ("rollout.decoder=ar", "set rollout.decoder=jacobi"),
     ("rollout.temperature=0.7", "needs greedy rollouts"),
-    ("rollout.max_new_tokens=8", "shorter than one block"),
+    ("rollout.max_new_tokens=8", "shorter than one Jacobi block"),
     ("data.max_length=96", "leaves no room for a prompt"),
     ("data.packing=true", "data.packing and train.group_by_length do not apply"),
 ])

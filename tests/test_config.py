@@ -161,7 +161,7 @@ def test_method_section_is_validated_against_the_recipe(fake_recipe):
 
 
 def test_unknown_method_key_lists_the_recipes_options():
-    with pytest.raises(ConfigError, match=r"unknown config key 'method.block_size'; valid keys in method: fused_loss"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'method.block_size'; valid keys in method: \(none\)"):
         load_config(None, ["method.block_size=4"])
 
 
@@ -181,7 +181,7 @@ def test_unknown_recipe_lists_the_available_ones():
         ("train.betas=[0.9, high]", r"train.betas\[1\]: expected float, got str 'high'"),
         ("export.dir=5", r"export.dir: expected str, got int 5"),
         ("model.init=5", r"model.init: expected a mapping, got 5"),
-        ("train=5", r"train: expected a mapping of \['betas', 'grad_accum'"),
+        ("train=5", r"train: expected a mapping of \['attention', 'betas', 'fused_loss', 'grad_accum'"),
     ],
 )
 def test_wrong_type_names_the_key(override, message):
@@ -227,17 +227,17 @@ def test_cross_field_rules_of_each_section(override, message):
     [
         (["eval.decoder=nosuch"],
          "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, hf_generate, hydra, jacobi, "),
-        (["eval.decoder_args={threshold: 1.5}"],
-         "eval.decoder_args: decoder 'ar' has no setting 'threshold'; its settings: temperature, top_k, top_p, seed, "),
-        (["eval.decoder=block_diffusion", "eval.decoder_args={threshold: 1.5}"],
-         "eval.decoder_args: threshold must be in (0, 1] "),
-        (["eval.decoder=block_diffusion", "eval.decoder_args={block_size: 8, sub_block_size: 3}"],
-         "eval.decoder_args: sub_block_size=3 does not divide block_size=8; choose one of 1, 2, 4, 8"),
-        (["eval.decoder=speculative"], "eval.decoder_args: speculative needs a draft model: set draft to "),
+        (["eval.decoder_settings={threshold: 1.5}"],
+         "eval.decoder_settings: decoder 'ar' has no setting 'threshold'; its settings: temperature, top_k, top_p, seed, "),
+        (["eval.decoder=block_diffusion", "eval.decoder_settings={threshold: 1.5}"],
+         "eval.decoder_settings: threshold must be in (0, 1] "),
+        (["eval.decoder=block_diffusion", "eval.decoder_settings={block_size: 8, sub_block_size: 3}"],
+         "eval.decoder_settings: sub_block_size=3 does not divide block_size=8; choose one of 1, 2, 4, 8"),
+        (["eval.decoder=speculative"], "eval.decoder_settings: speculative needs a draft model: set draft to "),
         (["rollout.decoder=nosuch"], "rollout.decoder: unknown decoder 'nosuch'; available: ar, "),
-        (["rollout.decoder=jacobi", "rollout.decoder_args={init: random}"],
-         "rollout.decoder_args: unknown init 'random'; choose one of prompt, pad, repeat, lookup"),
-        (["rollout.decoder_args={temperature: high}"], "rollout.decoder_args: temperature must be >= 0"),
+        (["rollout.decoder=jacobi", "rollout.decoder_settings={init: random}"],
+         "rollout.decoder_settings: unknown init 'random'; choose one of prompt, pad, repeat, lookup"),
+        (["rollout.decoder_settings={temperature: high}"], "rollout.decoder_settings: temperature must be >= 0"),
     ],
     ids=["unknown-decoder", "another-decoders-setting", "threshold-range", "sub-block-size", "no-draft-model",
          "unknown-rollout-decoder", "jacobi-init", "temperature-type"],
@@ -256,20 +256,50 @@ def test_decoders_and_their_settings_are_checked_before_training(tmp_path, overr
 
 def test_settings_a_decoder_takes_pass():
     check_config_decoders(load_config(None, ["eval.decoder=block_diffusion", "rollout.decoder=jacobi",
-                                             "eval.decoder_args={threshold: 0.9, sub_block_size: 8}",
-                                             "rollout.decoder_args={block_size: 16, init: lookup}"]))
+                                             "eval.decoder_settings={threshold: 0.9, sub_block_size: 8}",
+                                             "rollout.decoder_settings={jacobi_block_size: 16, init: lookup}"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.decoder_args={}"], "config key 'eval.decoder_args' was renamed to 'eval.decoder_settings'"),
+    (["rollout.decoder_args={}"], "config key 'rollout.decoder_args' was renamed to 'rollout.decoder_settings'"),
+    (["recipe=cllm", "method.block_size=8"], "config key 'method.block_size' was renamed to 'method.jacobi_block_size'"),
+    (["recipe=jacobi_forcing", "method.stages=[{block_size: 8, max_steps: 1}]"],
+     "config key 'method.stages[0].block_size' was renamed to 'method.stages[0].jacobi_block_size'"),
+    (["recipe=jacobi_forcing", "method.temperature=2.0"],
+     "config key 'method.temperature' was renamed to 'method.distill_temperature'"),
+    (["recipe=dparallel", "method.temperature=0.5"],
+     "config key 'method.temperature' was renamed to 'method.entropy_temperature'"),
+    (["recipe=cd4lm", "method.temperature=2.0"], "config key 'method.temperature' was renamed to 'method.kl_temperature'"),
+    (["recipe=acceptance_head", "method.temperature=0.0"],
+     "config key 'method.temperature' was renamed to 'method.draft_temperature'"),
+    (["recipe=draft_heads", "method.block_size=8"],
+     "config key 'method.block_size' was renamed to 'method.rollout_block_size'"),
+])
+def test_a_renamed_key_is_refused_with_its_new_name(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_a_renamed_decoder_setting_is_refused_with_its_new_name():
+    cfg = load_config(None, ["eval.decoder=jacobi", "eval.decoder_settings={block_size: 8}"])
+    with pytest.raises(ConfigError) as err:
+        check_config_decoders(cfg)
+    assert str(err.value) == ("eval.decoder_settings: decoder 'jacobi': the setting 'block_size' was renamed to "
+                              "'jacobi_block_size'")
 
 
 @pytest.mark.parametrize("text", ["{block_size:8}", "{threshold: 0.9, block_size:8}"])
 def test_key_colon_value_without_a_space_is_refused_with_the_fix(tmp_path, text):
     # YAML's flow syntax reads {block_size:8} as the key "block_size:8" with no value.
-    message = "eval.decoder_args: YAML reads {block_size:8} as the key 'block_size:8' with no value; " \
+    message = "eval.decoder_settings: YAML reads {block_size:8} as the key 'block_size:8' with no value; " \
               "write `{block_size: 8}` with a space after the colon"
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f"eval.decoder_args={text}"])
+        load_config(None, [f"eval.decoder_settings={text}"])
     assert str(err.value) == message
     path = tmp_path / "run.yaml"
-    path.write_text(f"eval:\n  decoder: block_diffusion\n  decoder_args: {text}\n")
+    path.write_text(f"eval:\n  decoder: block_diffusion\n  decoder_settings: {text}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == message

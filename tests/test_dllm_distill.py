@@ -9,8 +9,8 @@ from leaplm.losses.block_diffusion import BLOCK_START_TARGET, NOISY_TARGET, Targ
 from leaplm.losses.dllm_distill import (
     certainty_forcing_loss_sum,
     consistency_lambda,
-    consistency_loss_sum,
     entropy,
+    kl_consistency_loss_sum,
     kl_teacher_student,
     nested_masks,
     semi_ar_masks,
@@ -32,12 +32,12 @@ def test_certainty_forcing_entropy_only_on_correct_masked_tokens():
     ce = -math.log(0.75) - math.log(0.25) - math.log(0.75)
     h_half = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))  # only col 0 counts
     # Default (dParallel): the mean over the 1 correct token, times the 3 targets the trainer divides by.
-    loss, metrics = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, temperature=0.5)
+    loss, metrics = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, entropy_temperature=0.5)
     assert loss.item() == pytest.approx(ce + 2 * h_half * 3, rel=1e-5)
     assert metrics["masked_correct"] == pytest.approx(0.5)
-    summed, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, temperature=0.5, entropy_mean="targets")
+    summed, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=2.0, entropy_temperature=0.5, entropy_mean="targets")
     assert summed.item() == pytest.approx(ce + 2 * h_half, rel=1e-5)
-    loss_t1, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=1.0, temperature=1.0)
+    loss_t1, _ = certainty_forcing_loss_sum(logits, t, entropy_weight=1.0, entropy_temperature=1.0)
     assert loss_t1.item() == pytest.approx(ce - 3 * (0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-5)
     # No correct masked token: CE only, in both forms.
     wrong = targets([1], [1], [NOISY_TARGET])
@@ -153,16 +153,16 @@ def test_consistency_loss_hand_computed():
     t = targets([0, 1], [0, 1], [NOISY_TARGET, NOISY_TARGET])
     distilled = torch.tensor([True, False])  # only col 0 is masked for the teacher too
     lam, temp = 0.9, 1.0
-    loss, metrics = consistency_loss_sum(student, teacher, t, distilled, weight=lam, temperature=temp)
+    loss, metrics = kl_consistency_loss_sum(student, teacher, t, distilled, weight=lam, kl_temperature=temp)
     ce = -math.log(0.9) - math.log(0.1)
     assert loss.item() == pytest.approx((1 - lam) * ce + lam * math.log(5 / 3), rel=1e-5)
     # T^2 scaling and the clamp at 5 per token
-    loss2, _ = consistency_loss_sum(student, teacher, t, distilled, weight=1.0, temperature=2.0)
+    loss2, _ = kl_consistency_loss_sum(student, teacher, t, distilled, weight=1.0, kl_temperature=2.0)
     log_p = torch.log_softmax(teacher[0, 0] / 2, -1)
     log_q = torch.log_softmax(student[0, 0] / 2, -1)
     assert loss2.item() == pytest.approx(4 * float((log_p.exp() * (log_p - log_q)).sum()), rel=1e-5)
     huge = torch.tensor([[[20.0, -20.0], [20.0, -20.0]]])
-    clamped, _ = consistency_loss_sum(huge, -huge, t, torch.tensor([True, True]), weight=0.5)
+    clamped, _ = kl_consistency_loss_sum(huge, -huge, t, torch.tensor([True, True]), weight=0.5)
     assert clamped.item() == pytest.approx(0.5 * (ce_of(huge[0, 0], 0) + 5.0) + 0.5 * 10.0, rel=1e-4)
 
 

@@ -10,8 +10,9 @@ from leaplm.config import ConfigError
 from leaplm.inference.engine import Engine
 from leaplm.losses.block_diffusion import NOISY_TARGET
 from leaplm.losses.dllm_distill import semi_ar_masks
+from leaplm.models.block_diffusion import spec_of, training_attention
 from leaplm.models.noisy_weights import split_noisy_weights
-from leaplm.models.two_stream import CLEAN, NOISY
+from leaplm.models.two_stream import CLEAN, NOISY, two_stream_forward
 from leaplm.train import cd4lm, dparallel
 from leaplm.train.recipes import NOISE_SEED, load_config
 from leaplm.train.rollouts import ANSWER_FEATURES, RolloutPrompt, collect_decoded_rollouts, load_rollouts
@@ -29,7 +30,7 @@ def tiny_bd():
 def test_decoded_rollouts_are_reused_and_keyed_by_decoder_settings(tiny_bd, tmp_path):
     model, tokenizer = tiny_bd
     prompts = [RolloutPrompt(ids) for ids in prompts_of(tokenizer)]
-    settings = dict(model_id={"name": "tiny"}, decoder="block_diffusion", decoder_args={"threshold": 1.0},
+    settings = dict(model_id={"name": "tiny"}, decoder="block_diffusion", decoder_settings={"threshold": 1.0},
                     max_new_tokens=8, batch_size=2, progress=False)
     path = collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **settings)
     ds = load_rollouts(path, features=ANSWER_FEATURES)
@@ -38,7 +39,7 @@ def test_decoded_rollouts_are_reused_and_keyed_by_decoder_settings(tiny_bd, tmp_
     mtime = (path / "dataset_info.json").stat().st_mtime_ns
     assert collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **settings) == path
     assert (path / "dataset_info.json").stat().st_mtime_ns == mtime  # reused, not rewritten
-    other = collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **{**settings, "decoder_args": {"threshold": 0.5}})
+    other = collect_decoded_rollouts(model, tokenizer, prompts, tmp_path, **{**settings, "decoder_settings": {"threshold": 0.5}})
     assert other != path
     sharded = run_ranks(2, lambda acc: collect_decoded_rollouts(model, tokenizer, prompts, tmp_path / "two",
                                                                  **settings, accelerator=acc))[0]
@@ -48,7 +49,7 @@ def test_decoded_rollouts_are_reused_and_keyed_by_decoder_settings(tiny_bd, tmp_
 def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp_path, monkeypatch):
     model, tokenizer = tiny_bd
     cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=one"])
-    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: spec_of(model))
     prompts = prompts_of(tokenizer)
     samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
                for i, (p, n) in enumerate(zip(prompts, (9, 4, 6)))]
@@ -75,7 +76,7 @@ def test_dparallel_batch_counts_its_targets_and_gives_a_finite_loss(tiny_bd, tmp
 
 def test_dparallel_rate_range_reaches_the_masks_and_a_bad_range_is_refused(tiny_bd, monkeypatch):
     model, tokenizer = tiny_bd
-    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: spec_of(model))
     seen = []
     monkeypatch.setattr(dparallel, "semi_ar_masks", lambda lengths, block, rate, blocks, generator:
                         seen.append(rate) or semi_ar_masks(lengths, block, rate, blocks, generator))
@@ -95,7 +96,7 @@ def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, mo
     noisy copies get gradients, and the clean rows' logits stay the original model's."""
     model, tokenizer = tiny_bd
     cfg = load_config(None, ["recipe=dparallel", "rollout.decoder=block_diffusion", "method.blocks=all"])
-    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: model.config.block_diffusion)
+    monkeypatch.setattr(dparallel, "load_model_config", lambda cfg: spec_of(model))
     samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
                for i, (p, n) in enumerate(zip(prompts_of(tokenizer), (9, 4, 6)))]
     batch = {**dparallel.build_collator(cfg, tokenizer)(samples), "step": 0}
@@ -111,8 +112,8 @@ def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, mo
     assert trained and all(name.endswith(("noisy_weight", "noisy_bias")) for name in trained)
     layout = batch["layout"]
     with torch.no_grad():
-        ours = dparallel.two_stream_forward(split, layout, "dense")
-        want = dparallel.two_stream_forward(model, layout, "dense")
+        ours = two_stream_forward(split, layout, "dense", training_attention)
+        want = two_stream_forward(model, layout, "dense", training_attention)
     clean = layout.stream == CLEAN
     assert torch.equal(ours[clean], want[clean]) and not torch.allclose(ours[layout.stream == NOISY],
                                                                          want[layout.stream == NOISY])
@@ -121,8 +122,8 @@ def test_dparallel_loss_routes_noisy_tokens_through_separate_weights(tiny_bd, mo
 def test_cd4lm_teacher_sees_a_nested_less_masked_input(tiny_bd, monkeypatch):
     model, tokenizer = tiny_bd
     cfg = load_config(None, ["recipe=cd4lm"])
-    monkeypatch.setattr(cd4lm, "load_model_config", lambda cfg: model.config.block_diffusion)
-    mask_id = model.config.block_diffusion["mask_token_id"]
+    monkeypatch.setattr(cd4lm, "load_model_config", lambda cfg: spec_of(model))
+    mask_id = spec_of(model).mask_token_id
     prompts = prompts_of(tokenizer)
     samples = [{"prompt": p, "response": list(range(5, 5 + n)), NOISE_SEED: i}
                for i, (p, n) in enumerate(zip(prompts, (12, 8, 10)))]

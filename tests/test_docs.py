@@ -97,7 +97,7 @@ def _decoder_sections(text: str) -> dict[str, str]:
 def test_decoder_reference_documents_every_decoder_and_setting():
     import inspect
 
-    from leaplm.inference.engine import DECODERS, decoder_settings
+    from leaplm.inference.engine import DECODERS, decoder_setting_names
 
     sections = _decoder_sections((DOCS / "decoders.md").read_text())
     problems = []
@@ -107,7 +107,7 @@ def test_decoder_reference_documents_every_decoder_and_setting():
             problems.append(f"{name}: no '## `{name}`' section")
             continue
         params = inspect.signature(fn).parameters
-        for setting in decoder_settings(name) or []:
+        for setting in decoder_setting_names(name) or []:
             if not _has_row(found[0], setting, params[setting].default):
                 problems.append(f"{name}.{setting} (default {_render(params[setting].default)})")
     assert not problems, "docs/decoders.md is missing: " + "; ".join(problems)

@@ -25,7 +25,7 @@ from conftest import SMALL_ROLLOUT_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "draft_heads"
-SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=6", "method.block_size=8", "train.micro_batch_size=4"]
+SMALL = [*SMALL_ROLLOUT_RUN, "rollout.max_prompts=6", "method.rollout_block_size=8", "train.micro_batch_size=4"]
 
 
 def test_schedule_weights():

@@ -53,18 +53,18 @@ def test_evaluate_rows_and_grading(tiny, monkeypatch):
         assert row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0
     json.dumps(rows)  # rows go straight into eval.json
 
-    real = evaluate_model(model, tokenizer, tasks=["sort"], n=3, decoder="ar", decoder_args={"temperature": 0.0},
+    real = evaluate_model(model, tokenizer, tasks=["sort"], n=3, decoder="ar", decoder_settings={"temperature": 0.0},
                           max_new_tokens=8, batch_size=2)
     assert real[0]["accuracy"] == 0.0  # a random model cannot sort
     assert real[0]["tokens_per_forward"] == 1.0
-    assert real[0]["settings"] == {"temperature": 0.0}
+    assert real[0]["decoder_settings"] == {"temperature": 0.0}
 
 
 def test_evaluate_accepts_the_trainer_call(tiny):
     """The trainer passes exactly these keywords, straight from EvalConfig."""
     model, tokenizer = tiny("llama")
     e = EvalConfig(tasks=["copy", "word"], n=2, max_new_tokens=4, batch_size=2)
-    rows = evaluate_model(model, tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder, decoder_args=e.decoder_args,
+    rows = evaluate_model(model, tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder, decoder_settings=e.decoder_settings,
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=3, model_name="runs/x")
     assert [(r["task"], r["n"], r["model"]) for r in rows] == [("copy", 2, "runs/x"), ("word", 2, "runs/x")]
     assert all(r["accuracy"] == 0.0 for r in rows)  # random weights
@@ -99,7 +99,7 @@ def test_bench_interleaves_and_writes_results(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setitem(DECODERS, "hf_generate", recording("hf_generate"))
     monkeypatch.setitem(DECODERS, "ar", recording("ar"))
-    specs = ["ar", {"decoder": "ar", "settings": {"temperature": 0.8, "seed": 1}}]
+    specs = ["ar", {"decoder": "ar", "decoder_settings": {"temperature": 0.8, "seed": 1}}]
     rows = run_bench("tiny-llama", specs, ["copy", "sort"], n=4, batch_size=2, max_new_tokens=20, out_dir=tmp_path,
                      model=model, tokenizer=tokenizer)
 
@@ -120,7 +120,7 @@ def test_bench_interleaves_and_writes_results(tiny, tmp_path, monkeypatch):
     for row in rows:
         assert row["speedup_vs_generate"] == pytest.approx(row["tokens_per_s"] / reference[row["task"]]["tokens_per_s"])
     assert all(r["speedup_vs_generate"] == 1.0 for r in reference.values())
-    assert rows[2]["settings"] == {"temperature": 0.8, "seed": 1}
+    assert rows[2]["decoder_settings"] == {"temperature": 0.8, "seed": 1}
 
     assert json.loads((tmp_path / "bench.json").read_text()) == rows
     md = (tmp_path / "bench.md").read_text()
@@ -140,18 +140,18 @@ def test_bench_rejects_bad_specs(tiny, tmp_path):
 def test_cli_eval_on_a_saved_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     main(["eval", str(tiny_model_dir), "--tasks", "copy,sort", "--decoder", "ar",
-          "--decoder-args", '{"top_k": 1, "temperature": 1.0}',
+          "--decoder-settings", '{"top_k": 1, "temperature": 1.0}',
           "--n", "3", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| task | n | accuracy | tokens/forward | tokens/s |" in printed and "| copy | 3 |" in printed
     rows = json.loads((out / "eval.json").read_text())
     assert [r["task"] for r in rows] == ["copy", "sort"]
-    assert rows[0]["settings"] == {"top_k": 1, "temperature": 1.0} and rows[0]["model"] == str(tiny_model_dir)
+    assert rows[0]["decoder_settings"] == {"top_k": 1, "temperature": 1.0} and rows[0]["model"] == str(tiny_model_dir)
 
 
-def test_cli_rejects_bad_decoder_args(tiny_model_dir, capsys):
+def test_cli_rejects_bad_decoder_settings(tiny_model_dir, capsys):
     with pytest.raises(SystemExit):
-        main(["eval", str(tiny_model_dir), "--decoder-args", "{temperature: 1}"])
+        main(["eval", str(tiny_model_dir), "--decoder-settings", "{temperature: 1}"])
     assert "not valid JSON" in capsys.readouterr().err
 
 
@@ -181,11 +181,19 @@ def test_decoder_specs_sweep_settings():
 
     assert _decoder_specs("ar, block_diffusion:threshold=0.5|0.9:sub_block_size=8") == [
         "ar",
-        {"decoder": "block_diffusion", "settings": {"threshold": 0.5, "sub_block_size": 8}},
-        {"decoder": "block_diffusion", "settings": {"threshold": 0.9, "sub_block_size": 8}},
+        {"decoder": "block_diffusion", "decoder_settings": {"threshold": 0.5, "sub_block_size": 8}},
+        {"decoder": "block_diffusion", "decoder_settings": {"threshold": 0.9, "sub_block_size": 8}},
     ]
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         _decoder_specs("block_diffusion:threshold")
+
+
+def test_a_decoder_spec_with_the_old_settings_key_names_the_new_one():
+    from leaplm.bench.decoders import parse_spec
+
+    assert parse_spec({"decoder": "ar", "decoder_settings": {"seed": 1}}) == ("ar", {"seed": 1})
+    with pytest.raises(ValueError, match="the key 'settings' was renamed to 'decoder_settings'"):
+        parse_spec({"decoder": "ar", "settings": {"seed": 1}})
 
 
 def test_quickstart_on_the_embedded_models(tmp_path, capsys):
@@ -197,7 +205,7 @@ def test_quickstart_on_the_embedded_models(tmp_path, capsys):
     assert "3/4 bench: tiny-teacher-bd" in printed
     rows = json.loads((quick / "block_diffusion" / "bench.json").read_text())
     assert {r["decoder"] for r in rows} == {"hf_generate", "block_diffusion"}
-    verified = [r for r in rows if r["settings"].get("verify")]
+    verified = [r for r in rows if r["decoder_settings"].get("verify")]
     assert len(verified) == 6 and all(r["accuracy"] == generate["accuracy"] for r in verified
                                       for generate in rows if generate["decoder"] == "hf_generate"
                                       and generate["task"] == r["task"])

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import leaplm.ship
 from leaplm.cli import main
@@ -53,7 +53,7 @@ def trained(tmp_path: Path, recipe: str, *extra: str) -> Trainer:
 
 
 def decode(model, tokenizer, cfg) -> list[list[int]]:
-    out = Engine(model, tokenizer).generate(prompts(tokenizer), cfg.eval.decoder, 24, **cfg.eval.decoder_args)
+    out = Engine(model, tokenizer).generate(prompts(tokenizer), cfg.eval.decoder, 24, **cfg.eval.decoder_settings)
     return out.sequences
 
 
@@ -67,18 +67,19 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
 
     section = json.loads((out / "config.json").read_text())[LEAPLM_KEY]
     assert section["recipe"] == recipe and section["decoder"] == cfg.eval.decoder
-    assert section["decoder_settings"] == cfg.eval.decoder_args
+    assert section["decoder_settings"] == cfg.eval.decoder_settings
     # the recipe's export hook
     if recipe in ("cllm", "jacobi_forcing"):
-        assert section["block_size"] == cfg.method.block_size
-    elif recipe in ("ar2bd", "dparallel", "cd4lm"):
-        assert section["block_size"] == spec_of(model).block_size
+        assert section["jacobi_block_size"] == cfg.method.jacobi_block_size
+    elif recipe in ("ar2bd", "dparallel", "cd4lm"):  # the block size lives in the model's own config only
+        assert "block_size" not in section
+        assert spec_of(AutoConfig.from_pretrained(out)).block_size == spec_of(model).block_size
     elif recipe == "draft_heads":
         assert section["draft_heads"]["num_heads"] == cfg.method.num_heads
     if recipe in ("draft_heads", "acceptance_head"):
         assert {"draft_heads.safetensors", "draft_heads.json"} <= set(section["files"])
     fast = leaplm.ship.load(out)
-    assert fast.decoder == cfg.eval.decoder and fast.settings == cfg.eval.decoder_args
+    assert fast.decoder == cfg.eval.decoder and fast.decoder_settings == cfg.eval.decoder_settings
     assert fast.generate(prompts(tokenizer), max_new_tokens=24).sequences == before
     assert fast.generate(prompts(tokenizer), max_new_tokens=24).sequences == before
     # A user with only transformers gets the same weights.
@@ -120,13 +121,13 @@ def test_learn2pd_export_is_the_filter_and_decodes_the_same_tokens(tmp_path):
 
 
 def test_a_run_in_stages_exports_its_last_stage(tmp_path):
-    stages = "method.stages=[{block_size: 4, max_steps: 1}, {block_size: 8, max_steps: 1}]"
+    stages = "method.stages=[{jacobi_block_size: 4, max_steps: 1}, {jacobi_block_size: 8, max_steps: 1}]"
     cfg = load_config(REPO / "configs" / "jacobi_forcing" / "tiny_teacher.yaml",
                       [*RECIPE_SMOKE["jacobi_forcing"], stages, f"output_dir={tmp_path / 'run'}"])
     train(cfg)
     main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     section = json.loads((tmp_path / "export" / "config.json").read_text())[LEAPLM_KEY]
-    assert section["block_size"] == 8 and "stage_2" in (tmp_path / "export" / "README.md").read_text()
+    assert section["jacobi_block_size"] == 8 and "stage_2" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_lora_export_keeps_the_adapter_or_merges_it(tmp_path):
@@ -155,7 +156,7 @@ def test_model_card_renders_the_bench_with_real_numbers(tmp_path):
     bench = json.loads((out / "bench.json").read_text())
     assert {r["decoder"] for r in bench} == {"hf_generate", "ar", "jacobi"}
     jacobi = next(r for r in bench if r["decoder"] == "jacobi" and r["task"] == "copy")
-    assert (f"| jacobi (block_size=8) | copy | 2 | {100 * jacobi['accuracy']:.1f}% | "
+    assert (f"| jacobi (jacobi_block_size=8) | copy | 2 | {100 * jacobi['accuracy']:.1f}% | "
             f"{jacobi['tokens_per_forward']:.2f} | {jacobi['speedup_vs_generate']:.2f}x |") in card
     assert "![accuracy against speedup](bench.png)" in card and (out / "bench.png").stat().st_size > 1000
     assert "tags:\n- leaplm\n- cllm\n- jacobi" in card
@@ -249,12 +250,12 @@ def test_an_export_that_does_not_verify_replaces_nothing(tmp_path, monkeypatch, 
     main(["export", str(pretrain_run), "--out", str(out)])
     before = snapshot(out)
 
-    def save_noisy_weights(model, directory, dtype=None):  # a side file lost or cut short by the disk
+    def save_addons(model, directory, dtype=None):  # a side file lost or cut short by the disk
         if written is not None:
             (Path(directory) / NOISY_WEIGHTS_FILE).write_bytes(written)
         return [NOISY_WEIGHTS_FILE]
 
-    monkeypatch.setattr(export, "save_noisy_weights", save_noisy_weights)
+    monkeypatch.setattr(export, "save_addons", save_addons)
     with pytest.raises(ExportError, match=f"not whole: .*{NOISY_WEIGHTS_FILE}.*Nothing was replaced"):
         main(["export", str(pretrain_run), "--out", str(out)])
     assert snapshot(out) == before

@@ -41,14 +41,14 @@ def test_lm_eval_scores_the_jacobi_decoder_on_a_tiny_task(tmp_path):
     data.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n" for ex in examples))
     (tmp_path / "tiny.yaml").write_text(TASK.format(data=data))
     main(["lm-eval", "--model", "leaplm", "--model_args",
-          f"pretrained={EMBEDDED_TEACHER_DIR},decoder=jacobi,block_size=8,dtype=float32", "--device", "cpu",
+          f"pretrained={EMBEDDED_TEACHER_DIR},decoder=jacobi,jacobi_block_size=8,dtype=float32", "--device", "cpu",
           "--tasks", "leaplm_tiny", "--include_path", str(tmp_path), "--apply_chat_template",
           "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"])
     (results,) = (tmp_path / "out").rglob("results_*.json")
     score = json.loads(results.read_text())["results"]["leaplm_tiny"]["exact_match,none"]
 
     model, tokenizer = load_for_eval(EMBEDDED_TEACHER, device="cpu")
-    texts = Engine(model, tokenizer).generate(task_prompts(tokenizer, examples), "jacobi", 48, block_size=8).texts
+    texts = Engine(model, tokenizer).generate(task_prompts(tokenizer, examples), "jacobi", 48, jacobi_block_size=8).texts
     expected = sum(text.strip() == ex.answer.strip() for text, ex in zip(texts, examples)) / len(examples)
     assert expected > 0.5 and score == pytest.approx(expected)
 

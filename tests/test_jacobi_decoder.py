@@ -25,7 +25,7 @@ from leaplm.inference.evaluate import task_prompts
 from leaplm.models.zoo import TINY_FAMILIES, load_model, tiny_model
 
 MAX_NEW = 24
-MULTIBLOCK = dict(block_size=4, n_blocks=2, spawn_ratio=0.5)
+MULTIBLOCK = dict(jacobi_block_size=4, n_blocks=2, spawn_ratio=0.5)
 
 
 def prompts_of(tokenizer, tasks=("copy", "word", "sort")) -> list[list[int]]:
@@ -53,8 +53,8 @@ def test_greedy_equals_generate_and_ar(family, lively_tiny):
     assert engine.generate(prompts, "ar", MAX_NEW).sequences == reference
     assert len({tuple(s) for s in reference}) > 1, "rows should differ; batched parity would be trivial"
     parallel = 0.0
-    for decoder, settings in (("jacobi", dict(block_size=4)), ("jacobi", dict(block_size=16)),
-                              ("jacobi", dict(block_size=4, init="lookup")), ("jacobi_multiblock", MULTIBLOCK),
+    for decoder, settings in (("jacobi", dict(jacobi_block_size=4)), ("jacobi", dict(jacobi_block_size=16)),
+                              ("jacobi", dict(jacobi_block_size=4, init="lookup")), ("jacobi_multiblock", MULTIBLOCK),
                               ("jacobi_multiblock", dict(MULTIBLOCK, init="lookup"))):
         batched = engine.generate(prompts, decoder, MAX_NEW, **settings)
         assert batched.sequences == reference, (decoder, settings)
@@ -70,7 +70,7 @@ def test_rows_progress_independently(lively_tiny):
     model, tokenizer = lively_tiny("qwen3")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
-    for decoder, settings in ((jacobi, dict(block_size=4, init="repeat")),
+    for decoder, settings in ((jacobi, dict(jacobi_block_size=4, init="repeat")),
                               (jacobi_multiblock, dict(MULTIBLOCK, init="repeat"))):
         batched = decode(decoder, engine, prompts, **settings)
         alone = [int(decode(decoder, engine, [p], **settings).row_forwards) for p in prompts]
@@ -93,7 +93,7 @@ def test_rows_stop_at_their_first_stop_token(lively_tiny):
     engine = Engine(model, tokenizer, stop_token_ids=[stop])
     reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
     assert len({len(s) for s in reference}) > 1 and min(len(s) for s in reference) < MAX_NEW
-    for decoder, settings in ((jacobi, dict(block_size=4)), (jacobi, dict(block_size=16)),
+    for decoder, settings in ((jacobi, dict(jacobi_block_size=4)), (jacobi, dict(jacobi_block_size=16)),
                               (jacobi_multiblock, MULTIBLOCK)):
         out = engine.generate(prompts, decoder.__name__, MAX_NEW, **settings)
         assert out.sequences == reference
@@ -108,7 +108,7 @@ def test_embedded_teacher_matches_generate():
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer, TASKS)
     reference = engine.generate(prompts, "hf_generate", 48)
-    for decoder, settings in (("jacobi", {}), ("jacobi", dict(block_size=8, init="pad")), ("jacobi_multiblock", {}),
+    for decoder, settings in (("jacobi", {}), ("jacobi", dict(jacobi_block_size=8, init="pad")), ("jacobi_multiblock", {}),
                               ("jacobi", dict(init="lookup")), ("jacobi_multiblock", dict(init="lookup"))):
         out = engine.generate(prompts, decoder, 48, **settings)
         assert out.sequences == reference.sequences, (decoder, settings)
@@ -158,7 +158,7 @@ def test_sliding_window_models_decode_beyond_the_window(family, lively_tiny):
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
     reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
-    for decoder, settings in (("jacobi", dict(block_size=4)), ("jacobi_multiblock", MULTIBLOCK)):
+    for decoder, settings in (("jacobi", dict(jacobi_block_size=4)), ("jacobi_multiblock", MULTIBLOCK)):
         out = engine.generate(prompts, decoder, MAX_NEW, **settings)
         assert out.sequences == reference, decoder
     assert out.stats.tokens_per_forward > 1.0
@@ -195,21 +195,21 @@ def test_forward_counts_on_a_model_that_always_predicts_one_token():
     # sets every guess to `token`, forward 3 accepts them all and predicts token 4; the same for
     # blocks [4, 8) and [8, 12): 1 + 3 * 2 forwards for 12 tokens.
     assert forwards("ar") == 12
-    assert forwards("jacobi", block_size=4) == 7
-    assert forwards("jacobi", block_size=4, init="pad") == 7  # the pad token is not `token` either
+    assert forwards("jacobi", jacobi_block_size=4) == 7
+    assert forwards("jacobi", jacobi_block_size=4, init="pad") == 7  # the pad token is not `token` either
     # Guessing the block's first token again is right at once: one forward per block.
-    assert forwards("jacobi", block_size=4, init="repeat") == 4
-    assert forwards("jacobi", block_size=12, init="repeat") == 2
+    assert forwards("jacobi", jacobi_block_size=4, init="repeat") == 4
+    assert forwards("jacobi", jacobi_block_size=12, init="repeat") == 2
     # Two blocks in flight, spawned at half settled: forward 2 settles [0, 2) and spawns [4, 8);
     # forward 3 accepts 2, 3 and 4 (across the block boundary), makes 5 final and spawns
     # [8, 12); forward 4 makes 6..9 final, forward 5 the rest.
     assert forwards("jacobi_multiblock", **MULTIBLOCK, recycle=False) == 5
-    assert forwards("jacobi_multiblock", block_size=4, n_blocks=1, recycle=False) == 7  # that is `jacobi`
+    assert forwards("jacobi_multiblock", jacobi_block_size=4, n_blocks=1, recycle=False) == 7  # that is `jacobi`
     # Prompt lookup: block [0, 4) finds no `token` in the context (prompt draws, 2 forwards); blocks
     # [4, 8) and [8, 12) find the run the answer has written (guesses `token`, 1 forward each).
-    assert forwards("jacobi", block_size=4, init="lookup") == 5
+    assert forwards("jacobi", jacobi_block_size=4, init="lookup") == 5
     # A prompt that holds a run of `token`: one forward a block from the first, like "repeat".
-    assert forwards("jacobi", block_size=4, init="lookup", prompt=prompt + [token] * 4) == 4
+    assert forwards("jacobi", jacobi_block_size=4, init="lookup", prompt=prompt + [token] * 4) == 4
     # A stop token as the first token ends the row after the prefill.
     stopping = Engine(model, tokenizer, stop_token_ids=[token])
     out = stopping.generate([prompt], "jacobi", 12)
@@ -228,9 +228,9 @@ def test_block_size_one_is_ar(lively_tiny):
     model, tokenizer = lively_tiny("gemma3")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
-    result = decode(jacobi, engine, prompts, block_size=1)
+    result = decode(jacobi, engine, prompts, jacobi_block_size=1)
     assert result.row_forwards.tolist() == result.lengths.tolist()  # one forward per token in every row
-    assert engine.generate(prompts, "jacobi", MAX_NEW, block_size=1).sequences == \
+    assert engine.generate(prompts, "jacobi", MAX_NEW, jacobi_block_size=1).sequences == \
         engine.generate(prompts, "ar", MAX_NEW).sequences
 
 
@@ -282,11 +282,11 @@ def test_setting_errors(tiny):
     model, tokenizer = tiny("llama")
     engine = Engine(model, tokenizer)
     prompts = [[5, 6, 7]]
-    for block_size in (0, -2, 1.5, True):
-        with pytest.raises(DecoderError, match=r"block_size must be a positive integer \(tokens guessed per"):
-            engine.generate(prompts, "jacobi", 4, block_size=block_size)
-    with pytest.raises(DecoderError, match="block_size must be a positive integer"):
-        engine.generate(prompts, "jacobi_multiblock", 4, block_size=0)
+    for jacobi_block_size in (0, -2, 1.5, True):
+        with pytest.raises(DecoderError, match=r"jacobi_block_size must be a positive integer \(tokens guessed per"):
+            engine.generate(prompts, "jacobi", 4, jacobi_block_size=jacobi_block_size)
+    with pytest.raises(DecoderError, match="jacobi_block_size must be a positive integer"):
+        engine.generate(prompts, "jacobi_multiblock", 4, jacobi_block_size=0)
     for ratio in (0, -0.5, 1.5, "half"):
         with pytest.raises(DecoderError, match=r"spawn_ratio must be in \(0, 1\] \(the fraction of the newest block"):
             engine.generate(prompts, "jacobi_multiblock", 4, spawn_ratio=ratio)
@@ -345,7 +345,7 @@ def test_sampling_follows_the_ar_distribution(lively_tiny, monkeypatch):
     n = 4000
 
     def p_value() -> tuple[float, float]:
-        out = engine.generate([prompt] * n, "jacobi", 3, block_size=3, init="repeat", seed=1, **settings)
+        out = engine.generate([prompt] * n, "jacobi", 3, jacobi_block_size=3, init="repeat", seed=1, **settings)
         counts: dict[tuple, int] = {}
         for seq in out.sequences:
             counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
@@ -370,13 +370,13 @@ def test_sampling_is_seeded_and_reproducible(lively_tiny):
     model, tokenizer = lively_tiny("qwen2")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
-    settings = dict(block_size=4, temperature=1.0)
+    settings = dict(jacobi_block_size=4, temperature=1.0)
     a = engine.generate(prompts, "jacobi", MAX_NEW, seed=1, **settings)
     b = engine.generate(prompts, "jacobi", MAX_NEW, seed=1, **settings)
     c = engine.generate(prompts, "jacobi", MAX_NEW, seed=2, **settings)
     assert a.sequences == b.sequences and a.stats.forward_passes == b.stats.forward_passes
     assert a.sequences != c.sequences
-    greedy = engine.generate(prompts, "jacobi", MAX_NEW, block_size=4).sequences
+    greedy = engine.generate(prompts, "jacobi", MAX_NEW, jacobi_block_size=4).sequences
     assert a.sequences != greedy
     assert engine.generate(prompts, "jacobi", MAX_NEW, seed=3, top_k=1, **settings).sequences == greedy
     assert engine.generate(prompts, "jacobi", MAX_NEW, seed=3, top_p=0.5, **settings).sequences != a.sequences
@@ -408,7 +408,7 @@ def test_trajectories(lively_tiny):
     answers = engine.generate(prompts, "hf_generate", 20).sequences
     assert any(len(a) % 4 for a in answers)
 
-    rows = collect_jacobi_trajectories(engine, prompts, block_size=4, max_new_tokens=20, seed=3, batch_size=2)
+    rows = collect_jacobi_trajectories(engine, prompts, jacobi_block_size=4, max_new_tokens=20, seed=3, batch_size=2)
     assert [r["prompt_index"] for r in rows] == sorted(r["prompt_index"] for r in rows)
     for index, (prompt, answer) in enumerate(zip(prompts, answers)):
         blocks = [r for r in rows if r["prompt_index"] == index]
@@ -439,7 +439,7 @@ def test_trajectories_keep_a_stop_token_that_was_never_guessed():
     token = next(t for t in range(len(tokenizer) - 1, 0, -1) if t not in prompt and t != tokenizer.eos_token_id)
     model, tokenizer = constant_model(token)
     engine = Engine(model, tokenizer, stop_token_ids=[token])
-    assert collect_jacobi_trajectories(engine, [prompt], block_size=4, max_new_tokens=12) == [dict(
+    assert collect_jacobi_trajectories(engine, [prompt], jacobi_block_size=4, max_new_tokens=12) == [dict(
         prompt_index=0, prompt_ids=prompt, prefix_ids=[], block_index=0, states=[[token]], fixed_point=[token])]
 
 
@@ -447,12 +447,12 @@ def test_trajectories_keep_a_stop_token_that_was_never_guessed():
 
 
 def test_bench_command_runs_jacobi(tmp_path):
-    main(["bench", "tiny-teacher", "--decoders", "ar,jacobi:block_size=8|16", "--tasks", "sort", "--n", "2",
+    main(["bench", "tiny-teacher", "--decoders", "ar,jacobi:jacobi_block_size=8|16", "--tasks", "sort", "--n", "2",
           "--max-new-tokens", "24", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())
-    by_label = {(r["decoder"], json.dumps(r["settings"])): r for r in rows}
-    assert set(by_label) == {("hf_generate", "{}"), ("ar", "{}"), ("jacobi", '{"block_size": 8}'),
-                             ("jacobi", '{"block_size": 16}')}
+    by_label = {(r["decoder"], json.dumps(r["decoder_settings"])): r for r in rows}
+    assert set(by_label) == {("hf_generate", "{}"), ("ar", "{}"), ("jacobi", '{"jacobi_block_size": 8}'),
+                             ("jacobi", '{"jacobi_block_size": 16}')}
     for row in rows:
         assert row["accuracy"] == by_label[("ar", "{}")]["accuracy"]  # lossless: the same answers
         assert row["tokens_per_forward"] >= 1.0

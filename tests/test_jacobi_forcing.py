@@ -193,8 +193,8 @@ def test_loss_on_a_hand_computed_case():
     loss.backward()
     assert logits.grad[0, 4].abs().sum() == 0  # the teacher is detached
     assert logits.grad[0, 2].abs().sum() > 0
-    # temperature 2: both sides divided by 2, the term scaled by 4
-    loss_t, _ = jacobi_forcing_loss_sum(logits.detach(), targets, ar_weight=0.0, temperature=2.0)
+    # distill_temperature 2: both sides divided by 2, the term scaled by 4
+    loss_t, _ = jacobi_forcing_loss_sum(logits.detach(), targets, ar_weight=0.0, distill_temperature=2.0)
     z = math.sqrt(2) + 2
     assert loss_t.item() == pytest.approx(4 * -(math.log(math.sqrt(2) / z) + 2 * math.log(1 / z)) / 3, abs=1e-6)
 
@@ -315,7 +315,7 @@ def test_rows_beyond_the_model_are_clear_errors(tiny):
         training_attention(mistral, layout, "dense")
     flex_model, _ = tiny_model("llama")
     flex_model.set_attn_implementation("flex_attention")
-    with pytest.raises(JacobiForcingError, match="method.attention=dense"):
+    with pytest.raises(JacobiForcingError, match="train.attention=dense"):
         training_attention(flex_model, pack_rows(PROMPTS, PAIRS)[0], "flex")
 
 

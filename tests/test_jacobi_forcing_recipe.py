@@ -27,9 +27,9 @@ from conftest import SMALL_ROLLOUT_RUN
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "jacobi_forcing" / "tiny_teacher.yaml"
 
-SMALL = [*SMALL_ROLLOUT_RUN, "method.max_prompts=4", "method.block_size=8", "method.window_size=2",
+SMALL = [*SMALL_ROLLOUT_RUN, "rollout.max_prompts=4", "method.jacobi_block_size=8", "method.window_size=2",
          "method.min_noise_ratio=0.0", "train.micro_batch_size=2"]
-STAGES = "method.stages=[{block_size: 4, max_steps: 1}, {block_size: 8, max_steps: 2, lr: 1.0e-4}]"
+STAGES = "method.stages=[{jacobi_block_size: 4, max_steps: 1}, {jacobi_block_size: 8, max_steps: 2, lr: 1.0e-4}]"
 
 
 def _settings(output_dir: Path) -> dict:
@@ -45,7 +45,7 @@ def test_recipe_rolls_out_trains_and_exports(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("ce_ar" in m and m["consistency_fraction"] > 0 for m in metrics)
-    assert _settings(tmp_path)["block_size"] == 8
+    assert _settings(tmp_path)["jacobi_block_size"] == 8
 
     # The dataset: one sample per kept prompt, its blocks in order, states chosen by the schedule.
     _, tokenizer = load_model("tiny-teacher")
@@ -66,8 +66,8 @@ def test_recipe_rolls_out_trains_and_exports(tmp_path):
     assert int(batch["n_targets"]) == sum(len(f) for s in samples[:2] for _, f in s["pairs"])
 
     # Rollouts of another block size than the method's are refused.
-    with pytest.raises(RolloutError, match="collected with block_size 8, but method.block_size is 4"):
-        jacobi_forcing.build_dataset(load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", "method.block_size=4"]),
+    with pytest.raises(RolloutError, match="collected with jacobi_block_size 8, but method.jacobi_block_size is 4"):
+        jacobi_forcing.build_dataset(load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", "method.jacobi_block_size=4"]),
                                      tokenizer)
 
 
@@ -78,11 +78,11 @@ def test_stages_chain_from_the_previous_export_and_resume_skips_finished_ones(tm
     assert (stage_1 / "model" / "model.safetensors").is_file() and (tmp_path / "final" / "model.safetensors").is_file()
     config_2 = yaml.safe_load((stage_2 / "config.yaml").read_text())
     assert config_2["model"]["name_or_path"] == str(stage_1 / "model")
-    assert config_2["method"]["block_size"] == 8 and config_2["train"]["lr"] == 1.0e-4
+    assert config_2["method"]["jacobi_block_size"] == 8 and config_2["train"]["lr"] == 1.0e-4
     assert config_2["train"]["max_steps"] == 2 and config_2["method"]["stages"] == []
     # Each stage rolled out with its own model and block size.
-    assert _settings(stage_1)["block_size"] == 4 and _settings(stage_1)["model"]["name"] == "tiny-teacher"
-    assert _settings(stage_2)["block_size"] == 8 and _settings(stage_2)["model"]["name"] == str(stage_1 / "model")
+    assert _settings(stage_1)["jacobi_block_size"] == 4 and _settings(stage_1)["model"]["name"] == "tiny-teacher"
+    assert _settings(stage_2)["jacobi_block_size"] == 8 and _settings(stage_2)["model"]["name"] == str(stage_1 / "model")
     assert len((stage_1 / "metrics.jsonl").read_text().splitlines()) == 1
     assert len((stage_2 / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -110,19 +110,19 @@ def test_quickstart_stage_trains_exports_and_benches(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("method.window_size=0", "method.window_size must be >= 1"),
-    ("method.block_size=1", "method.block_size must be >= 2"),
+    ("method.jacobi_block_size=1", "method.jacobi_block_size must be >= 2"),
     ("method.min_noise_ratio=1.5", r"need 0 <= method.min_noise_ratio <= method.max_noise_ratio <= 1"),
     ("method.strategy=random", "method.strategy must be one of progressive, reverse"),
     ("method.window_offset=middle", "method.window_offset must be one of random, start"),
     ("method.noisy_context=both", "method.noisy_context must be one of noisy, clean"),
-    ("method.attention=sdpa", "method.attention must be one of auto, flex, dense"),
+    ("train.attention=sdpa", "train.attention must be one of auto, flex, dense"),
     ("method.init=random", "method.init must be one of prompt, pad, repeat, lookup"),
-    ("method.temperature=0", "method.temperature must be positive"),
+    ("method.distill_temperature=0", "method.distill_temperature must be positive"),
     ("method.ar_weight=-1", "method.ar_weight must be >= 0"),
-    ("method.stages=[{block_size: 16, max_steps: 5}, {block_size: 32, max_steps: 5}]",
-     "method.block_size=16 but the last of method.stages trains block_size=32"),
-    ("method.stages=[{block_size: 16}]", "each method.stages entry needs block_size >= 2 and max_steps >= 1"),
-    ("method.stages=[{block_size: 16, max_steps: 1, steps: 2}]", "unknown config key 'method.stages\\[0\\].steps'"),
+    ("method.stages=[{jacobi_block_size: 16, max_steps: 5}, {jacobi_block_size: 32, max_steps: 5}]",
+     "method.jacobi_block_size=16 but the last of method.stages trains jacobi_block_size=32"),
+    ("method.stages=[{jacobi_block_size: 16}]", "each method.stages entry needs jacobi_block_size >= 2 and max_steps >= 1"),
+    ("method.stages=[{jacobi_block_size: 16, max_steps: 1, steps: 2}]", "unknown config key 'method.stages\\[0\\].steps'"),
     ("method.windowsize=8", "unknown config key 'method.windowsize'"),
 ])
 def test_method_errors(override, message):
@@ -131,12 +131,12 @@ def test_method_errors(override, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["rollout.max_new_tokens=24", "method.block_size=32",
-      "method.stages=[{block_size: 16, max_steps: 1}, {block_size: 32, max_steps: 1}]"], "shorter than one block"),
+    (["rollout.max_new_tokens=24", "method.jacobi_block_size=32",
+      "method.stages=[{jacobi_block_size: 16, max_steps: 1}, {jacobi_block_size: 32, max_steps: 1}]"], "shorter than one Jacobi block"),
     (["rollout.decoder=ar"], "set rollout.decoder=jacobi"),
     (["rollout.temperature=0.7"], "needs greedy rollouts"),
     (["data.packing=true"], "data.packing and train.group_by_length do not apply"),
-    (["method.stages=[{block_size: 16, max_steps: 1}]", "train.resume_from=runs/x/checkpoints/step-000001"],
+    (["method.stages=[{jacobi_block_size: 16, max_steps: 1}]", "train.resume_from=runs/x/checkpoints/step-000001"],
      "with method.stages, train.resume_from can only be latest"),
 ])
 def test_section_errors(overrides, message):
@@ -148,5 +148,5 @@ def test_section_errors(overrides, message):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     stages = jacobi_forcing.stage_configs(cfg)
-    assert stages[-1].method.block_size == cfg.method.block_size
+    assert stages[-1].method.jacobi_block_size == cfg.method.jacobi_block_size
     assert stages[-1].export.dir == cfg.export.dir

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leaplm.config import TrainConfig
 from leaplm.losses import jacobi_forcing as jf_loss
-from leaplm.losses.linear_cross_entropy import (
-    final_hidden_states, linear_cross_entropy_sum, linear_soft_cross_entropy_sum,
-)
+from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum, linear_soft_cross_entropy_sum
 from leaplm.models.block_diffusion import convert
-from leaplm.models.zoo import tiny_model
+from leaplm.models.zoo import final_hidden_states, tiny_model
 from leaplm.train import ar2bd, jacobi_forcing, pretrain
 
 
@@ -62,29 +61,29 @@ def test_cross_entropy_keeps_bf16_dtypes_of_inputs_in_gradients():
 
 
 @pytest.mark.parametrize("kl", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_soft_cross_entropy_matches_dense_loss_and_grads(kl, temperature):
+@pytest.mark.parametrize("distill_temperature", [1.0, 2.0])
+def test_soft_cross_entropy_matches_dense_loss_and_grads(kl, distill_temperature):
     g = torch.Generator().manual_seed(1)
     student = torch.randn(9, 8, generator=g, requires_grad=True)
     teacher = torch.randn(9, 8, generator=g, requires_grad=True)
     weight = torch.randn(17, 8, generator=g, requires_grad=True)
     row_weights = (torch.arange(9) % 3 != 0).float()  # counted columns, as the consistency loss passes them
     fused = linear_soft_cross_entropy_sum(student, teacher, weight, row_weights=row_weights,
-                                          temperature=temperature, kl=kl, chunk_size=4)
+                                          distill_temperature=distill_temperature, kl=kl, chunk_size=4)
     grads = torch.autograd.grad(fused, (student, weight))
-    log_q = (student @ weight.T / temperature).log_softmax(-1)
-    log_p = (teacher @ weight.T / temperature).detach().log_softmax(-1)
+    log_q = (student @ weight.T / distill_temperature).log_softmax(-1)
+    log_p = (teacher @ weight.T / distill_temperature).detach().log_softmax(-1)
     per_row = -(log_p.exp() * (log_q - log_p if kl else log_q)).sum(-1)  # [n]
-    dense = (per_row * row_weights).sum() * temperature ** 2
+    dense = (per_row * row_weights).sum() * distill_temperature ** 2
     expected = torch.autograd.grad(dense, (student, weight))
     torch.testing.assert_close(fused, dense, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert teacher.grad is None  # the teacher is detached
-    _, soft_rows, kl_rows = linear_soft_cross_entropy_sum(student, teacher, weight, temperature=temperature,
+    _, soft_rows, kl_rows = linear_soft_cross_entropy_sum(student, teacher, weight, distill_temperature=distill_temperature,
                                                           return_rows=True)
-    entropy = -(log_p.exp() * log_p).sum(-1) * temperature ** 2  # [n]
-    torch.testing.assert_close(soft_rows, -(log_p.exp() * log_q).sum(-1).detach() * temperature ** 2)
+    entropy = -(log_p.exp() * log_p).sum(-1) * distill_temperature ** 2  # [n]
+    torch.testing.assert_close(soft_rows, -(log_p.exp() * log_q).sum(-1).detach() * distill_temperature ** 2)
     torch.testing.assert_close(kl_rows, soft_rows - entropy, rtol=1e-5, atol=1e-5)
 
 
@@ -111,9 +110,12 @@ def _loss_and_grads(recipe_loss, model, batch, cfg):
     return loss.detach(), metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-def _assert_fused_equals_plain(recipe_loss, method, model, batch, **settings):
-    plain = _loss_and_grads(recipe_loss, model, batch, SimpleNamespace(method=method(**settings)))
-    fused = _loss_and_grads(recipe_loss, model, batch, SimpleNamespace(method=method(**settings, fused_loss=True)))
+def _assert_fused_equals_plain(recipe_loss, method, model, batch, attention="auto", **settings):
+    def cfg(fused_loss):
+        return SimpleNamespace(method=method(**settings), train=TrainConfig(attention=attention, fused_loss=fused_loss))
+
+    plain = _loss_and_grads(recipe_loss, model, batch, cfg(False))
+    fused = _loss_and_grads(recipe_loss, model, batch, cfg(True))
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     assert fused[1].keys() == plain[1].keys()
     for key in plain[1]:
@@ -156,7 +158,7 @@ def test_jacobi_forcing_fused_loss_equals_the_logits_loss(tiny):
     layout, targets = jf_loss.build_batch([[5, 6, 7], [8, 9, 10, 11, 12]], pairs)
     try:
         _assert_fused_equals_plain(jacobi_forcing.loss, jacobi_forcing.JacobiForcingConfig, model.train(),
-                                   {"layout": layout, "targets": targets}, block_size=4, temperature=2.0,
+                                   {"layout": layout, "targets": targets}, jacobi_block_size=4, distill_temperature=2.0,
                                    attention="dense")
     finally:
         model.eval().zero_grad(set_to_none=True)

@@ -132,7 +132,7 @@ def test_saved_noisy_weights_load_back_and_plain_transformers_gets_the_original(
     with torch.no_grad(), noisy_tokens(split, noisy):
         assert torch.equal(ours, split(ids).logits)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    from leaplm.train.dparallel import load_block_diffusion_model
+    from leaplm.train.block_diffusion import load_block_diffusion_model
 
     with pytest.raises(ConfigError, match="distill a model adapted with shared weights"):
         load_block_diffusion_model(load_config(None, ["recipe=cd4lm", f"model.name_or_path={tmp_path}"]), "cd4lm")

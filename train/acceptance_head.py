@@ -8,7 +8,7 @@
 Data: the target answers the configured data's prompts through the shared engine (the shared
 rollout step, greedy). Then, once per rollout set, both models read every answer teacher-forced:
 at each answer position the draft proposes a token y (its argmax, or a sample of q at
-``method.temperature``), labelled with its chance of acceptance under the speculative rule,
+``method.draft_temperature``), labelled with its chance of acceptance under the speculative rule,
 min(1, p(y)/q(y)) (at temperature 0: 1 when y is the target's argmax, else 0). Each position
 then takes, with probability ``mixing_ratio``, the target's own token (and no label), otherwise y
 with its label.
@@ -30,6 +30,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,23 +54,24 @@ LABELS_FILE = "acceptance_labels"  # in output_dir: the path of the labels in us
 
 @dataclass
 class AcceptanceHeadConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "rollout_block_size", "temperature": "draft_temperature"}
     target: str = "tiny-teacher"  # the model the draft drafts for (same tokenizer)
     num_layers: int = 3  # residual blocks of the head; the reference recommends 3
     mismatch_weight: float = 6.0  # w: weight of the reject class; the reference recommends 6
     mixing_ratio: float = 0.15  # share of positions that keep the target's token (unlabelled), the reference's r
-    temperature: float = 0.0  # drafting temperature the labels are for: 0 = greedy speculative decoding
-    block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
-    max_prompts: int = 0  # prompts to roll out from the configured data; 0 = all
+    draft_temperature: float = 0.0  # sampling temperature of the drafting the labels are for: 0 = greedy
+    rollout_block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
 
     def __post_init__(self):
-        if self.num_layers < 0 or self.mismatch_weight <= 0 or not 0 <= self.mixing_ratio < 1 or self.temperature < 0:
+        if (self.num_layers < 0 or self.mismatch_weight <= 0 or not 0 <= self.mixing_ratio < 1
+                or self.draft_temperature < 0):
             raise ConfigError("method needs num_layers >= 0, mismatch_weight > 0, 0 <= mixing_ratio < 1 and "
-                              f"temperature >= 0; got {self.num_layers}, {self.mismatch_weight}, {self.mixing_ratio}, "
-                              f"{self.temperature}")
+                              f"draft_temperature >= 0; got {self.num_layers}, {self.mismatch_weight}, "
+                              f"{self.mixing_ratio}, {self.draft_temperature}")
 
 
 def build_model(cfg: Config):
-    check_rollout_sections(cfg, "acceptance_head", cfg.method.block_size)
+    check_rollout_sections(cfg, "acceptance_head", cfg.method.rollout_block_size)
     if cfg.model.lora.r > 0:
         raise ConfigError("acceptance_head keeps the draft frozen: set model.lora.r=0")
     draft, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
@@ -81,7 +83,7 @@ def build_model(cfg: Config):
     return draft, tokenizer
 
 
-def draft_labels(draft, target, prompt: list[int], answer: list[int], temperature: float,
+def draft_labels(draft, target, prompt: list[int], answer: list[int], draft_temperature: float,
                  generator: torch.Generator) -> tuple[list[int], list[float]]:
     """Per answer token: the draft's proposal y there (teacher-forced on the target's answer) and
     its acceptance chance min(1, p(y)/q(y))."""
@@ -89,10 +91,10 @@ def draft_labels(draft, target, prompt: list[int], answer: list[int], temperatur
     start = len(prompt) - 1  # logits at start + i predict answer token i
     q_logits = draft(ids).logits[0, start:-1].float()  # [a, V]
     p_logits = target(ids).logits[0, start:-1].float()  # [a, V]
-    if temperature == 0:
+    if draft_temperature == 0:
         proposal = q_logits.argmax(-1)
         return proposal.tolist(), (proposal == p_logits.argmax(-1)).float().tolist()
-    q, p = (q_logits / temperature).softmax(-1), (p_logits / temperature).softmax(-1)
+    q, p = (q_logits / draft_temperature).softmax(-1), (p_logits / draft_temperature).softmax(-1)
     proposal = torch.multinomial(q.cpu(), 1, generator=generator).squeeze(1).to(q.device)
     ratio = p.gather(1, proposal[:, None]) / q.gather(1, proposal[:, None])
     return proposal.tolist(), ratio.clamp(max=1).squeeze(1).tolist()
@@ -102,10 +104,10 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The target's greedy answers, then (on the main process) the draft's proposals and labels."""
     m: AcceptanceHeadConfig = cfg.method
     target, _ = load_model(m.target, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.tokenizer)
-    found = collect_run_trajectories(cfg, target, tokenizer, accelerator, block_size=m.block_size, init="prompt",
-                             max_prompts=m.max_prompts, model_name=m.target)
-    draft_key = rollout_key({"draft": model_fingerprint(cfg.model.name_or_path), "temperature": m.temperature,
-                             "seed": cfg.seed})
+    found = collect_run_trajectories(cfg, target, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size,
+                                     init="prompt", model_name=m.target)
+    draft_key = rollout_key({"draft": model_fingerprint(cfg.model.name_or_path),
+                             "draft_temperature": m.draft_temperature, "seed": cfg.seed})
     path = found.parent / f"{found.name}-labels-{draft_key}.json"  # reused while rollouts and draft stay the same
     if accelerator.is_main_process and not path.is_file():
         model.to(accelerator.device).eval()
@@ -113,7 +115,7 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
         rows = []
         with torch.no_grad():
             for s in answer_samples(load_rollouts(found, cfg.rollout.drop_wrong)):
-                proposal, labels = draft_labels(model, target, s["prompt_ids"], s["answer_ids"], m.temperature,
+                proposal, labels = draft_labels(model, target, s["prompt_ids"], s["answer_ids"], m.draft_temperature,
                                                 generator)
                 rows.append({**s, "proposal": proposal, "accept": labels})
         path.write_text(json.dumps(rows))

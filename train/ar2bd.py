@@ -22,22 +22,20 @@ from dataclasses import dataclass, field
 import torch
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.sft import IGNORE_INDEX, load_source, tokenize_dataset
 from leaplm.losses.block_diffusion import block_diffusion_loss_sum, build_batch, sample_masks
-from leaplm.losses.linear_cross_entropy import final_hidden_states
 from leaplm.models.block_diffusion import (
     CLEAN_ATTENTION,
     MASK_TOKEN,
     BlockDiffusionError,
     check_block_size,
     convert,
-    export_settings,
     spec_of,
     training_attention,
 )
-from leaplm.models.noisy_weights import noisy_tokens, split_noisy_weights
-from leaplm.models.two_stream import NOISY, attention_backend, resolve_backend
+from leaplm.models.noisy_weights import split_noisy_weights
+from leaplm.models.two_stream import two_stream_forward
 from leaplm.models.zoo import load_model
+from leaplm.train.block_diffusion import prompt_response_dataset
 from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
 
 NOISY_WEIGHTS = ("shared", "separate")
@@ -56,15 +54,11 @@ class AR2BDConfig:
     complementary: bool = True  # second view masks exactly the complement (Fast-dLLM v2)
     inverse_t_weight: bool = False  # MDLM/BD3-LM 1/t weight; Fast-dLLM v2 uses none
     ar_weight: float = 0.0  # auxiliary AR loss on the clean stream (NBDiff); needs clean_attention=causal
-    attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
     mask_token: str = MASK_TOKEN
     # shared: one set of weights for both streams (the papers). separate: noisy tokens get their own
     # trained copy of every linear layer and the clean stream stays the original model, so verified
     # decoding emits exactly its greedy output (models/noisy_weights.py); twice the linear weights.
     noisy_weights: str = "shared"
-    # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
-    # instead of [rows, 2 x length, vocab] logits: the memory of large vocabularies.
-    fused_loss: bool = False
 
     def __post_init__(self):
         check_block_size(self.block_size, what="method.block_size")
@@ -87,10 +81,10 @@ class AR2BDConfig:
             )
         if self.noisy_weights not in NOISY_WEIGHTS:
             raise ConfigError(f"method.noisy_weights must be one of {', '.join(NOISY_WEIGHTS)}, got {self.noisy_weights!r}")
-        if self.noisy_weights == "separate" and (self.ar_weight > 0 or self.fused_loss):
+        if self.noisy_weights == "separate" and self.ar_weight > 0:
             raise ConfigError(
                 "method.noisy_weights=separate keeps the clean stream the original, frozen model: set method.ar_weight=0 "
-                "(an AR loss on it would train nothing) and method.fused_loss=false (it reads the clean LM head)"
+                "(an AR loss on it would train nothing)"
             )
 
     def block_size_at(self, step: int) -> int:
@@ -102,6 +96,9 @@ class AR2BDConfig:
 def build_model(cfg: Config):
     m: AR2BDConfig = cfg.method
     check_block_size(m.block_size, cfg.data.max_length, "method.block_size")
+    if m.noisy_weights == "separate" and cfg.train.fused_loss:
+        raise ConfigError("method.noisy_weights=separate needs train.fused_loss=false: the fused loss reads the clean "
+                          "stream's LM head, which stays the original, frozen model")
     # Loaded as configured (sdpa/eager), as the block_diffusion decoder runs it for eval and export;
     # the loss switches to FlexAttention for its forward when the backend is flex.
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
@@ -112,15 +109,6 @@ def build_model(cfg: Config):
     if m.noisy_weights == "separate":  # LoRA and gradient checkpointing are refused by the trainer
         split_noisy_weights(model)
     return model, tokenizer
-
-
-def build_dataset(cfg: Config, tokenizer):
-    """(prompt, response) id lists; the response is what the labels supervise."""
-    samples = []
-    for sample in tokenize_dataset(load_source(cfg.data), tokenizer, cfg.data).samples:
-        start = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
-        samples.append({"prompt": sample["input_ids"][:start], "response": sample["input_ids"][start:]})
-    return samples
 
 
 def collate(samples):
@@ -148,17 +136,14 @@ def loss(model, batch, cfg: Config):
     layout, targets = build_batch(batch["prompts"], batch["responses"], masks, rates, block_size, spec.mask_token_id,
                                   inverse_t_weight=m.inverse_t_weight, ar_weight=m.ar_weight)
     device = next(model.parameters()).device
-    layout = layout.to(device)
-    backend = resolve_backend(m.attention, device)
-    with attention_backend(model, backend), noisy_tokens(model, layout.stream == NOISY):
-        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                      attention_mask=training_attention(model, layout, backend), use_cache=False)
-        if m.fused_loss:
-            hidden, head = final_hidden_states(model, **inputs)  # [v*b, T, h], [V, h]
-            loss_sum, metrics = block_diffusion_loss_sum(hidden, targets.to(device), head=head)
-        else:
-            logits = model(**inputs).logits  # [v*b, T, V]
-            loss_sum, metrics = block_diffusion_loss_sum(logits, targets.to(device))
+    layout, targets = layout.to(device), targets.to(device)
+    if cfg.train.fused_loss:
+        hidden, head = two_stream_forward(model, layout, cfg.train.attention, training_attention,
+                                          hidden_states=True)  # [v*b, T, h], [V, h]
+        loss_sum, metrics = block_diffusion_loss_sum(hidden, targets, head=head)
+    else:
+        logits = two_stream_forward(model, layout, cfg.train.attention, training_attention)  # [v*b, T, V]
+        loss_sum, metrics = block_diffusion_loss_sum(logits, targets)
     return loss_sum, {**metrics, "block_size": float(block_size)}
 
 
@@ -167,9 +152,8 @@ RECIPE = Recipe(
     description="AR to block-diffusion adaptation (two-stream BD3 mask, token shift, complementary view)",
     method_config=AR2BDConfig,
     build_model=build_model,
-    build_dataset=build_dataset,
+    build_dataset=prompt_response_dataset,
     build_collator=build_collator,
     loss=loss,
     new_token_ids=lambda model: [spec_of(model).mask_token_id],
-    export_settings=export_settings,
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -46,17 +46,17 @@ from leaplm.train.rollouts import (
 
 @dataclass
 class CLLMConfig:
-    block_size: int = 16  # Jacobi block n of the rollouts (and of the decoder afterwards); the reference uses 16
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "jacobi_block_size"}  # old key -> new (config.py::build)
+    jacobi_block_size: int = 16  # Jacobi block n of the rollouts (and of the decoder afterwards); the reference's 16
     init: str = "prompt"  # initial guesses: prompt (tokens drawn from the prompt, as the reference) | pad | repeat
     consistency: str = "global"  # global (state -> fixed point, CLLM's trained loss) | local (state -> next state)
     ar_weight: float = 10.0  # weight of the AR loss on the fixed point; the reference's 10:1
     label_smoothing: float = 0.1  # of the AR loss, as the reference's LabelSmoother(epsilon=0.1)
-    max_prompts: int = 0  # prompts to roll out, drawn from the configured data; 0 = all of them
 
     def __post_init__(self):
-        if self.block_size < 2:
-            raise ConfigError(f"method.block_size must be >= 2 (a block of one token has no Jacobi state to "
-                              f"train on; the reference uses 16), got {self.block_size}")
+        if self.jacobi_block_size < 2:
+            raise ConfigError(f"method.jacobi_block_size must be >= 2 (a block of one token has no Jacobi state "
+                              f"to train on; the reference uses 16), got {self.jacobi_block_size}")
         if self.init not in INITS:
             raise ConfigError(f"method.init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.consistency not in CONSISTENCY:
@@ -65,13 +65,11 @@ class CLLMConfig:
             raise ConfigError(f"method.ar_weight must be >= 0, got {self.ar_weight}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"method.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.max_prompts < 0:
-            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
 def check_sections(cfg: Config) -> None:
     """The rules that tie `method` to the shared sections."""
-    check_rollout_sections(cfg, "cllm", cfg.method.block_size)
+    check_rollout_sections(cfg, "cllm", cfg.method.jacobi_block_size)
 
 
 # ----- Model and data -------------------------------------------------------------------------
@@ -85,8 +83,8 @@ def build_model(cfg: Config):
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank."""
     m: CLLMConfig = cfg.method
-    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
-                     max_prompts=m.max_prompts)
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, jacobi_block_size=m.jacobi_block_size,
+                             init=m.init)
 
 
 def build_dataset(cfg: Config, tokenizer):
@@ -112,7 +110,8 @@ def build_collator(cfg: Config, tokenizer):
 # ----- Loss ---------------------------------------------------------------------------------
 
 
-def pick_states(states: list[list[int]], consistency: str, rng: random.Random) -> tuple[list[int], list[int]]:
+def pick_consistency_pair(states: list[list[int]], consistency: str,
+                          rng: random.Random) -> tuple[list[int], list[int]]:
     """(student state, teacher tokens) of one block: a random non-final state and the fixed point
     (global) or the state after it (local). A block guessed right at once has only its fixed
     point, which then meets itself and counts nothing."""
@@ -129,12 +128,12 @@ def loss(model, batch, cfg: Config):
     b = len(samples)
     device = next(model.parameters()).device
     # The state is drawn from the sample's own seed: the same whatever the process, micro-batch or resume.
-    picks = [pick_states(s["states"], m.consistency, random.Random(s[NOISE_SEED])) for s in samples]
+    picks = [pick_consistency_pair(s["states"], m.consistency, random.Random(s[NOISE_SEED])) for s in samples]
     contexts = [s["prompt_ids"] + s["prefix_ids"] for s in samples]
     fixed_points = [s["fixed_point"] for s in samples]
 
     # One forward with gradients: student rows (context + state) and fixed-point rows.
-    rows = block_batch(contexts + contexts, [p[0] for p in picks] + fixed_points, m.block_size,
+    rows = block_batch(contexts + contexts, [p[0] for p in picks] + fixed_points, m.jacobi_block_size,
                        batch["pad_token_id"]).to(device)
     logits = block_logits(model, rows)  # [2b, n + 1, v]
     student_logits, fixed_logits = logits[:b], logits[b:]
@@ -142,7 +141,8 @@ def loss(model, batch, cfg: Config):
     if m.consistency == "global":
         teacher_logits, targets = fixed_logits.detach(), rows.blocks[b:]
     else:
-        teacher_rows = block_batch(contexts, [p[1] for p in picks], m.block_size, batch["pad_token_id"]).to(device)
+        teacher_rows = block_batch(contexts, [p[1] for p in picks], m.jacobi_block_size,
+                                   batch["pad_token_id"]).to(device)
         with torch.no_grad():
             teacher_logits = block_logits(model, teacher_rows)
         targets = teacher_rows.blocks
@@ -163,5 +163,6 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     rollout=rollout,
-    export_settings=lambda cfg, model, out_dir: {"block_size": cfg.method.block_size},  # the Jacobi block trained on
+    # The Jacobi block trained on; the decoder's own is eval.decoder_settings' jacobi_block_size.
+    export_settings=lambda cfg, model, out_dir: {"jacobi_block_size": cfg.method.jacobi_block_size},
 )

@@ -9,7 +9,7 @@ separate noisy weights trains only those (full fine-tuning of the copies, clean 
 its verified decoding still writes the AR teacher's greedy output
 (``configs/dparallel/tiny_teacher_separate.yaml``).
 Rollout: the model decodes the training prompts with its ``block_diffusion`` decoder
-(``rollout.decoder_args``; one token per step, ``threshold: 1.0``, as dParallel's 256-step
+(``rollout.decoder_settings``; one token per step, ``threshold: 1.0``, as dParallel's 256-step
 trajectories), answers that fail their task's checker are dropped (``rollout.drop_wrong``); the
 answers are a ``datasets`` dataset reused on a rerun with the same settings
 (``train/rollouts.py::collect_decoded_rollouts`` through the run's rollout step, sharded over ranks).
@@ -18,7 +18,7 @@ Batch: the two-stream ``[clean | noisy]`` rows of ``losses/block_diffusion.py::b
 semi-AR noising (one block per row masked at ``rate``) and its complementary copy
 (``losses/dllm_distill.py::semi_ar_masks``), built in the collator so ``n_targets`` is exact.
 Loss: CE on the masked tokens (and the block starts, from the clean stream) plus
-``entropy_weight`` x the entropy of ``softmax(logits / temperature)`` averaged over the masked
+``entropy_weight`` x the entropy of ``softmax(logits / entropy_temperature)`` averaged over the masked
 tokens already predicted right, per micro-batch as the reference
 (``losses/dllm_distill.py::certainty_forcing_loss_sum``; ``method.entropy_mean``); weights 2.0
 and T=0.5 as the LLaDA reference.
@@ -36,18 +36,16 @@ ar2bd trains them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
-from transformers import AutoConfig
 
 from leaplm.config import Config, ConfigError
 from leaplm.losses.block_diffusion import build_batch
 from leaplm.losses.dllm_distill import ENTROPY_MEANS, NOISED_BLOCKS, certainty_forcing_loss_sum, semi_ar_masks
-from leaplm.models.block_diffusion import export_settings, spec_of, training_attention
-from leaplm.models.noisy_weights import has_noisy_weights, noisy_tokens
-from leaplm.models.two_stream import ATTENTION_BACKENDS, NOISY, attention_backend, resolve_backend
-from leaplm.models.zoo import load_model, resolve
+from leaplm.models.block_diffusion import training_attention
+from leaplm.models.two_stream import two_stream_forward
+from leaplm.train.block_diffusion import load_block_diffusion_model, load_model_config
 from leaplm.train.recipes import NOISE_SEED, Recipe, sample_generators
 from leaplm.train.rollouts import (
     ANSWER_FEATURES,
@@ -61,14 +59,13 @@ from leaplm.train.rollouts import (
 
 @dataclass
 class DParallelConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"temperature": "entropy_temperature"}  # old key -> new (config.py::build)
     rate: float = 0.5  # mask rate of the noised block (the reference's fixed t = 0.5)
     max_rate: float | None = None  # > rate: each noised block draws its rate from U(rate, max_rate) (ours)
     blocks: str = "one"  # one block per row (reference) | all blocks of the row, each its own semi-AR input
     entropy_weight: float = 2.0  # the LLaDA reference's 2 (Dream: 1)
     entropy_mean: str = "correct"  # correct: entropy averaged over the right tokens (reference) | targets (see the doc)
-    temperature: float = 0.5  # of the softmax whose entropy is minimised
-    attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
-    max_prompts: int = 0  # prompts to roll out, drawn from the configured data; 0 = all of them
+    entropy_temperature: float = 0.5  # of the softmax whose entropy is minimised
 
     def __post_init__(self):
         if not 0 < self.rate < 1:
@@ -77,36 +74,12 @@ class DParallelConfig:
             raise ConfigError(f"method.max_rate must be in (method.rate, 1] = ({self.rate}, 1], or null for a fixed "
                               f"rate, got {self.max_rate}")
         for key, value, choices in [("blocks", self.blocks, NOISED_BLOCKS),
-                                    ("entropy_mean", self.entropy_mean, ENTROPY_MEANS),
-                                    ("attention", self.attention, ATTENTION_BACKENDS)]:
+                                    ("entropy_mean", self.entropy_mean, ENTROPY_MEANS)]:
             if value not in choices:
                 raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
-        if self.entropy_weight < 0 or self.temperature <= 0:
-            raise ConfigError(f"need method.entropy_weight >= 0 and method.temperature > 0, got "
-                              f"{self.entropy_weight}, {self.temperature}")
-        if self.max_prompts < 0:
-            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
-
-
-def load_block_diffusion_model(cfg: Config, recipe: str, allow_noisy_weights: bool = False):
-    """The block-diffusion model to distill or to roll out with, as the engine decodes it
-    (sdpa/eager); the losses switch to FlexAttention for their forward when the backend is flex.
-
-    A model with separate noisy weights (ar2bd ``method.noisy_weights: separate``) is refused
-    unless the caller routes them (``allow_noisy_weights``: its loss marks the noisy tokens, or it
-    only decodes through the engine, which does).
-    """
-    if cfg.model.attn_implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"{recipe} rolls out and evaluates through the engine, which needs model.attn_implementation "
-                          f"sdpa or eager (got {cfg.model.attn_implementation!r}); method.attention=flex trains with "
-                          "FlexAttention anyway")
-    model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
-                                  cfg.model.tokenizer)
-    spec_of(model)  # refuses a model that is not block diffusion, naming ar2bd as the fix
-    if has_noisy_weights(model) and not allow_noisy_weights:
-        raise ConfigError(f"{cfg.model.name_or_path} has separate noisy weights (ar2bd method.noisy_weights=separate), "
-                          f"which {recipe}'s losses do not route; distill a model adapted with shared weights")
-    return model, tokenizer
+        if self.entropy_weight < 0 or self.entropy_temperature <= 0:
+            raise ConfigError(f"need method.entropy_weight >= 0 and method.entropy_temperature > 0, got "
+                              f"{self.entropy_weight}, {self.entropy_temperature}")
 
 
 def build_model(cfg: Config):
@@ -115,7 +88,7 @@ def build_model(cfg: Config):
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
-    collect_answers(cfg, model, tokenizer, accelerator, max_prompts=cfg.method.max_prompts)
+    collect_answers(cfg, model, tokenizer, accelerator)
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
@@ -126,26 +99,17 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
     return samples
 
 
-def two_stream_forward(model, layout, backend: str) -> torch.Tensor:
-    """Logits [b, T, V] of ``layout`` under the block-diffusion training mask, on ``backend``; the noisy
-    stream's tokens go through the noisy weights of a model that has them (a no-op otherwise)."""
-    with attention_backend(model, backend), noisy_tokens(model, layout.stream == NOISY):
-        attention = training_attention(model, layout, backend)
-        return model(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=attention,
-                     use_cache=False).logits
-
-
 def build_collator(cfg: Config, tokenizer):
     m: DParallelConfig = cfg.method
-    model_cfg = load_model_config(cfg)
+    spec = load_model_config(cfg)
 
     def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         prompts, responses = [s["prompt"] for s in samples], [s["response"] for s in samples]
         rate = m.rate if m.max_rate is None else (m.rate, m.max_rate)
-        masks = semi_ar_masks([len(r) for r in responses], model_cfg["block_size"], rate, m.blocks,
+        masks = semi_ar_masks([len(r) for r in responses], spec.block_size, rate, m.blocks,
                               generator=sample_generators(s[NOISE_SEED] for s in samples))
         layout, targets = build_batch(prompts, responses, masks, [torch.ones(len(x)) for x in masks],
-                                      model_cfg["block_size"], model_cfg["mask_token_id"],
+                                      spec.block_size, spec.mask_token_id,
                                       inverse_t_weight=False, ar_weight=0.0)
         return {"layout": layout, "targets": targets, "n_targets": torch.tensor(len(targets.labels)),
                 "n_tokens": torch.tensor(int((layout.stream >= 0).sum()))}
@@ -153,20 +117,12 @@ def build_collator(cfg: Config, tokenizer):
     return collate
 
 
-def load_model_config(cfg: Config) -> dict[str, Any]:
-    """The ``block_diffusion`` entry of the model's config (block size, mask token id), for the collator."""
-    entry = getattr(AutoConfig.from_pretrained(resolve(cfg.model.name_or_path)), "block_diffusion", None)
-    if not entry:
-        raise ConfigError(f"{cfg.model.name_or_path} is not a block-diffusion model; adapt it first with ar2bd")
-    return entry
-
-
 def loss(model, batch, cfg: Config):
     m: DParallelConfig = cfg.method
     device = next(model.parameters()).device
-    logits = two_stream_forward(model, batch["layout"].to(device), resolve_backend(m.attention, device))
+    logits = two_stream_forward(model, batch["layout"].to(device), cfg.train.attention, training_attention)  # [b, T, V]
     return certainty_forcing_loss_sum(logits, batch["targets"].to(device), entropy_weight=m.entropy_weight,
-                                      temperature=m.temperature, entropy_mean=m.entropy_mean)
+                                      entropy_temperature=m.entropy_temperature, entropy_mean=m.entropy_mean)
 
 
 RECIPE = Recipe(
@@ -178,5 +134,4 @@ RECIPE = Recipe(
     build_collator=build_collator,
     loss=loss,
     rollout=rollout,
-    export_settings=export_settings,
 )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ VARIANTS = ("medusa1", "medusa2", "hydra_pp")
 
 @dataclass
 class DraftHeadsMethodConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "rollout_block_size"}  # old key -> new (config.py::build)
     variant: str = "medusa1"  # medusa1 (base frozen) | medusa2 (jointly with LoRA) | hydra_pp
     num_heads: int = 4  # heads; head k drafts the token k+2 ahead. Medusa uses 5, Hydra++ 4
     num_layers: int = 1  # residual blocks per head; Medusa uses 1, Hydra++ 4
@@ -72,8 +74,7 @@ class DraftHeadsMethodConfig:
     self_distillation: bool = True  # Medusa-2: L_0 = KL to the adapter-disabled base instead of CE
     teacher_weight: float = 1.0  # Hydra++: soft CE to the base's distribution
     lm_weight: float = 0.0  # Hydra++: CE to the answer tokens (Hydra++ uses 0)
-    block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy either way)
-    max_prompts: int = 0  # prompts to roll out from the configured data; 0 = all
+    rollout_block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -82,8 +83,6 @@ class DraftHeadsMethodConfig:
             raise ConfigError(f"method.num_heads and method.num_layers must be >= 1, got {self.num_heads}, "
                               f"{self.num_layers}")
         schedule_weight(self.schedule, 0, 1)  # raises on an unknown schedule
-        if self.max_prompts < 0:
-            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
 
 
 def schedule_weight(schedule: str, step: int, max_steps: int) -> float:
@@ -107,7 +106,7 @@ def schedule_weight(schedule: str, step: int, max_steps: int) -> float:
 
 def check_sections(cfg: Config) -> None:
     m: DraftHeadsMethodConfig = cfg.method
-    check_rollout_sections(cfg, "draft_heads", m.block_size)
+    check_rollout_sections(cfg, "draft_heads", m.rollout_block_size)
     if m.variant == "medusa2" and cfg.model.lora.r == 0:
         raise ConfigError("medusa2 trains the base jointly with LoRA: set model.lora.r > 0 (or variant medusa1)")
     if m.variant != "medusa2" and cfg.model.lora.r > 0:
@@ -134,8 +133,8 @@ def build_model(cfg: Config):
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The base's greedy answers to the data's prompts (collected once, reused on a rerun)."""
     m: DraftHeadsMethodConfig = cfg.method
-    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init="prompt",
-                     max_prompts=m.max_prompts)
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size,
+                             init="prompt")
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:

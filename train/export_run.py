@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from leaplm.models.heads import attach_saved_heads
+from leaplm.models.addons import attach_addons
 from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
 from leaplm.models.zoo import load_model, load_tokenizer
 from leaplm.ship.export import Bench, check_replaceable, export_model, find_checkpoint
@@ -22,7 +22,7 @@ def load_checkpoint(path: Path):
 
         base, _ = get_recipe(cfg.recipe).build_model(cfg)  # the recipe's base: conversions (mask token) included
         model, tokenizer = PeftModel.from_pretrained(base, model_dir), load_tokenizer(str(model_dir))
-        attach_saved_heads(model.get_base_model(), model_dir)  # heads trained in full sit beside the adapter
+        attach_addons(model.get_base_model(), model_dir)  # heads trained in full sit beside the adapter
     elif json.loads((model_dir / "config.json").read_text()).get("model_type") == UnmaskFilterConfig.model_type:
         # Learn2PD's checkpoint is its filter, not a causal LM
         model, tokenizer = UnmaskFilter.from_pretrained(model_dir), load_tokenizer(str(model_dir))

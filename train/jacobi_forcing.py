@@ -40,19 +40,19 @@ checker are dropped (``rollout.drop_wrong``).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from leaplm.config import Config, ConfigError
 from leaplm.inference.decoders.jacobi import INITS
 from leaplm.losses.jacobi_forcing import STRATEGIES, build_batch, jacobi_forcing_loss_sum, pick_states
-from leaplm.losses.linear_cross_entropy import final_hidden_states
 from leaplm.models.jacobi_forcing import NOISY_CONTEXTS, training_attention
-from leaplm.models.two_stream import ATTENTION_BACKENDS, attention_backend, resolve_backend
+from leaplm.models.two_stream import two_stream_forward
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
@@ -70,21 +70,23 @@ WINDOW_OFFSETS = ("random", "start")
 
 @dataclass
 class Stage:
-    block_size: int = 0  # n of this stage's rollouts and training
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "jacobi_block_size"}  # old key -> new (config.py::build)
+    jacobi_block_size: int = 0  # n of this stage's rollouts and training
     max_steps: int = 0  # optimizer steps of this stage (replaces train.max_steps)
     lr: float | None = None  # this stage's peak lr; null = train.lr (the reference lowers it as n grows)
 
     def __post_init__(self):
-        if self.block_size < 2 or self.max_steps < 1:
-            raise ConfigError(f"each method.stages entry needs block_size >= 2 and max_steps >= 1, got "
-                              f"block_size={self.block_size}, max_steps={self.max_steps}")
+        if self.jacobi_block_size < 2 or self.max_steps < 1:
+            raise ConfigError(f"each method.stages entry needs jacobi_block_size >= 2 and max_steps >= 1, "
+                              f"got jacobi_block_size={self.jacobi_block_size}, max_steps={self.max_steps}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"method.stages lr must be positive (or null for train.lr), got {self.lr}")
 
 
 @dataclass
 class JacobiForcingConfig:
-    block_size: int = 16  # Jacobi block n of the rollouts and the decoder; with stages, the last stage's
+    RENAMED: ClassVar[dict[str, str]] = {"block_size": "jacobi_block_size", "temperature": "distill_temperature"}
+    jacobi_block_size: int = 16  # Jacobi block n of the rollouts and the decoder; with stages, the last stage's
     window_size: int = 16  # blocks per cycle of the noise schedule (the reference's w)
     min_noise_ratio: float = 0.0  # schedule start: 0 = the fixed point itself (only the AR term)
     max_noise_ratio: float = 1.0  # schedule end: 1 = a state wrong from its first token
@@ -94,20 +96,15 @@ class JacobiForcingConfig:
     # fewer blocks than the window never train their first blocks on noisy states).
     window_offset: str = "random"
     ar_weight: float = 10.0  # weight of the AR term; the reference's factor 10
-    temperature: float = 1.0  # of the consistency soft CE (scaled by T^2); the reference's distill_temperature
+    distill_temperature: float = 1.0  # of the consistency soft CE (scaled by T^2), as the reference's
     noisy_context: str = "noisy"  # a noisy block sees earlier noisy blocks (reference) | clean blocks
-    attention: str = "auto"  # auto (flex on GPU, dense on CPU) | flex | dense
-    # Compute only the supervised positions' logits, a chunk at a time (losses/linear_cross_entropy.py),
-    # instead of [rows, packed length, vocab] logits: the memory of large vocabularies.
-    fused_loss: bool = False
     init: str = "prompt"  # rollout initial guesses: prompt (tokens drawn from the prompt, as the reference) | pad | repeat
-    max_prompts: int = 0  # prompts to roll out (per stage), drawn from the configured data; 0 = all of them
-    stages: list[Stage] = field(default_factory=list)  # progressive stages; empty = one run at block_size
+    stages: list[Stage] = field(default_factory=list)  # progressive stages; empty = one run at jacobi_block_size
 
     def __post_init__(self):
-        if self.block_size < 2:
-            raise ConfigError(f"method.block_size must be >= 2 (a block of one token has no Jacobi state to "
-                              f"train on; the reference uses 16 to 64), got {self.block_size}")
+        if self.jacobi_block_size < 2:
+            raise ConfigError(f"method.jacobi_block_size must be >= 2 (a block of one token has no Jacobi state "
+                              f"to train on; the reference uses 16 to 64), got {self.jacobi_block_size}")
         if self.window_size < 1:
             raise ConfigError(f"method.window_size must be >= 1 (blocks per cycle of the noise schedule; the "
                               f"reference uses 16), got {self.window_size}")
@@ -116,26 +113,24 @@ class JacobiForcingConfig:
                               f"{self.min_noise_ratio}, {self.max_noise_ratio}")
         for key, value, choices in [("strategy", self.strategy, STRATEGIES), ("init", self.init, INITS),
                                     ("window_offset", self.window_offset, WINDOW_OFFSETS),
-                                    ("noisy_context", self.noisy_context, NOISY_CONTEXTS),
-                                    ("attention", self.attention, ATTENTION_BACKENDS)]:
+                                    ("noisy_context", self.noisy_context, NOISY_CONTEXTS)]:
             if value not in choices:
                 raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
         if self.ar_weight < 0:
             raise ConfigError(f"method.ar_weight must be >= 0, got {self.ar_weight}")
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be positive, got {self.temperature}")
-        if self.max_prompts < 0:
-            raise ConfigError(f"method.max_prompts must be >= 0 (0 = every prompt of the data), got {self.max_prompts}")
-        if self.stages and self.stages[-1].block_size != self.block_size:
-            raise ConfigError(f"method.block_size={self.block_size} but the last of method.stages trains "
-                              f"block_size={self.stages[-1].block_size}; method.block_size is the block size the "
-                              f"final model is trained for: make them equal")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"method.distill_temperature must be positive, got {self.distill_temperature}")
+        if self.stages and self.stages[-1].jacobi_block_size != self.jacobi_block_size:
+            raise ConfigError(f"method.jacobi_block_size={self.jacobi_block_size} but the last of method.stages "
+                              f"trains jacobi_block_size={self.stages[-1].jacobi_block_size}; "
+                              f"method.jacobi_block_size is the block size the final model is trained for: "
+                              f"make them equal")
 
 
 def check_sections(cfg: Config) -> None:
     """The rules that tie `method` to the shared sections, for every stage's block size."""
     m: JacobiForcingConfig = cfg.method
-    for size in [stage.block_size for stage in m.stages] or [m.block_size]:
+    for size in [stage.jacobi_block_size for stage in m.stages] or [m.jacobi_block_size]:
         check_rollout_sections(cfg, "jacobi_forcing", size)
     if m.stages and cfg.train.resume_from not in (None, "latest"):
         raise ConfigError("with method.stages, train.resume_from can only be latest (each stage resumes from its own "
@@ -158,7 +153,7 @@ def stage_configs(cfg: Config) -> list[Config]:
         c = copy.deepcopy(cfg)
         c.output_dir = f"{cfg.output_dir}/stage_{k}"
         c.model.name_or_path = model
-        c.method.block_size, c.method.stages = stage.block_size, []
+        c.method.jacobi_block_size, c.method.stages = stage.jacobi_block_size, []
         c.train.max_steps = stage.max_steps
         c.train.lr = cfg.train.lr if stage.lr is None else stage.lr
         if k < len(m.stages):
@@ -174,29 +169,30 @@ def stage_configs(cfg: Config) -> list[Config]:
 
 def build_model(cfg: Config):
     """The model as the engine decodes it (sdpa/eager): rollouts, eval and export use it as it is;
-    the loss switches to FlexAttention for its forward when the backend is flex (``attention_backend``)."""
+    the loss switches to FlexAttention for its forward when the backend is flex (``two_stream_forward``)."""
     check_sections(cfg)
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError("jacobi_forcing rolls out and evaluates through the engine, which needs "
                           f"model.attn_implementation sdpa or eager (got {cfg.model.attn_implementation!r}); "
-                          "method.attention=flex trains with FlexAttention anyway")
+                          "train.attention=flex trains with FlexAttention anyway")
     return load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.tokenizer)
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     m: JacobiForcingConfig = cfg.method
-    collect_run_trajectories(cfg, model, tokenizer, accelerator, block_size=m.block_size, init=m.init,
-                     max_prompts=m.max_prompts)
+    collect_run_trajectories(cfg, model, tokenizer, accelerator, jacobi_block_size=m.jacobi_block_size,
+                             init=m.init)
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, Any]]:
     """Per prompt: its ids and its answer's (noisy state, fixed point) pairs chosen by the schedule."""
     m: JacobiForcingConfig = cfg.method
     path = current_rollouts(rollouts_dir(cfg))
-    collected = json.loads((path / SETTINGS_FILE).read_text())["block_size"]
-    if collected != m.block_size:
-        raise RolloutError(f"the rollouts in {path} were collected with block_size {collected}, but "
-                           f"method.block_size is {m.block_size}; collect them again (rerun the rollout step)")
+    collected = json.loads((path / SETTINGS_FILE).read_text())["jacobi_block_size"]
+    if collected != m.jacobi_block_size:
+        raise RolloutError(f"the rollouts in {path} were collected with jacobi_block_size {collected}, but "
+                           f"method.jacobi_block_size is {m.jacobi_block_size}; collect them again "
+                           f"(rerun the rollout step)")
     ds = load_rollouts(path, cfg.rollout.drop_wrong)
     answers: dict[int, dict[str, Any]] = {}
     for index, prompt, block, states in zip(ds["prompt_index"], ds["prompt_ids"], ds["block_index"], ds["states"]):
@@ -240,17 +236,16 @@ def build_collator(cfg: Config, tokenizer):
 def loss(model, batch, cfg: Config):
     m: JacobiForcingConfig = cfg.method
     device = next(model.parameters()).device
-    backend = resolve_backend(m.attention, device)
     layout, targets = batch["layout"].to(device), batch["targets"].to(device)
-    with attention_backend(model, backend):
-        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                      attention_mask=training_attention(model, layout, backend, m.noisy_context), use_cache=False)
-        if m.fused_loss:
-            hidden, head = final_hidden_states(model, **inputs)  # [b, T, h], [V, h]
-            return jacobi_forcing_loss_sum(hidden, targets, ar_weight=m.ar_weight, temperature=m.temperature,
-                                           head=head)
-        logits = model(**inputs).logits  # [b, T, V]
-    return jacobi_forcing_loss_sum(logits, targets, ar_weight=m.ar_weight, temperature=m.temperature)
+    mask = functools.partial(training_attention, noisy_context=m.noisy_context)
+    if cfg.train.fused_loss:
+        hidden, head = two_stream_forward(model, layout, cfg.train.attention, mask,
+                                          hidden_states=True)  # [b, T, h], [V, h]
+        return jacobi_forcing_loss_sum(hidden, targets, ar_weight=m.ar_weight,
+                                       distill_temperature=m.distill_temperature, head=head)
+    logits = two_stream_forward(model, layout, cfg.train.attention, mask)  # [b, T, V]
+    return jacobi_forcing_loss_sum(logits, targets, ar_weight=m.ar_weight,
+                                   distill_temperature=m.distill_temperature)
 
 
 RECIPE = Recipe(
@@ -263,5 +258,6 @@ RECIPE = Recipe(
     loss=loss,
     rollout=rollout,
     stages=stage_configs,
-    export_settings=lambda cfg, model, out_dir: {"block_size": cfg.method.block_size},  # the last stage's n
+    # The Jacobi block trained on (the last stage's); the decoder's own is in eval.decoder_settings.
+    export_settings=lambda cfg, model, out_dir: {"jacobi_block_size": cfg.method.jacobi_block_size},
 )

@@ -6,7 +6,7 @@ Model trained: the filter of ``models/unmask_filter.py`` (``Linear(n, h) -> ReLU
 over a block's n = block_size - 1 confidences); the block-diffusion LM (``model.name_or_path``)
 stays frozen and only makes the data.
 Rollout: the LM decodes the training prompts one token per step with its ``block_diffusion``
-decoder (``rollout.decoder_args``; the same stored answers as dParallel's rollouts, reused when
+decoder (``rollout.decoder_settings``; the same stored answers as dParallel's rollouts, reused when
 the settings match), wrong answers dropped; then reference-guided decoding of those answers
 records (confidences, is-final labels) per block and step
 (:func:`reference_guided_examples`, below), saved next to the answers and reused.
@@ -48,7 +48,7 @@ from leaplm.losses.block_diffusion import build_batch
 from leaplm.models.block_diffusion import spec_of, training_attention
 from leaplm.models.unmask_filter import UnmaskFilter, UnmaskFilterConfig
 from leaplm.models.zoo import resolve
-from leaplm.train.dparallel import load_block_diffusion_model, load_model_config
+from leaplm.train.block_diffusion import load_block_diffusion_model, load_model_config
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
     ANSWER_FEATURES,
@@ -65,12 +65,11 @@ EXAMPLES_FILE = "learn2pd_examples.pt"
 @dataclass
 class Learn2PDConfig:
     hidden: int = 32  # the reference's hidden width (= its block of 32)
-    max_prompts: int = 0  # prompts to roll out; 0 = all of the data
     label_batch_size: int = 16  # answers per forward of the reference-guided decoding
 
     def __post_init__(self):
-        if self.hidden < 1 or self.label_batch_size < 1 or self.max_prompts < 0:
-            raise ConfigError("method.hidden and method.label_batch_size must be >= 1, method.max_prompts >= 0")
+        if self.hidden < 1 or self.label_batch_size < 1:
+            raise ConfigError("method.hidden and method.label_batch_size must be >= 1")
 
 
 @torch.no_grad()
@@ -130,13 +129,13 @@ def build_model(cfg: Config):
                           "eval.every=0; bench the LM with the filter rule instead")
     spec = load_model_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model.tokenizer or cfg.model.name_or_path))
-    return UnmaskFilter(UnmaskFilterConfig(width=spec["block_size"] - 1, hidden=cfg.method.hidden)), tokenizer
+    return UnmaskFilter(UnmaskFilterConfig(width=spec.block_size - 1, hidden=cfg.method.hidden)), tokenizer
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The LM's careful answers, then the reference-guided examples (both reused when present)."""
     lm, _ = load_block_diffusion_model(cfg, "learn2pd", allow_noisy_weights=True)
-    path = collect_answers(cfg, lm, tokenizer, accelerator, max_prompts=cfg.method.max_prompts)
+    path = collect_answers(cfg, lm, tokenizer, accelerator)
     if accelerator.is_main_process and not (path / EXAMPLES_FILE).is_file():
         ds = load_rollouts(path, cfg.rollout.drop_wrong, ANSWER_FEATURES)
         kept = [(p, a) for p, a in zip(ds["prompt_ids"], ds["answer_ids"]) if a]

@@ -1,7 +1,7 @@
 """Recipe: AR pretraining / supervised fine-tuning of a causal LM.
 
 Data: chat samples (synthetic suite or any prompt/response dataset), response-only loss.
-Loss: next-token cross-entropy (losses/causal_lm.py; with `method.fused_loss`, chunked from the hidden
+Loss: next-token cross-entropy (losses/causal_lm.py; with `train.fused_loss`, chunked from the hidden
 states by losses/linear_cross_entropy.py). Decoder for eval: `ar`.
 With `model.init` set, a random model of that architecture is built and a byte-level BPE
 tokenizer is trained on the task corpus: this is how the embedded tiny teacher is made.
@@ -18,16 +18,14 @@ from leaplm.config import Config
 from leaplm.data.sft import PadCollator, load_source, model_inputs, pack, synthetic_dataset, tokenize_dataset
 from leaplm.data.tokenizer import train_tokenizer
 from leaplm.losses.causal_lm import causal_lm_loss_sum
-from leaplm.losses.linear_cross_entropy import final_hidden_states, linear_cross_entropy_sum
-from leaplm.models.zoo import build_from_config, load_model, load_tokenizer
+from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum
+from leaplm.models.zoo import build_from_config, final_hidden_states, load_model, load_tokenizer
 from leaplm.train.recipes import Recipe
 
 
 @dataclass
 class PretrainConfig:
-    # Next-token CE from the final hidden states a chunk of positions at a time
-    # (losses/linear_cross_entropy.py), never holding [batch, seq, vocab] logits.
-    fused_loss: bool = False
+    """No settings of its own: the shared sections hold them all (``train.fused_loss`` for the chunked loss)."""
 
 
 def build_model(cfg: Config):
@@ -52,7 +50,7 @@ def build_collator(cfg: Config, tokenizer):
 
 
 def loss(model, batch, cfg: Config):
-    if cfg.method.fused_loss:
+    if cfg.train.fused_loss:
         hidden, head = final_hidden_states(model, **model_inputs(batch), use_cache=False)  # [b, s, h], [v, h]
         return linear_cross_entropy_sum(hidden[:, :-1], head, batch["labels"][:, 1:]), {}
     logits = model(**model_inputs(batch), use_cache=False).logits  # [b, s, v]

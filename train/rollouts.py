@@ -162,10 +162,10 @@ def base_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, max
             "max_new_tokens": max_new_tokens, "seed": seed}
 
 
-def rollout_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, block_size: int,
+def rollout_settings(model_id: dict[str, Any], prompts: list[RolloutPrompt], *, jacobi_block_size: int,
                      max_new_tokens: int, init: str, seed: int) -> dict[str, Any]:
     return {**base_settings(model_id, prompts, max_new_tokens=max_new_tokens, seed=seed),
-            "block_size": block_size, "init": init}
+            "jacobi_block_size": jacobi_block_size, "init": init}
 
 
 # ----- Collection ---------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class _OneProcess:
 
 def collect_jacobi_rollouts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[RolloutPrompt], out_dir: str | Path,
-    *, model_id: dict[str, Any], block_size: int = 16, max_new_tokens: int = 256, init: str = "prompt",
+    *, model_id: dict[str, Any], jacobi_block_size: int = 16, max_new_tokens: int = 256, init: str = "prompt",
     seed: int = 0, batch_size: int = 32, accelerator: Any = None, progress: bool = True,
 ) -> Path:
     """Collect (or reuse) the Jacobi rollouts of ``prompts``; return the dataset directory.
@@ -205,22 +205,22 @@ def collect_jacobi_rollouts(
     current rollouts (:func:`current_rollouts`).
     """
     def decode(engine: Engine, ids: list[list[int]], rank_seed: int):
-        found = collect_jacobi_trajectories(engine, ids, block_size, max_new_tokens, init=init, seed=rank_seed,
-                                            batch_size=batch_size)
+        found = collect_jacobi_trajectories(engine, ids, jacobi_block_size, max_new_tokens, init=init,
+                                            seed=rank_seed, batch_size=batch_size)
         answers: dict[int, list[int]] = {}
         for row in found:
             answers.setdefault(row["prompt_index"], []).extend(row["fixed_point"])
         return found, answers
 
-    settings = rollout_settings(model_id, prompts, block_size=block_size, max_new_tokens=max_new_tokens,
-                                init=init, seed=seed)
+    settings = rollout_settings(model_id, prompts, jacobi_block_size=jacobi_block_size,
+                                max_new_tokens=max_new_tokens, init=init, seed=seed)
     return collect_rollouts(model, tokenizer, prompts, out_dir, settings=settings, features=FEATURES, decode=decode,
                             batch_size=batch_size, accelerator=accelerator, progress=progress)
 
 
 def collect_decoded_rollouts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[RolloutPrompt], out_dir: str | Path,
-    *, model_id: dict[str, Any], decoder: str, decoder_args: dict[str, Any], max_new_tokens: int = 256,
+    *, model_id: dict[str, Any], decoder: str, decoder_settings: dict[str, Any], max_new_tokens: int = 256,
     seed: int = 0, batch_size: int = 32, accelerator: Any = None, progress: bool = True,
 ) -> Path:
     """Collect (or reuse) the final answers ``decoder`` writes for ``prompts`` (columns
@@ -231,13 +231,13 @@ def collect_decoded_rollouts(
         torch.manual_seed(rank_seed)  # for decoders that sample; greedy ones ignore it
         answers: dict[int, list[int]] = {}
         for first in range(0, len(ids), batch_size):
-            out = engine.generate(ids[first:first + batch_size], decoder, max_new_tokens, **decoder_args)
+            out = engine.generate(ids[first:first + batch_size], decoder, max_new_tokens, **decoder_settings)
             answers.update({first + i: seq for i, seq in enumerate(out.sequences)})
         rows = [{"prompt_index": i, "prompt_ids": ids[i], "answer_ids": answers[i]} for i in range(len(ids))]
         return rows, answers
 
     settings = {**base_settings(model_id, prompts, max_new_tokens=max_new_tokens, seed=seed),
-                "decoder": decoder, "decoder_args": decoder_args}
+                "decoder": decoder, "decoder_settings": decoder_settings}
     return collect_rollouts(model, tokenizer, prompts, out_dir, settings=settings, features=ANSWER_FEATURES,
                             decode=decode, batch_size=batch_size, accelerator=accelerator, progress=progress)
 
@@ -380,20 +380,20 @@ def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
 # into ``OUTPUT_DIR/rollouts``.
 
 
-def check_rollout_sections(cfg: Config, recipe: str, block_size: int, decoder: str = "jacobi") -> None:
+def check_rollout_sections(cfg: Config, recipe: str, jacobi_block_size: int, decoder: str = "jacobi") -> None:
     """Refuse shared-section settings a rollout recipe cannot use, naming the fix."""
     r = cfg.rollout
     if r.decoder != decoder:
         raise ConfigError(f"{recipe} collects {decoder} rollouts: set rollout.decoder={decoder} (got {r.decoder!r})")
-    if decoder == "jacobi" and r.decoder_args:
-        raise ConfigError(f"{recipe} sets its Jacobi rollouts from `method` (block_size, init): remove "
-                          f"rollout.decoder_args {r.decoder_args}")
+    if decoder == "jacobi" and r.decoder_settings:
+        raise ConfigError(f"{recipe} sets its Jacobi rollouts from `method`: remove "
+                          f"rollout.decoder_settings {r.decoder_settings}")
     if r.temperature != 0:
         raise ConfigError(f"{recipe} needs greedy rollouts (its targets are the model's own greedy answers): "
                           "set rollout.temperature=0")
-    if r.max_new_tokens < block_size:
-        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} is shorter than one block "
-                          f"(method.block_size={block_size})")
+    if r.max_new_tokens < jacobi_block_size:
+        raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} is shorter than one Jacobi block "
+                          f"of the rollouts ({jacobi_block_size} tokens)")
     if r.max_new_tokens >= cfg.data.max_length:
         raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt within "
                           f"data.max_length={cfg.data.max_length}")
@@ -408,33 +408,33 @@ def rollouts_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "rollouts"
 
 
-def _prompts_and_model(cfg: Config, model, tokenizer, accelerator, max_prompts: int,
+def _prompts_and_model(cfg: Config, model, tokenizer, accelerator,
                        model_name: str | None = None) -> tuple[list[RolloutPrompt], dict]:
-    prompts = choose_prompts(cfg.data, tokenizer, max_prompts, cfg.rollout.max_new_tokens, cfg.seed)
+    prompts = choose_prompts(cfg.data, tokenizer, cfg.rollout.max_prompts, cfg.rollout.max_new_tokens, cfg.seed)
     model.to(accelerator.device)
     model_id = {**model_fingerprint(model_name or cfg.model.name_or_path), "tokenizer": cfg.model.tokenizer,
                 "dtype": cfg.model.dtype}
     return prompts, model_id
 
 
-def collect_run_trajectories(cfg: Config, model, tokenizer, accelerator, *, block_size: int, init: str,
-                             max_prompts: int, model_name: str | None = None) -> Path:
+def collect_run_trajectories(cfg: Config, model, tokenizer, accelerator, *, jacobi_block_size: int, init: str,
+                             model_name: str | None = None) -> Path:
     """Collect (or reuse) the model's Jacobi rollouts on the accelerator's device, one slice per rank.
 
     ``model_name`` names ``model`` when it is not ``cfg.model`` (e.g. a target answering for a draft).
     """
-    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, max_prompts, model_name)
+    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, model_name)
     return collect_jacobi_rollouts(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
-                                   block_size=block_size, max_new_tokens=cfg.rollout.max_new_tokens, init=init,
-                                   seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,
+                                   jacobi_block_size=jacobi_block_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                                   init=init, seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,
                                    progress=cfg.logging.progress_bar)
 
 
-def collect_answers(cfg: Config, model, tokenizer, accelerator, *, max_prompts: int) -> Path:
-    """Collect (or reuse) the final answers of ``rollout.decoder`` with ``rollout.decoder_args``."""
-    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, max_prompts)
+def collect_answers(cfg: Config, model, tokenizer, accelerator) -> Path:
+    """Collect (or reuse) the final answers of ``rollout.decoder`` with ``rollout.decoder_settings``."""
+    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator)
     return collect_decoded_rollouts(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
-                                    decoder=cfg.rollout.decoder, decoder_args=cfg.rollout.decoder_args,
+                                    decoder=cfg.rollout.decoder, decoder_settings=cfg.rollout.decoder_settings,
                                     max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
                                     batch_size=cfg.rollout.batch_size, accelerator=accelerator,
                                     progress=cfg.logging.progress_bar)

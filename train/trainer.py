@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
 from leaplm.inference.engine import check_config_decoders
-from leaplm.models.heads import save_attached_heads
-from leaplm.models.noisy_weights import has_noisy_weights, save_noisy_weights
+from leaplm.models.addons import save_addons
+from leaplm.models.noisy_weights import has_noisy_weights
 from leaplm.ship import checkpoint as ckpt
 from leaplm.ship.export import export_model, push
 from leaplm.train.recipes import NOISE_SEED, Recipe, get_recipe, noise_seed
@@ -588,8 +588,7 @@ class Trainer:
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
             self.unwrapped_model().save_pretrained(tmp / "model", safe_serialization=True)
-            save_attached_heads(self.unwrapped_model(), tmp / "model")  # draft heads, when the recipe added them
-            save_noisy_weights(self.unwrapped_model(), tmp / "model")  # ar2bd's separate noisy weights, likewise
+            save_addons(self.unwrapped_model(), tmp / "model")  # heads, noisy weights: what save_pretrained leaves out
             self.tokenizer.save_pretrained(tmp / "model")
             self.cfg.save(tmp / "config.yaml")
             final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step(),
@@ -652,7 +651,7 @@ class Trainer:
 
             e = self.cfg.eval
             rows = evaluate_model(self.unwrapped_model(), self.tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder,
-                                  decoder_args=e.decoder_args, max_new_tokens=e.max_new_tokens,
+                                  decoder_settings=e.decoder_settings, max_new_tokens=e.max_new_tokens,
                                   batch_size=e.batch_size, seed=self.cfg.data.seed, model_name=self.cfg.output_dir)
             self.metrics.log(step, {f"eval/{r['task']}/accuracy": r["accuracy"] for r in rows})
             (self.output_dir / f"eval-step-{step:06d}.json").write_text(json.dumps(rows, indent=2))

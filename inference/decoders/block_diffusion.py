@@ -109,7 +109,7 @@ from leaplm.inference.engine import (
     register_decoder,
 )
 from leaplm.inference.kernels.commit import commit_stats
-from leaplm.models.block_diffusion import BlockDiffusionError, spec_of
+from leaplm.models.block_diffusion import BlockDiffusionError, check_block_size, spec_of
 from leaplm.models.noisy_weights import noisy_tokens
 
 RULES = ("threshold", "entropy", "factor", "top_k", "filter")
@@ -181,8 +181,11 @@ def check_settings(block_size: int | None, sub_block_size: int | None, rule: str
     A size of None (the model's block size, before a model is loaded) is not checked.
     """
     for name, size in (("block_size", block_size), ("sub_block_size", sub_block_size)):
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-            raise DecoderError(f"{name} must be a positive integer, got {size!r}")
+        if size is not None:
+            try:
+                check_block_size(size, what=name)
+            except BlockDiffusionError as err:
+                raise DecoderError(str(err)) from None
     if block_size is not None and sub_block_size is not None and block_size % sub_block_size:
         divisors = ", ".join(str(d) for d in range(1, block_size + 1) if block_size % d == 0)
         raise DecoderError(

@@ -6,7 +6,7 @@ when guesses turn out right. Untrained models gain little (about 1.05 tokens per
 and Jacobi Forcing train a model to converge in fewer iterations, on trajectories collected by
 :func:`collect_jacobi_trajectories` below.
 
-**The state.** Each row's answer is cut into blocks of ``block_size`` new tokens, aligned to the
+**The state.** Each row's answer is cut into blocks of ``jacobi_block_size`` new tokens, aligned to the
 response (block r holds new tokens [r*n, (r+1)*n); the last block is cut at ``max_new_tokens``).
 Per row, the first ``final`` new tokens are *final*: exactly what greedy AR decoding writes. The
 tokens from ``final`` up to ``ends`` are *guesses*, the Jacobi state of the blocks in flight.
@@ -33,7 +33,7 @@ its prompt and answer so far (prompt-lookup decoding's guess; our addition), dra
 prompt where it finds nothing.
 
 **Several blocks in flight** (``jacobi_multiblock``). Up to ``n_blocks`` blocks are guessed at
-once: a new block is spawned once the newest one has *settled* ``ceil(spawn_ratio * block_size)``
+once: a new block is spawned once the newest one has *settled* ``ceil(spawn_ratio * jacobi_block_size)``
 tokens (a leading run of final tokens and of guesses the last forward left unchanged). The blocks
 in flight are one longer Jacobi state, verified left to right in the same forward, so greedy
 output is still exactly AR's. With ``recycle``, each row keeps a pool of its last ``pool_size``
@@ -111,6 +111,8 @@ from leaplm.inference.kernels.verify import verify_block
 
 INITS = ("prompt", "pad", "repeat", "lookup")
 LOOKUP_NGRAM = 3  # longest context suffix that "lookup" matches
+# `block_size` names the block-diffusion block everywhere else, so the Jacobi block has its own name.
+RENAMED = {"block_size": "jacobi_block_size"}
 
 
 # ----- Settings -----------------------------------------------------------------------------
@@ -121,10 +123,10 @@ def _positive_int(name: str, value: Any, meaning: str) -> None:
         raise DecoderError(f"{name} must be a positive integer ({meaning}), got {value!r}")
 
 
-def check_settings(block_size: int, init: str, n_blocks: int = 1, spawn_ratio: float = 1.0,
+def check_settings(jacobi_block_size: int, init: str, n_blocks: int = 1, spawn_ratio: float = 1.0,
                    pool_size: int = 1, recycle: bool = False) -> None:
     """Refuse settings the Jacobi decoders cannot use, naming the fix."""
-    _positive_int("block_size", block_size, "tokens guessed per Jacobi block; the reference uses 16")
+    _positive_int("jacobi_block_size", jacobi_block_size, "tokens guessed per Jacobi block; the reference uses 16")
     _positive_int("n_blocks", n_blocks, "blocks guessed at once; the reference uses 2")
     _positive_int("pool_size", pool_size, "rejected tails kept per row for recycling; the reference keeps 4")
     if init not in INITS:
@@ -279,11 +281,11 @@ class JacobiState:
 Observer = Callable[[JacobiState], None]
 
 
-def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, block_size: int, init: str,
+def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, jacobi_block_size: int, init: str,
                   seed: int, pick: TokenPicker, n_blocks: int = 1, spawn_ratio: float = 1.0,
                   pool_size: int = 0, observer: Observer | None = None) -> DecodeResult:
     """The loop behind both decoders (see the module docstring); ``pool_size=0`` turns recycling off."""
-    b, device, n = batch.size, engine.device, block_size
+    b, device, n = batch.size, engine.device, jacobi_block_size
     rule = GreedyRule() if pick.greedy else SpeculativeRule(pick)
     generator = pick.generator if pick.generator is not None else torch.Generator(device=device).manual_seed(seed)
     settle_run = math.ceil(spawn_ratio * n)  # settled tokens of the newest block that allow a spawn
@@ -402,40 +404,40 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, bl
 # ----- Registered decoders -----------------------------------------------------------------
 
 
-@register_decoder("jacobi", checks=(check_settings, check_sampling))
+@register_decoder("jacobi", checks=(check_settings, check_sampling), renamed=RENAMED)
 def jacobi(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
-    block_size: int = 16, init: str = "prompt", seed: int = 0,
+    jacobi_block_size: int = 16, init: str = "prompt", seed: int = 0,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, observer: Observer | None = None,
 ) -> DecodeResult:
-    """Jacobi decoding, one block of ``block_size`` guesses at a time (see the module docstring).
+    """Jacobi decoding, one block of ``jacobi_block_size`` guesses at a time (see the module docstring).
 
     Greedy (temperature 0) equals ``ar`` and ``model.generate`` token for token; with
     ``temperature > 0`` it samples by the Speculative Jacobi Decoding rule, distributed like
     ``ar`` with the same settings. ``seed`` seeds the ``"prompt"`` initial guesses and sampling.
     ``observer`` (for :func:`collect_jacobi_trajectories`) sees the state after every forward.
     """
-    check_settings(block_size, init)
+    check_settings(jacobi_block_size, init)
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
-    return jacobi_decode(engine, batch, max_new_tokens, block_size=block_size, init=init, seed=seed, pick=pick,
-                         observer=observer)
+    return jacobi_decode(engine, batch, max_new_tokens, jacobi_block_size=jacobi_block_size, init=init, seed=seed,
+                         pick=pick, observer=observer)
 
 
-@register_decoder("jacobi_multiblock", checks=(check_settings,))
+@register_decoder("jacobi_multiblock", checks=(check_settings,), renamed=RENAMED)
 def jacobi_multiblock(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
-    block_size: int = 16, n_blocks: int = 2, spawn_ratio: float = 0.85, recycle: bool = True, pool_size: int = 4,
-    init: str = "prompt", seed: int = 0,
+    jacobi_block_size: int = 16, n_blocks: int = 2, spawn_ratio: float = 0.85, recycle: bool = True,
+    pool_size: int = 4, init: str = "prompt", seed: int = 0,
 ) -> DecodeResult:
     """Greedy Jacobi decoding with up to ``n_blocks`` blocks in flight and rejection recycling.
 
     Equals ``ar`` and ``model.generate`` token for token. ``n_blocks=1, recycle=False`` is greedy
     ``jacobi``.
     """
-    check_settings(block_size, init, n_blocks, spawn_ratio, pool_size, recycle)
+    check_settings(jacobi_block_size, init, n_blocks, spawn_ratio, pool_size, recycle)
     pick = TokenPicker(engine.device)
-    return jacobi_decode(engine, batch, max_new_tokens, block_size=block_size, init=init, seed=seed, pick=pick,
-                         n_blocks=n_blocks, spawn_ratio=spawn_ratio, pool_size=pool_size if recycle else 0)
+    return jacobi_decode(engine, batch, max_new_tokens, jacobi_block_size=jacobi_block_size, init=init, seed=seed,
+                         pick=pick, n_blocks=n_blocks, spawn_ratio=spawn_ratio, pool_size=pool_size if recycle else 0)
 
 
 # ----- Trajectory collection ---------------------------------------------------------------
@@ -444,8 +446,8 @@ def jacobi_multiblock(
 class TrajectoryRecorder:
     """An observer that keeps, per row and block, every distinct state of the block while it was guessed."""
 
-    def __init__(self, block_size: int):
-        self.block_size = block_size
+    def __init__(self, jacobi_block_size: int):
+        self.jacobi_block_size = jacobi_block_size
         self.states: list[dict[int, list[list[int]]]] = []  # per row: block index -> its states
         self.open_from: list[int] = []  # per row: the first block not yet at its fixed point
 
@@ -453,7 +455,7 @@ class TrajectoryRecorder:
         if not self.states:
             self.states = [{} for _ in range(state.tokens.shape[0])]
             self.open_from = [0] * state.tokens.shape[0]
-        n = self.block_size
+        n = self.jacobi_block_size
         tokens = state.tokens.tolist()
         for row, (live, final, end) in enumerate(zip(state.updated.tolist(), state.final.tolist(),
                                                      state.ends.tolist())):
@@ -477,7 +479,7 @@ class TrajectoryRecorder:
         A stop token that the forward finishing the block before it predicted is final at once:
         its block was never guessed, and its row holds the fixed point as its only state.
         """
-        n = self.block_size
+        n = self.jacobi_block_size
         out = []
         for row, (prompt, answer) in enumerate(zip(prompts, sequences)):
             for block in range(-(-len(answer) // n)):
@@ -496,7 +498,7 @@ class TrajectoryRecorder:
 
 
 def collect_jacobi_trajectories(
-    engine: Engine, prompts: list[list[int]], block_size: int = 16, max_new_tokens: int = 256, *,
+    engine: Engine, prompts: list[list[int]], jacobi_block_size: int = 16, max_new_tokens: int = 256, *,
     init: str = "prompt", seed: int = 0, batch_size: int = 32,
 ) -> list[dict[str, Any]]:
     """Greedy Jacobi trajectories of ``engine.model`` on ``prompts`` (token ids, chat formatted).
@@ -509,7 +511,7 @@ def collect_jacobi_trajectories(
     before the block), ``block_index``, ``states`` (each a list of token ids; the last equals the
     fixed point) and ``fixed_point``. The fixed points of a prompt's blocks, in order, are its
     greedy answer through its stop token, so the last block of an answer is shorter than
-    ``block_size`` when the answer ends inside it; a block holding only the stop token that the
+    ``jacobi_block_size`` when the answer ends inside it; a block holding only the stop token that the
     block before it predicted (or an answer that is a lone stop token) has that as its only state.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -517,8 +519,8 @@ def collect_jacobi_trajectories(
     for first in range(0, len(prompts), batch_size):
         indices = order[first:first + batch_size]
         chunk = [prompts[i] for i in indices]
-        recorder = TrajectoryRecorder(block_size)
-        out = engine.generate(chunk, "jacobi", max_new_tokens, block_size=block_size, init=init, seed=seed,
-                              observer=recorder)
+        recorder = TrajectoryRecorder(jacobi_block_size)
+        out = engine.generate(chunk, "jacobi", max_new_tokens, jacobi_block_size=jacobi_block_size, init=init,
+                              seed=seed, observer=recorder)
         rows += recorder.rows(chunk, out.sequences, indices)
     return sorted(rows, key=lambda row: (row["prompt_index"], row["block_index"]))
