@@ -39,7 +39,8 @@ from conftest import RECIPE_SMOKE
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 
-# variant -> (config, overrides, micro-batch per rank on 2 ranks)
+# variant -> (config, overrides, micro-batch per rank on 2 ranks). The single process takes the
+# same global batch as one micro-batch twice the size, except where noted in ONE_PROCESS.
 VARIANTS = {
     "pretrain": ("configs/pretrain/tiny_teacher.yaml", RECIPE_SMOKE["pretrain"], 4),
     "ar2bd": ("configs/ar2bd/tiny_teacher.yaml", RECIPE_SMOKE["ar2bd"], 2),
@@ -94,6 +95,12 @@ def test_a_rows_masks_depend_on_its_own_generator_not_on_its_batch_mates(sampler
 # ----- whole runs --------------------------------------------------------------------------------
 
 
+# dParallel's entropy term is a mean over each micro-batch's correct tokens (as the reference takes
+# it per device), so its loss follows the micro-batch size: the single process keeps the ranks'
+# micro-batch and accumulates two of them instead.
+ONE_PROCESS = {"dparallel": lambda micro: [f"train.micro_batch_size={micro}", "train.grad_accum=2"]}
+
+
 def _run_dir(output_dir: Path) -> Path:
     """Where a run's checkpoints and metrics are: its last stage's directory for staged recipes."""
     stages = sorted(output_dir.glob("stage_*"))
@@ -118,7 +125,8 @@ def test_two_processes_train_the_same_run_as_one(tmp_path, variant):
     assert proc.returncode == 0, proc.stderr[-4000:]
     if (two / "rollouts").is_dir():
         shutil.copytree(two / "rollouts", one / "rollouts")
-    cfg = load_config(REPO / config, [*common, f"train.micro_batch_size={2 * micro}", f"output_dir={one}"])
+    split = ONE_PROCESS.get(variant, lambda m: [f"train.micro_batch_size={2 * m}"])(micro)
+    cfg = load_config(REPO / config, [*common, *split, f"output_dir={one}"])
     one_losses = train(cfg).losses
 
     run_two, run_one = _run_dir(two), _run_dir(one)
