@@ -29,8 +29,10 @@ Conventions every decoder keeps:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import time
+import typing
 import weakref
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -39,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from leaplm.config import Config, ConfigError
+from leaplm.config import Config, ConfigError, build
 
 
 class DecoderError(ValueError):
@@ -309,12 +311,28 @@ def decoder_setting_names(name: str) -> list[str] | None:
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
 
 
+def decoder_settings_type(name: str) -> type:
+    """Decoder ``name``'s settings as a dataclass: one field per keyword setting, with the type and
+    default its signature declares. Generated, so the signature stays the one definition."""
+    fn = get_decoder(name)
+    hints = typing.get_type_hints(fn)
+    fields = []
+    for p in list(inspect.signature(fn).parameters.values())[3:]:
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        default = dataclasses.field(default=p.default) if p.default is not p.empty else dataclasses.MISSING
+        fields.append((p.name, hints.get(p.name, Any), default))
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}Settings", fields, frozen=True)
+
+
 def check_decoder_settings(name: str, settings: dict[str, Any]) -> None:
-    """Refuse an unknown decoder, a setting it does not have, or a value its checks reject.
+    """Refuse an unknown decoder, a setting it does not have, a value of the wrong type, or a value
+    its checks reject.
 
     Needs no model: each registered check gets the settings its signature names, the decoder's
-    defaults filling those not given. Settings that depend on the model (a default block size,
-    draft heads, a draft's vocabulary) are checked by the decoder when it runs.
+    defaults filling those not given, then every value is typed against
+    :func:`decoder_settings_type`. Settings that depend on the model (a default block size, draft
+    heads, a draft's vocabulary) are checked by the decoder when it runs.
     """
     fn = get_decoder(name)
     allowed = decoder_setting_names(name)
@@ -334,13 +352,21 @@ def check_decoder_settings(name: str, settings: dict[str, Any]) -> None:
             check(**{k: v for k, v in given.items() if k in wanted})
         except TypeError as err:  # a comparison on a value of the wrong type, e.g. threshold: "high"
             raise DecoderError(f"decoder {name!r}: a setting in {settings} has the wrong type ({err})") from err
+    # After the decoder's own checks, whose messages say what a setting means: the type of every
+    # setting they do not look at.
+    if allowed is not None:
+        try:
+            build(decoder_settings_type(name), dict(settings), f"decoder {name!r}")
+        except ConfigError as err:
+            raise DecoderError(str(err)) from None
 
 
 def check_config_decoders(cfg: Config) -> None:
-    """Check the decoders a run names (``eval``, ``rollout``) before it trains or rolls out anything.
+    """Check the decoders a run names (``eval``, ``rollout``) and their settings.
 
-    The config module cannot do this when it loads (it sits below the engine), so the trainer
-    calls it first; the error names the config key and lists the decoders or settings there are.
+    A run's config is checked when it loads (``train/recipes.py::load_config``; ``config.py`` sits
+    below the engine), before anything trains or rolls out; the error names the config key and
+    lists the decoders or settings there are.
     """
     for section in ("eval", "rollout"):
         part = getattr(cfg, section)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leaplm.config import Config, ConfigError, parse_override
+from leaplm.config import Config, ConfigError, parse_config, parse_override
 from leaplm.inference.engine import check_config_decoders
 from leaplm.train import recipes
 from leaplm.train.recipes import load_config
@@ -238,19 +238,19 @@ def test_cross_field_rules_of_each_section(override, message):
         (["rollout.decoder=jacobi", "rollout.decoder_settings={init: random}"],
          "rollout.decoder_settings: unknown init 'random'; choose one of prompt, pad, repeat, lookup"),
         (["rollout.decoder_settings={temperature: high}"], "rollout.decoder_settings: temperature must be >= 0"),
+        (["eval.decoder=block_diffusion", "eval.decoder_settings={eos_fill: 1}"],
+         "eval.decoder_settings: decoder 'block_diffusion'.eos_fill: expected bool, got int 1"),
     ],
     ids=["unknown-decoder", "another-decoders-setting", "threshold-range", "sub-block-size", "no-draft-model",
-         "unknown-rollout-decoder", "jacobi-init", "temperature-type"],
+         "unknown-rollout-decoder", "jacobi-init", "temperature-type", "typed-setting"],
 )
-def test_decoders_and_their_settings_are_checked_before_training(tmp_path, overrides, message):
-    from leaplm.train.trainer import Trainer
-
-    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
+def test_decoders_and_their_settings_are_checked_when_the_config_loads(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
-        check_config_decoders(cfg)
+        load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
     assert str(err.value).startswith(message)
+    raw = parse_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])  # the recipe-agnostic parse passes
     with pytest.raises(ConfigError, match=re.escape(message)):
-        Trainer(cfg)  # the trainer's first step: nothing is built, trained or written
+        check_config_decoders(raw)
     assert not (tmp_path / "run").exists()
 
 
@@ -283,9 +283,8 @@ def test_a_renamed_key_is_refused_with_its_new_name(overrides, message):
 
 
 def test_a_renamed_decoder_setting_is_refused_with_its_new_name():
-    cfg = load_config(None, ["eval.decoder=jacobi", "eval.decoder_settings={block_size: 8}"])
     with pytest.raises(ConfigError) as err:
-        check_config_decoders(cfg)
+        load_config(None, ["eval.decoder=jacobi", "eval.decoder_settings={block_size: 8}"])
     assert str(err.value) == ("eval.decoder_settings: decoder 'jacobi': the setting 'block_size' was renamed to "
                               "'jacobi_block_size'")
 
@@ -322,3 +321,15 @@ def test_saved_config_round_trips(tmp_path, source):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_each_decoders_settings_are_a_typed_dataclass_of_its_signature():
+    from leaplm.inference.engine import DECODERS, decoder_setting_names, decoder_settings_type
+
+    for name in DECODERS:
+        fields = {f.name: f for f in dataclasses.fields(decoder_settings_type(name))}
+        assert list(fields) == decoder_setting_names(name)
+    settings = decoder_settings_type("block_diffusion")
+    assert settings().threshold == 0.9 and settings(threshold=0.5).threshold == 0.5
+    with pytest.raises(ConfigError, match="verify"):  # not a block_diffusion setting: the engine names it
+        check_config_decoders(parse_config(None, ["eval.decoder=jacobi", "eval.decoder_settings={verify: true}"]))

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from leaplm.config import Config, ConfigError, parse_config
+from leaplm.inference.engine import check_config_decoders
 
 # recipe name -> module defining RECIPE. One readable file per recipe.
 RECIPE_MODULES = {
@@ -81,13 +82,16 @@ class Recipe:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A run's config: defaults < YAML < dotted overrides, its ``method`` section checked by the recipe."""
+    """A run's config: defaults < YAML < dotted overrides, its ``method`` section checked by the
+    recipe and its decoders' settings by their decoders, so a bad value fails before anything runs."""
     raw = parse_config(path, overrides)
     try:
         recipe = get_recipe(raw.recipe)
     except KeyError as err:
         raise ConfigError(f"recipe: {err.args[0]}") from None
-    return parse_config(path, overrides, recipe.method_config)
+    cfg = parse_config(path, overrides, recipe.method_config)
+    check_config_decoders(cfg)
+    return cfg
 
 
 def get_recipe(name: str) -> Recipe:

@@ -34,7 +34,6 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
-from leaplm.inference.engine import check_config_decoders
 from leaplm.models.addons import save_addons
 from leaplm.models.noisy_weights import has_noisy_weights
 from leaplm.ship import checkpoint as ckpt
@@ -308,7 +307,6 @@ class MetricsLogger:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        check_config_decoders(cfg)  # a bad decoder setting fails now, not after training
         self.cfg = cfg
         self.recipe: Recipe = get_recipe(cfg.recipe)
         if cfg.train.torch_threads:
