@@ -6,7 +6,12 @@ It runs, in this order, and writes each part's files under ``--out`` (default ``
 
 1. decoders against ``generate`` for every landed recipe's decoder (:func:`~leaplm.bench.decoders.run_bench`):
    ``ar``, ``jacobi`` and ``jacobi_multiblock`` (the CLLM and Jacobi Forcing recipes) on the
-   embedded teacher, ``block_diffusion`` (ar2bd) on the embedded block-diffusion model;
+   embedded teacher, ``block_diffusion`` (ar2bd) on the embedded block-diffusion model, and the
+   decoders whose trained add-ons the report cannot build itself, each when its option names one:
+   ``medusa`` (``--heads``) and ``hydra`` (``--hydra``) on the teacher with draft heads,
+   ``speculative`` with a draft model (``--draft``) and with an acceptance head
+   (``--acceptance-head``) on the teacher; an absent one is named in the report as not measured,
+   with the command that trains it;
 2. the decode-step kernels, fused against eager (``leaplm bench-kernels``);
 3. the loss step, chunked linear + CE against plain CE (``leaplm bench-loss``);
 4. a training step with the two-stream mask, FlexAttention against dense (``leaplm bench-attention``).
@@ -33,11 +38,82 @@ from leaplm.inference.evaluate import format_table
 from leaplm.models.zoo import EMBEDDED_BLOCK_DIFFUSION, EMBEDDED_TEACHER
 
 START, END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
+BASE = EMBEDDED_TEACHER  # the add-ons below are trained for it, so their rows compare on one model
 DECODERS = {
-    EMBEDDED_TEACHER: ["ar", "jacobi", "jacobi_multiblock"],
+    BASE: ["ar", "jacobi", "jacobi_multiblock"],
     EMBEDDED_BLOCK_DIFFUSION: [{"decoder": "block_diffusion", "decoder_settings": {"threshold": 0.9}}],
 }
 DECODER_COLUMNS = [("model", "model")] + bench.BENCH_COLUMNS
+SUMMARY_COLUMNS = [("model", "model"), ("decoder", "decoder"), ("decoder_settings", "settings"),
+                   ("accuracy", "mean accuracy"), ("tokens_per_forward", "mean tokens/forward"),
+                   ("speedup_vs_generate", "mean speedup vs generate")]
+# The trained add-ons, by their option's dest: (decoder, its settings, whether it runs on BASE with the
+# add-on as its draft rather than on the add-on itself, the command that trains it). Tree size 8 and
+# threshold 0.3 are the settings of the Hydra++ and acceptance-head rows of docs/benchmarks.md; both
+# head kinds get the same tree so that they compare like for like.
+ADD_ONS = {
+    "heads": ("medusa", {"tree_size": 8}, False,
+              "leaplm train configs/draft_heads/tiny_teacher.yaml"),
+    "hydra": ("hydra", {"tree_size": 8}, False,
+              "leaplm train configs/draft_heads/tiny_teacher_hydra_pp.yaml"),
+    "draft": ("speculative", {}, True,
+              "leaplm train configs/pretrain/tiny_draft.yaml"),
+    "acceptance_head": ("speculative", {"stop_threshold": 0.3}, True,
+                        ("leaplm train configs/pretrain/tiny_draft.yaml && "
+                         "leaplm train configs/acceptance_head/tiny_teacher.yaml")),
+}
+
+
+def decoder_plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list]], list[str]]:
+    """What the decoder part runs, as (label, model path or zoo name, decoder specs), and one note
+    per add-on option left out, so a missing row is always explained in the report."""
+    base = list(DECODERS[BASE])
+    own_models, notes = [], []
+    for dest, (decoder, settings, on_base, train) in ADD_ONS.items():
+        path = getattr(args, dest)
+        option = "--" + dest.replace("_", "-")
+        if path is None:
+            notes.append(f"- `{bench.spec_label(decoder, settings)}`: not measured; `{option} DIR` adds it, "
+                         f"DIR the model exported by `{train}`.")
+        elif on_base:
+            base.append({"decoder": decoder, "decoder_settings": {"draft": str(path), **settings}})
+        else:
+            spec = {"decoder": decoder, "decoder_settings": settings}
+            own_models.append((f"{BASE} + {decoder} heads", str(path), [spec]))
+    plan = [(BASE, BASE, base)] + [(m, m, d) for m, d in DECODERS.items() if m != BASE] + own_models
+    return plan, notes
+
+
+def decoder_part(args: argparse.Namespace, out: Path) -> str:
+    """Bench every decoder of :func:`decoder_plan` against ``generate``; return the part's markdown."""
+    plan, notes = decoder_plan(args)
+    rows = []
+    for label, model, decoders in plan:
+        name = label.replace(" + ", "_").replace(" ", "_")
+        model_rows = bench.run_bench(model, decoders, n=args.n, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, out_dir=out / f"decoders_{name}")
+        rows += [dict(row, model=label) for row in model_rows]
+    missing = ("\n\nNot measured in this run:\n\n" + "\n".join(notes)) if notes else ""
+    return (f"### Decoders against `generate`\n\n{args.n} test prompts per task, batch {args.batch_size}, "
+            f"up to {args.max_new_tokens} new tokens, greedy; each model's decoders interleaved batch by batch "
+            f"with its `generate` in one process (`bench/decoders.py`). Peak memory: the process's peak RSS "
+            f"on CPU.{missing}\n\nMeans over the tasks:\n\n{format_table(summary(rows), SUMMARY_COLUMNS)}"
+            f"\n\nPer task:\n\n{format_table(rows, DECODER_COLUMNS)}")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per (model, decoder, settings): the unweighted means over tasks of accuracy, tokens
+    per forward and speedup, the one-line-per-paradigm view of the per-task table."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], bench.spec_label(row["decoder"], row["decoder_settings"])), []).append(row)
+    means = []
+    for group in groups.values():
+        mean = {k: sum(r[k] for r in group) / len(group) for k in ("accuracy", "tokens_per_forward")}
+        speedups = [r["speedup_vs_generate"] for r in group if r["speedup_vs_generate"] is not None]
+        mean["speedup_vs_generate"] = sum(speedups) / len(speedups) if speedups else None
+        means.append({**{k: group[0][k] for k in ("model", "decoder", "decoder_settings")}, **mean})
+    return means
 
 
 def build_report(args: argparse.Namespace, command: str) -> str:
@@ -45,16 +121,7 @@ def build_report(args: argparse.Namespace, command: str) -> str:
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
-    parts = []
-
-    rows = []
-    for model, decoders in DECODERS.items():
-        rows += bench.run_bench(model, decoders, n=args.n, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, out_dir=out / f"decoders_{model}")
-    parts.append(f"### Decoders against `generate`\n\n{args.n} test prompts per task, batch {args.batch_size}, "
-                 f"up to {args.max_new_tokens} new tokens, greedy; decoders interleaved batch by batch with "
-                 f"`generate` in one process (`bench/decoders.py`). Peak memory: the process's peak RSS on CPU.\n\n"
-                 f"{format_table(rows, DECODER_COLUMNS)}")
+    parts = [decoder_part(args, out)]
 
     vocabs = [int(v) for v in args.vocabs.split(",")]
     kernels = kernel_bench.run(vocabs, batch=4, slots=17, repeats=20)
@@ -104,6 +171,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocabs", default="32000,152064", help="vocabulary sizes for the kernel and loss benchmarks")
     p.add_argument("--seq", type=int, default=2048, help="tokens per loss step")
     p.add_argument("--attention-lengths", default="512", help="sample lengths for the attention benchmark")
+    p.add_argument("--heads", metavar="DIR", help="the teacher exported with Medusa heads: adds `medusa` rows")
+    p.add_argument("--hydra", metavar="DIR", help="the teacher exported with Hydra++ heads: adds `hydra` rows")
+    p.add_argument("--draft", metavar="DIR", help="a draft model for the teacher: adds `speculative` rows")
+    p.add_argument("--acceptance-head", metavar="DIR",
+                   help="a draft exported with an acceptance head: adds adaptive-length `speculative` rows")
 
 
 def run_command(args: argparse.Namespace) -> None:
