@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -157,8 +158,14 @@ def run_lm_eval(args: argparse.Namespace) -> None:
     run(args.lm_eval_args)
 
 
+def log_level(environ: dict[str, str]) -> int:
+    """INFO on the main process; under `accelerate launch` (torchrun sets RANK) the other ranks log
+    warnings and errors only, so each progress line appears once, not once per process."""
+    return logging.INFO if environ.get("RANK", "0") == "0" else logging.WARNING
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(os.environ), format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="leaplm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv

@@ -264,3 +264,22 @@ def test_wandb_logs_offline_without_an_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     train(tiny_config(tmp_path, "train.max_steps=2", "logging.wandb=true"))
     assert list((tmp_path / "wandb").glob("offline-run-*")), "expected an offline wandb run directory"
+
+
+def test_metrics_rows_carry_the_step_time_and_the_wall_clock(tmp_path):
+    before = time.time()
+    train(tiny_config(tmp_path, "train.max_steps=3"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["step_s"] > 0 for r in rows)
+    clocks = [r["time"] for r in rows]
+    assert before <= clocks[0] <= clocks[1] <= clocks[2] <= time.time()
+
+
+def test_only_the_main_process_logs_progress():
+    import logging
+
+    from leaplm.cli import log_level
+
+    assert log_level({}) == log_level({"RANK": "0"}) == logging.INFO
+    assert log_level({"RANK": "1"}) == logging.WARNING

@@ -525,10 +525,13 @@ class Trainer:
                 if self._any_rank(preemption.raised):
                     result.preempted = True
                     break
+                step_start = time.perf_counter()
                 try:
                     stats = self.train_step(step)
                 except TrainingDiverged:
                     raise self._diverged(step, f"the loss is not finite at step {step + 1}") from None
+                # seconds of this step and the wall clock at its end, to time a run and place it in logs
+                stats.update(step_s=time.perf_counter() - step_start, time=time.time())
                 done = step + 1
                 result.losses.append(stats["loss"])
                 result.steps = done
