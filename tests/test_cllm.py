@@ -379,3 +379,20 @@ def test_shipped_configs_pass_the_section_rules(path):
 def test_section_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         cllm.check_sections(load_config(CONFIG, [override]))
+
+
+def test_rollouts_decode_one_batch_at_a_time_each_seeded_by_its_place():
+    """The bar moves per batch, and a batch's draws depend on where it starts, not on the display."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def decode(engine, ids, seed):
+        calls.append((len(ids), seed))
+        return [{"prompt_index": i, "answer": [7]} for i in range(len(ids))], {i: [7] for i in range(len(ids))}
+
+    prompts = [RolloutPrompt([5, i]) for i in range(5)]
+    rows = rollouts_module._collect_slice(SimpleNamespace(tokenizer=None), prompts, 0, 5, decode=decode, seed=10,
+                                          batch_size=2, progress=False)
+    assert calls == [(2, 10), (2, 12), (1, 14)]
+    assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4]

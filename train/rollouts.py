@@ -276,6 +276,10 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
     shards = out_dir / f"{key}.shards"
     rank, world = acc.process_index, acc.num_processes
     lo, hi = rank * len(prompts) // world, (rank + 1) * len(prompts) // world
+    if acc.is_main_process:
+        shown = {k: v for k, v in settings.items() if k not in ("format", "model", "prompts", "prompts_sha256")}
+        log.info("rollouts: decoding %d prompts (%d per process on %d), batches of %d, settings %s -> %s",
+                 len(prompts), hi - lo, world, batch_size, shown, final)
     start = time.perf_counter()
     rows = _collect_slice(Engine(model, tokenizer), prompts, lo, hi, decode=decode, seed=settings["seed"] + rank,
                           batch_size=batch_size, progress=progress and acc.is_main_process)
@@ -304,13 +308,14 @@ def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: in
                    batch_size: int, progress: bool) -> list[dict[str, Any]]:
     """Rows of prompts[lo:hi], ``prompt_index`` global, each with its answer's task and grade.
 
-    Decoded in parts of 16 batches, for progress.
+    Decoded one batch at a time, so the bar (and its ETA) moves from the first batch on; each batch
+    draws from ``seed`` plus its first prompt's index, the same whatever the progress display.
     """
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=hi - lo, desc="rollouts", unit="prompt", disable=not progress)
-    for first in range(lo, hi, 16 * batch_size):
-        part = prompts[first:min(first + 16 * batch_size, hi)]
-        found, answers = decode(engine, [p.ids for p in part], seed)
+    for first in range(lo, hi, batch_size):
+        part = prompts[first:min(first + batch_size, hi)]
+        found, answers = decode(engine, [p.ids for p in part], seed + first)
         grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
         for row in found:
             prompt = part[row["prompt_index"]]
