@@ -155,7 +155,8 @@ def _card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_card(model, cfg, rows: list[dict[str, Any]], command: str, section: dict[str, Any], name: str, *,
-                plot: str | None = None, adapter: bool = False) -> str:
+                plot: str | None = None, adapter: bool = False, steps: int | None = None) -> str:
+    """The model card. ``steps``: the optimizer steps the exported weights had (default train.max_steps)."""
     t = cfg.train
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     from_scratch = cfg.model.init is not None
@@ -176,7 +177,7 @@ def render_card(model, cfg, rows: list[dict[str, Any]], command: str, section: d
         vocab_size=base_model.config.vocab_size,
         data_source=cfg.data.source,
         tasks=", ".join(cfg.data.tasks or []) or None,
-        steps=t.max_steps,
+        steps=t.max_steps if steps is None else steps,
         batch=(f"{t.micro_batch_size * t.grad_accum} packed rows of {cfg.data.max_length} tokens" if cfg.data.packing
                else f"{t.micro_batch_size * t.grad_accum} samples") + " per process",
         lr=t.lr,
@@ -299,7 +300,7 @@ Bench = Callable[[Any, Any, Any, Path], list[dict[str, Any]]]
 def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str, Any]] | None = None,
                  command: str | None = None, *, export_settings: ExportSettings | None = None,
                  merge_lora: bool | None = None, bench: Bench | None = None, name: str | None = None,
-                 keep: Sequence[Path] = ()) -> Path:
+                 keep: Sequence[Path] = (), steps: int | None = None) -> Path:
     """Write ``model`` (plain or peft LoRA) with its tokenizer, settings and card to ``out_dir``.
 
     ``out_dir`` is replaced whole (it must be new, empty or an earlier export, and may not hold
@@ -308,7 +309,8 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     merge a LoRA adapter into standalone weights, or keep the base weights and write the adapter to
     ``adapter/``. ``bench``: measure the model into the export, whose rows and plot the card then
     shows instead of ``rows``. ``name`` is what the card's code loads (default: ``export.push_to``,
-    else the directory's name).
+    else the directory's name). ``steps``: the optimizer steps the weights had, for the card (default
+    ``train.max_steps``: a checkpoint taken earlier, or a preempted run, says its own).
     """
     out = Path(out_dir)
     with _replacing(out, [Path(cfg.output_dir), *keep]) as tmp:
@@ -316,13 +318,13 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         if bench is not None:
             rows, plot = bench(model, tokenizer, cfg, tmp), "bench.png"
         _write_export(model, tokenizer, cfg, tmp, rows, command, export_settings, merge_lora=merge_lora, plot=plot,
-                      name=name or cfg.export.push_to or out.name)
+                      name=name or cfg.export.push_to or out.name, steps=steps)
     return out
 
 
 def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] | None, command: str | None,
                   export_settings: ExportSettings | None, *, merge_lora: bool | None, plot: str | None,
-                  name: str) -> None:
+                  name: str, steps: int | None) -> None:
     """Write the export's files into ``out``, a fresh directory that :func:`_replacing` swaps in."""
     merge_lora = cfg.export.merge_lora if merge_lora is None else merge_lora
     adapter = hasattr(model, "merge_and_unload") and not merge_lora
@@ -359,7 +361,7 @@ def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] |
     if rows:
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
     command = command or cfg.origin or f"leaplm train <config> (recipe {cfg.recipe})"
-    (out / "README.md").write_text(render_card(model, cfg, rows or [], command, section, name, plot=plot,
+    (out / "README.md").write_text(render_card(model, cfg, rows or [], command, section, name, plot=plot, steps=steps,
                                                adapter=adapter))
 
 

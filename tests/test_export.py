@@ -329,3 +329,12 @@ def test_export_refuses_a_checkpoint_changed_since_it_was_written(tmp_path, pret
     with pytest.raises(CheckpointError, match=r"model/model\.safetensors"):
         main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     assert not (tmp_path / "export").exists()
+
+
+def test_the_card_states_the_steps_of_the_checkpoint_exported(tmp_path):
+    trained(tmp_path, "pretrain", "train.save_every=1", "train.keep_last=5")
+    first = tmp_path / "run" / "checkpoints" / "step-000001"
+    main(["export", str(first), "--out", str(tmp_path / "early")])
+    main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "final")])
+    assert "- steps: 1," in (tmp_path / "early" / "README.md").read_text()
+    assert "- steps: 2," in (tmp_path / "final" / "README.md").read_text()

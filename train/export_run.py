@@ -42,4 +42,4 @@ def export_run(source: str | Path, out_dir: str | Path, merge_lora: bool | None 
     rows = json.loads(eval_file.read_text()) if eval_file.is_file() else []
     return export_model(model, tokenizer, cfg, out_dir, rows, cfg.origin,
                         export_settings=get_recipe(cfg.recipe).export_settings, merge_lora=merge_lora, bench=bench,
-                        name=name, keep=[path])
+                        name=name, keep=[path], steps=step)
