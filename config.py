@@ -344,12 +344,11 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: {err}") from err
 
 
-def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 method_config: type | None = None) -> Config:
-    """Defaults < YAML < overrides, validated after merging.
+def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML < overrides, validated after merging; ``method`` left a plain mapping.
 
-    ``method`` is built as ``method_config`` (the recipe's dataclass), or left a plain dict without
-    one. ``leaplm.train.recipes.load_config`` passes the recipe's own: use that to load a run's config.
+    A run's config is loaded by ``leaplm.train.recipes.load_config``, which builds ``method`` as the
+    recipe's dataclass and checks the decoders' settings.
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -367,8 +366,6 @@ def parse_config(path: str | Path | None = None, overrides: list[str] | tuple[st
             update = {k: update}
         tree = merge(tree, update)
     config = build(Config, tree)
-    if method_config is not None:
-        config.method = build(method_config, config.method or {}, "method")
     if path is not None:
         config.origin = "leaplm train " + shlex.join([str(path), *overrides])
     return config

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from leaplm.config import Config, ConfigError, parse_config
+from leaplm.config import Config, ConfigError, build, parse_config
 from leaplm.inference.engine import check_config_decoders
 
 # recipe name -> module defining RECIPE. One readable file per recipe.
@@ -84,12 +84,12 @@ class Recipe:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run's config: defaults < YAML < dotted overrides, its ``method`` section checked by the
     recipe and its decoders' settings by their decoders, so a bad value fails before anything runs."""
-    raw = parse_config(path, overrides)
+    cfg = parse_config(path, overrides)  # `method` still a plain mapping: its class is the recipe's
     try:
-        recipe = get_recipe(raw.recipe)
+        recipe = get_recipe(cfg.recipe)
     except KeyError as err:
         raise ConfigError(f"recipe: {err.args[0]}") from None
-    cfg = parse_config(path, overrides, recipe.method_config)
+    cfg.method = build(recipe.method_config, cfg.method or {}, "method")
     check_config_decoders(cfg)
     return cfg
 
