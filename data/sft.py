@@ -1,7 +1,8 @@
 """Supervised chat data: load prompt/response pairs, apply the chat template, mask the prompt.
 
-Sources: the synthetic suite (``source: synth``), or any ``datasets`` source — a Hub id, a
-``save_to_disk`` directory, or a .json/.jsonl/.parquet/.csv file — with either
+Sources: the synthetic suite (``source: synth``), prompts built from the Python standard library
+(``source: stdlib``, ``stdlib_code`` or ``stdlib_chat``; data/prompts.py), or any ``datasets``
+source — a Hub id, a ``save_to_disk`` directory, or a .json/.jsonl/.parquet/.csv file — with either
 ``prompt``/``response`` columns or a chat ``messages`` column (names configurable).
 """
 
@@ -20,6 +21,7 @@ from pyarrow import ArrowException
 from transformers import PreTrainedTokenizerBase
 
 from leaplm.config import DataConfig
+from leaplm.data.prompts import SOURCES as STDLIB_SOURCES, stdlib_prompts
 from leaplm.data.tasks import TASKS, make_split
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,19 @@ def synthetic_dataset(cfg: DataConfig, split: str, n_per_task: int | None = None
     return datasets.Dataset.from_list(rows)
 
 
+def stdlib_dataset(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """Standard-library prompts (``cfg.source`` one of ``stdlib``, ``stdlib_code``, ``stdlib_chat``) as
+    a dataset with ``task``, ``id``, ``prompt`` and ``response`` columns, up to ``cfg.train_per_task``
+    or ``cfg.test_per_task`` rows per kind."""
+    if cfg.tasks:
+        raise DataError(f"data.tasks picks synthetic tasks, but data.source is {cfg.source!r}; unset data.tasks "
+                        f"(choose stdlib kinds with data.source: {', '.join(STDLIB_SOURCES)})")
+    if split not in ("train", "test"):
+        raise DataError(f"data.source {cfg.source!r} has the splits 'train' and 'test', not {split!r}")
+    n = cfg.train_per_task if split == "train" else cfg.test_per_task
+    return datasets.Dataset.from_list(stdlib_prompts(cfg.source, split, n, cfg.seed))
+
+
 def load_source(cfg: DataConfig, split: str | None = None, *, require_response: bool = True) -> datasets.Dataset:
     """Load ``cfg.source`` and check that every row holds what a chat sample needs.
 
@@ -61,7 +76,12 @@ def load_source(cfg: DataConfig, split: str | None = None, *, require_response: 
     split = split or cfg.split
     if cfg.source == "synth":
         return synthetic_dataset(cfg, split)
+    if cfg.source in STDLIB_SOURCES:
+        return stdlib_dataset(cfg, split)
     path = Path(cfg.source)
+    if cfg.source.startswith("stdlib") and not path.exists():  # else the Hub is asked for it, slowly
+        raise DataError(f"unknown data.source {cfg.source!r}; the standard-library sources are "
+                        f"{', '.join(STDLIB_SOURCES)}")
     skipped: list[str] = []  # what was wrong with each row left out
 
     def locate(i: int) -> str:

@@ -42,6 +42,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from leaplm.config import Config, ConfigError, build
+from leaplm.models.cache import cache_argument
 
 
 class DecoderError(ValueError):
@@ -458,7 +459,7 @@ class Engine:
             attention_mask = self._model_mask(custom_mask, cache.get_seq_length())
         return self.model(
             input_ids=input_ids,
-            past_key_values=cache,
+            **{cache_argument(self.model): cache},
             position_ids=positions,
             attention_mask=attention_mask,
             use_cache=True,
@@ -624,7 +625,7 @@ def autoregressive(
             break
         if compile_step:  # static shapes: the whole mask, the cache slot as a tensor
             out = compiled_model(engine.model)(
-                input_ids=next_tokens[:, None], past_key_values=cache, position_ids=positions,
+                input_ids=next_tokens[:, None], **{cache_argument(engine.model): cache}, position_ids=positions,
                 attention_mask=padding.upto(span), cache_position=torch.tensor([batch.width + step], device=engine.device),
                 use_cache=True, logits_to_keep=1)
         else:

