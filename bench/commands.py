@@ -1,7 +1,9 @@
 """The `leaplm eval`, `leaplm bench` and `leaplm quickstart` commands (listed in leaplm.cli's table).
 
     leaplm eval MODEL --tasks synth --decoder ar [--decoder-settings JSON] [--n 100] [--out DIR]
+    leaplm eval MODEL --prompts FILE.jsonl --decoder jacobi [--n N] [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR [--tasks copy,sort] [--n 50]
+    leaplm bench MODEL --prompts FILE.jsonl --decoders ar,jacobi --out DIR [--n N]
     leaplm quickstart [--out runs/quickstart] [--n 50] [--jf-n 20] [--skip-jacobi-forcing]
 
 MODEL is a local model directory, a Hub id, or ``tiny-teacher`` (the embedded teacher).
@@ -18,6 +20,8 @@ from typing import Any
 import yaml
 
 from leaplm.models.zoo import DTYPES, EMBEDDED_BLOCK_DIFFUSION, EMBEDDED_TEACHER
+
+EVAL_N, BENCH_N = 100, 50  # default test prompts per task
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -56,8 +60,14 @@ def _decoder_specs(text: str) -> list:
 
 
 def _add_common(p: argparse.ArgumentParser, n: int) -> None:
-    p.add_argument("--tasks", default="synth", help="'synth' (every task) or a comma list, e.g. copy,sort")
-    p.add_argument("--n", type=int, default=n, help="test prompts per task (default %(default)s)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--tasks", help="synthetic tasks: 'synth' (every task, the default) or a comma list, "
+                        "e.g. copy,sort")
+    source.add_argument("--prompts", metavar="FILE.jsonl", help="your own prompts, one JSON object a line: "
+                        '{"prompt": "..."}, {"messages": [...]} or {"text": "..."}, optional "id" (docs/decoders.md); '
+                        "decoders are compared with the model's greedy output")
+    p.add_argument("--n", type=int, help=f"test prompts per task (default {n}); with --prompts, the first N rows "
+                   "(default all)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="new tokens per prompt (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="test-split seed (default %(default)s)")
@@ -85,19 +95,40 @@ def print_eval(rows: list[dict[str, Any]]) -> None:
     print(format_table(rows, EVAL_COLUMNS))
 
 
+def _n(args: argparse.Namespace, per_task: int) -> int | None:
+    """--n, or its default: ``per_task`` prompts per task, every row of a prompts file."""
+    return args.n if args.n is not None or args.prompts else per_task
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    from leaplm.inference.evaluate import evaluate_model, load_for_eval
+    from leaplm.inference.evaluate import (
+        PROMPT_EVAL_COLUMNS,
+        evaluate_model,
+        evaluate_prompts,
+        format_table,
+        load_for_eval,
+    )
 
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
-    rows = evaluate_model(model, tokenizer, tasks=args.tasks, n=args.n, decoder=args.decoder,
-                          decoder_settings=args.decoder_settings, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, seed=args.seed, model_name=args.model)
-    print_eval(rows)
+    outputs = None
+    if args.prompts:
+        rows, outputs = evaluate_prompts(model, tokenizer, args.prompts, n=args.n, decoder=args.decoder,
+                                         decoder_settings=args.decoder_settings, max_new_tokens=args.max_new_tokens,
+                                         batch_size=args.batch_size, model_name=args.model)
+        print(format_table(rows, PROMPT_EVAL_COLUMNS))
+    else:
+        rows = evaluate_model(model, tokenizer, tasks=args.tasks, n=_n(args, EVAL_N), decoder=args.decoder,
+                              decoder_settings=args.decoder_settings, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, seed=args.seed, model_name=args.model)
+        print_eval(rows)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
         print(f"wrote {out / 'eval.json'}")
+        if outputs is not None:
+            (out / "outputs.jsonl").write_text(outputs)
+            print(f"wrote {out / 'outputs.jsonl'}")
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
@@ -105,19 +136,21 @@ def run_bench_command(args: argparse.Namespace) -> None:
     from leaplm.inference.evaluate import load_for_eval
 
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
-    command = command_line(["bench", args.model], args,
-                       ["decoders", "tasks", "n", "batch_size", "max_new_tokens", "seed", "dtype", "out"])
-    rows = run_bench(args.model, args.decoders, args.tasks, args.n, args.batch_size, args.max_new_tokens, args.out,
-                     seed=args.seed, model=model, tokenizer=tokenizer, command=command)
-    _print_bench(rows, Path(args.out))
+    seed = [] if args.prompts else ["seed"]  # the seed draws the synthetic test split only
+    command = command_line(["bench", args.model], args, ["decoders", "tasks", "prompts", "n", "batch_size",
+                                                          "max_new_tokens", *seed, "dtype", "out"])
+    rows = run_bench(args.model, args.decoders, args.tasks, _n(args, BENCH_N), args.batch_size, args.max_new_tokens,
+                     args.out, prompts=args.prompts, seed=args.seed, model=model, tokenizer=tokenizer, command=command)
+    _print_bench(rows, Path(args.out), outputs=args.prompts is not None)
 
 
-def _print_bench(rows: list[dict[str, Any]], out: Path) -> None:
-    from leaplm.bench.decoders import BENCH_COLUMNS
+def _print_bench(rows: list[dict[str, Any]], out: Path, outputs: bool = False) -> None:
+    from leaplm.bench.decoders import BENCH_COLUMNS, measured_columns
     from leaplm.inference.evaluate import format_table
 
-    print(format_table(rows, [c for c in BENCH_COLUMNS if c[0] != "decoder_settings"]))
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    print(format_table(rows, [c for c in measured_columns(rows, BENCH_COLUMNS) if c[0] != "decoder_settings"]))
+    written = ["bench.json", "bench.md", "bench.png"] + (["outputs.jsonl"] if outputs else [])
+    print("wrote " + ", ".join(str(out / name) for name in written))
 
 
 def quickstart_jacobi_forcing(out: Path, n: int, max_new_tokens: int, overrides: list[str] | tuple[str, ...] = (),
@@ -195,8 +228,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="ar", help="a registered decoder (default %(default)s)")
     p.add_argument("--decoder-settings", type=_json_object, default={}, help="decoder settings as JSON, e.g. "
                    "'{\"temperature\": 0.7, \"top_p\": 0.9}'")
-    _add_common(p, n=100)
-    p.add_argument("--out", help="also write DIR/eval.json")
+    _add_common(p, n=EVAL_N)
+    p.add_argument("--out", help="also write DIR/eval.json (and, with --prompts, DIR/outputs.jsonl: every text)")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,9 +237,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", type=_decoder_specs, default=["ar"],
                    help="comma list, settings after colons, | sweeps a setting: "
                         "'ar,block_diffusion:threshold=0.5|0.7|0.9'; or a JSON list of names and "
-                        "{\"decoder\": NAME, \"decoder_settings\": {...}} objects; hf_generate is always included")
-    _add_common(p, n=50)
-    p.add_argument("--out", required=True, help="directory for bench.json, bench.md and bench.png")
+                        "{\"decoder\": NAME, \"decoder_settings\": {...}} objects; hf_generate is always included, "
+                        "and with --prompts hf_prompt_lookup too (e.g. hf_prompt_lookup:prompt_lookup_num_tokens=3)")
+    _add_common(p, n=BENCH_N)
+    p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png (and, with --prompts, "
+                   "outputs.jsonl: every decoder's text per prompt)")
 
 
 def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,13 +1,24 @@
 """Decoders side by side with Hugging Face ``generate``: accuracy and speed on the same prompts.
 
-Everything runs in one process on one loaded model. After a warm-up of every decoder, each
-task's prompts are split into batches and every decoder (``hf_generate`` included) decodes
-batch 1, then every decoder decodes batch 2, and so on, rotating the order each batch, so a
-noisy neighbour or a thermal dip slows all decoders alike. ``speedup_vs_generate`` is a
-decoder's tokens/s over ``hf_generate``'s tokens/s on the same task.
+Everything runs in one process on one loaded model. After a warm-up of every decoder, the
+prompts (each synthetic task's test split, or the rows of a user's prompts file) are split into
+batches and every decoder (``hf_generate`` included) decodes batch 1, then every decoder decodes
+batch 2, and so on, rotating the order each batch, so a noisy neighbour or a thermal dip slows
+all decoders alike. ``speedup_vs_generate`` is a decoder's tokens/s over ``hf_generate``'s
+tokens/s on the same task; ``speedup_vs_prompt_lookup`` the same over ``hf_prompt_lookup``'s,
+which a prompts-file bench always runs.
+
+Every decoder's output is also compared with ``hf_generate``'s greedy output (``exact_match``,
+``token_agreement``, ``reproduces_greedy``): the only quality measure a prompts file has, as it
+has no checker. The forwards each decoder makes are recorded (``forward_width``: mean new tokens
+per decode step) and the time of a k-token forward relative to a 1-token one is measured on the
+spot (:func:`~leaplm.inference.cost.step_cost`), so ``forward_cost`` says what a decoder's
+tokens/forward cost per forward.
 
 Writes ``bench.json`` (rows with :data:`~leaplm.inference.evaluate.ROW_KEYS`), ``bench.md``
-(table, command, machine) and ``bench.png`` (accuracy against speedup per decoder).
+(table, forward cost table, command, machine), ``bench.png`` (accuracy, or exact match on a
+prompts file, against speedup per decoder) and, for a prompts file, ``outputs.jsonl`` (every
+decoder's text per prompt).
 """
 
 from __future__ import annotations
@@ -21,21 +32,27 @@ from typing import Any, Union
 import torch
 import transformers
 
-from leaplm.data.tasks import make_split
+from leaplm.data.tasks import Example, make_split
+from leaplm.inference.cost import COST_WIDTHS, REPEATS, step_cost
+from leaplm.inference.decoders.prompt_lookup import PROMPT_LOOKUP
 from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import (
+    REFERENCE,
     TaskScore,
     batches,
+    decode_recorded,
     format_table,
     load_for_eval,
     make_row,
+    outputs_jsonl,
     peak_memory_mb,
+    prompt_room,
+    read_prompts,
     reset_peak_memory,
     resolve_tasks,
     task_prompts,
 )
 
-REFERENCE = "hf_generate"
 WARMUP_TOKENS = 16
 
 # A decoder to benchmark: a registered name, or {"decoder": name, "decoder_settings": {...}}.
@@ -63,11 +80,12 @@ def run_bench(
     model_name: str,
     decoders: list[DecoderSpec],
     tasks: list[str] | None = None,
-    n: int = 50,
+    n: int | None = 50,
     batch_size: int = 32,
     max_new_tokens: int = 160,
     out_dir: str | Path = "runs/bench",
     *,
+    prompts: str | Path | None = None,
     seed: int = 0,
     model=None,
     tokenizer=None,
@@ -75,55 +93,108 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Benchmark ``decoders`` against ``hf_generate``; write bench.json/.md/.png; return the rows.
 
-    ``model``/``tokenizer`` may be passed already loaded; otherwise ``model_name`` (a path or
-    ``tiny-teacher``) is loaded with :func:`load_for_eval`.
+    The prompts are ``n`` test prompts of each of ``tasks`` (the synthetic suite by default), or
+    the first ``n`` rows (None = all) of the JSON-lines file ``prompts``
+    (:func:`~leaplm.inference.evaluate.read_prompts`), which also adds ``hf_prompt_lookup``
+    unless ``decoders`` name it. ``model``/``tokenizer`` may be passed already loaded; otherwise
+    ``model_name`` (a path or ``tiny-teacher``) is loaded with :func:`load_for_eval`.
     """
-    specs = [(REFERENCE, {})] + [parse_spec(s) for s in decoders if s != REFERENCE]
+    if prompts is not None and tasks is not None:
+        raise ValueError("pass either tasks (the synthetic suite) or prompts (a prompts file), not both")
+    chosen = [parse_spec(s) for s in decoders if s != REFERENCE]
+    peers = [(PROMPT_LOOKUP, {})] if prompts is not None and all(name != PROMPT_LOOKUP for name, _ in chosen) else []
+    specs = [(REFERENCE, {})] + peers + chosen
     labels = [spec_label(name, decoder_settings) for name, decoder_settings in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"decoder specs repeat: {labels}; list each decoder (with its settings) once")
     if model is None:
         model, tokenizer = load_for_eval(model_name)
     engine = Engine(model, tokenizer)
-    task_names = resolve_tasks(tasks)
+    # (task, prompt ids, examples graded by the task's checker or None)
+    suites: list[tuple[str, list[list[int]], list[Example] | None]] = []
+    if prompts is not None:
+        user_prompts = read_prompts(prompts, tokenizer, n, prompt_room(engine, max_new_tokens))
+        suites.append((Path(prompts).name, [p.tokens for p in user_prompts], None))
+    else:
+        for task in resolve_tasks(tasks):
+            examples = make_split(task, "test", n, seed)
+            suites.append((task, task_prompts(tokenizer, examples), examples))
 
     # Warm-up: first calls pay for allocator growth and lazy initialisation; also surfaces a
     # bad decoder name or setting before any timing starts.
-    warm_prompts = task_prompts(tokenizer, make_split(task_names[0], "test", min(n, batch_size), seed))
+    warm_prompts = suites[0][1][:batch_size]
     for name, decoder_settings in specs:
         engine.generate(warm_prompts, name, min(WARMUP_TOKENS, max_new_tokens), **decoder_settings)
 
-    rows: list[dict[str, Any]] = []
-    for task in task_names:
-        examples = make_split(task, "test", n, seed)
-        prompts = task_prompts(tokenizer, examples)
+    measured = []  # per suite: (task, scores, peaks)
+    texts: dict[str, list[str]] = {label: [] for label in labels}
+    for task, task_ids, examples in suites:
         scores = [TaskScore() for _ in specs]
         peaks = [0.0 for _ in specs]
-        for batch_no, idx in enumerate(batches(list(range(len(examples))), batch_size)):
+        for batch_no, idx in enumerate(batches(list(range(len(task_ids))), batch_size)):
+            outputs: list = [None] * len(specs)
             shift = batch_no % len(specs)
             for k in list(range(shift, len(specs))) + list(range(shift)):  # rotate who goes first
                 name, decoder_settings = specs[k]
                 reset_peak_memory(engine.device)
-                out = engine.generate([prompts[i] for i in idx], name, max_new_tokens, **decoder_settings)
-                scores[k].add(out.texts, [examples[i] for i in idx], out.stats)
+                outputs[k] = decode_recorded(engine, [task_ids[i] for i in idx], name, max_new_tokens,
+                                             decoder_settings)
                 peaks[k] = max(peaks[k], peak_memory_mb(engine.device))
+            reference = outputs[0][0].sequences
+            for k, (out, widths) in enumerate(outputs):
+                scores[k].add(out, None if examples is None else [examples[i] for i in idx], reference, widths)
+                if prompts is not None:
+                    texts[labels[k]] += out.texts
+        measured.append((task, scores, peaks))
+
+    # The forward cost at the batch size each decoder ran at (prompt lookup decodes one prompt
+    # at a time), over every width a decoder used and the tabulated ones.
+    largest = max(len(task_ids) for _, task_ids, _ in suites)
+    row_batch = [1 if name == PROMPT_LOOKUP else min(batch_size, largest) for name, _ in specs]
+    context = cost_context(engine, suites, max_new_tokens)
+    costs = {}
+    for b in sorted(set(row_batch)):
+        used = {w for _, scores, _ in measured for k, score in enumerate(scores) if row_batch[k] == b
+                for w in score.widths}
+        costs[b] = step_cost(model, sorted(used | set(COST_WIDTHS)), batch_size=b, context=context)
+
+    lookup = next((k for k, (name, _) in enumerate(specs) if name == PROMPT_LOOKUP), None)
+    rows: list[dict[str, Any]] = []
+    for task, scores, peaks in measured:
         reference_tps = scores[0].stats.tokens_per_s
-        for (name, decoder_settings), score, peak in zip(specs, scores, peaks):
-            speedup = score.stats.tokens_per_s / reference_tps if reference_tps > 0 else None
-            rows.append(make_row(model_name, name, decoder_settings, task, score, peak, speedup))
+        lookup_tps = scores[lookup].stats.tokens_per_s if lookup is not None else 0.0
+        for k, ((name, decoder_settings), score, peak) in enumerate(zip(specs, scores, peaks)):
+            tps = score.stats.tokens_per_s
+            rows.append(make_row(model_name, name, decoder_settings, task, score, peak,
+                                 forward_cost=score.forward_cost(costs[row_batch[k]]),
+                                 speedup_vs_generate=tps / reference_tps if reference_tps > 0 else None,
+                                 speedup_vs_prompt_lookup=tps / lookup_tps if lookup_tps > 0 else None))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=2))
-    (out / "bench.md").write_text(render_markdown(rows, command or _python_call(model_name, decoders, task_names, n,
-                                                                                 batch_size, max_new_tokens, out),
-                                                  engine.device))
+    if prompts is not None:
+        (out / "outputs.jsonl").write_text(outputs_jsonl(user_prompts, texts))
+    call = command or _python_call(model_name, decoders, [task for task, _, _ in suites], n, batch_size,
+                                   max_new_tokens, out, prompts)
+    (out / "bench.md").write_text(render_markdown(rows, call, engine.device, costs, context))
     plot(rows, out / "bench.png")
     return rows
 
 
-def _python_call(model_name, decoders, tasks, n, batch_size, max_new_tokens, out) -> str:
-    return (f"run_bench({model_name!r}, {decoders!r}, tasks={tasks!r}, n={n}, batch_size={batch_size}, "
+def cost_context(engine: Engine, suites: list, max_new_tokens: int) -> int:
+    """Cached tokens for the forward cost measurement: the mean prompt plus half the new tokens,
+    where a decode step sits on average; within the model's positions."""
+    lengths = [len(p) for _, task_ids, _ in suites for p in task_ids]
+    context = round(sum(lengths) / len(lengths)) + max_new_tokens // 2
+    if engine.max_positions is not None:
+        context = min(context, engine.max_positions - max(COST_WIDTHS))
+    return max(context, 1)
+
+
+def _python_call(model_name, decoders, tasks, n, batch_size, max_new_tokens, out, prompts) -> str:
+    source = f"prompts={str(prompts)!r}" if prompts is not None else f"tasks={tasks!r}"
+    return (f"run_bench({model_name!r}, {decoders!r}, {source}, n={n}, batch_size={batch_size}, "
             f"max_new_tokens={max_new_tokens}, out_dir={str(out)!r})")
 
 
@@ -151,42 +222,70 @@ def machine_info(device: torch.device) -> dict[str, str]:
 
 
 BENCH_COLUMNS = [("decoder", "decoder"), ("decoder_settings", "settings"), ("task", "task"), ("n", "n"),
-                 ("accuracy", "accuracy"), ("tokens_per_forward", "tokens/forward"), ("tokens_per_s", "tokens/s"),
-                 ("speedup_vs_generate", "speedup vs generate"), ("peak_mem_mb", "peak mem MB")]
+                 ("accuracy", "accuracy"), ("exact_match", "exact match"), ("token_agreement", "token agreement"),
+                 ("reproduces_greedy", "reproduces greedy"), ("tokens_per_forward", "tokens/forward"),
+                 ("forward_width", "forward width k"), ("forward_cost", "k-token forward cost"),
+                 ("tokens_per_s", "tokens/s"), ("speedup_vs_generate", "speedup vs generate"),
+                 ("speedup_vs_prompt_lookup", "speedup vs prompt lookup"), ("peak_mem_mb", "peak mem MB")]
 
 
-def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.device) -> str:
+def measured_columns(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``columns`` without those no row measured (accuracy on a prompts file, prompt lookup on tasks)."""
+    return [c for c in columns if any(r[c[0]] is not None for r in rows)]
+
+
+def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.device,
+                    costs: dict[int, dict[int, float]], context: int) -> str:
+    """``costs``: batch size -> :func:`~leaplm.inference.cost.step_cost` ratios, measured over ``context`` tokens."""
     model = rows[0]["model"] if rows else "?"
     machine = "\n".join(f"- {k}: {v}" for k, v in machine_info(device).items())
+    cost_rows = [{"batch": b, **{f"k={k}": ratios[k] for k in COST_WIDTHS}} for b, ratios in sorted(costs.items())]
+    cost_table = format_table(cost_rows, [("batch", "batch")] + [(f"k={k}", f"k={k}") for k in COST_WIDTHS])
+    one_at_a_time = ("`hf_prompt_lookup` decodes one prompt at a time (Hugging Face runs prompt lookup on batch 1 "
+                     "only), so above batch 1 its tokens/s is batch-1 speed; bench with `--batch-size 1` to compare "
+                     "like for like. " if any(r["decoder"] == PROMPT_LOOKUP for r in rows) and max(costs) > 1 else "")
     return (
         f"# leaplm bench: {model}\n\n"
         "Decoders and Hugging Face `generate` (greedy, KV cache) on the same prompts, interleaved batch by "
-        "batch in one process. Peak memory: allocated GPU memory on CUDA; on CPU the process's peak "
-        "resident set size.\n\n"
-        f"```text\n{command}\n```\n\n{machine}\n\n{format_table(rows, BENCH_COLUMNS)}\n"
+        "batch in one process. Exact match: the fraction of prompts whose tokens equal `generate`'s, stop "
+        "token included; token agreement: the fraction of `generate`'s tokens reproduced before the first "
+        "difference; reproduces greedy: exact match on every prompt. Forward width k: the mean new tokens "
+        "per decode-step forward (prefills left out); k-token forward cost: the measured time of those "
+        "forwards relative to a 1-token forward, so tokens/forward divided by that cost is about the speedup "
+        f"to expect over one token per forward. {one_at_a_time}Peak memory: allocated GPU memory on CUDA; on "
+        "CPU the process's peak resident set size.\n\n"
+        f"```text\n{command}\n```\n\n{machine}\n\n{format_table(rows, measured_columns(rows, BENCH_COLUMNS))}\n\n"
+        "## Cost of a k-token forward relative to 1 token\n\n"
+        f"One forward of k new tokens over a cache of {context} tokens (about the mean prompt plus half the "
+        "new tokens), timed against a 1-token forward at the batch sizes the decoders ran at; fastest of "
+        f"{REPEATS} rounds, measured in this run (`inference/cost.py`). Where it stays near 1, a parallel "
+        "decoder's tokens/forward turn into wall-clock speed; where it grows like k, they cannot.\n\n"
+        f"{cost_table}\n"
     )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against speedup, one colour per decoder, points labelled by task."""
+    """Accuracy (exact match with ``generate`` on a prompts file) against speedup, one colour per
+    decoder, points labelled by task."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    quality = "accuracy" if all(r["accuracy"] is not None for r in rows) else "exact_match"
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(spec_label(r["decoder"], r["decoder_settings"]), []).append(r)
     for label, group in by_label.items():
         xs = [r["speedup_vs_generate"] or 0.0 for r in group]
-        ys = [100 * r["accuracy"] for r in group]
+        ys = [100 * r[quality] for r in group]
         ax.scatter(xs, ys, label=label, alpha=0.8)
         for x, y, r in zip(xs, ys, group):
             ax.annotate(r["task"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("speedup vs HF generate (tokens/s ratio)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if quality == "accuracy" else "exact match with generate (%)")
     ax.set_title(f"{rows[0]['model'] if rows else ''}: accuracy vs speed")
     ax.legend(fontsize=8)
     fig.tight_layout()

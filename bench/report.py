@@ -98,7 +98,7 @@ def decoder_part(args: argparse.Namespace, out: Path) -> str:
             f"up to {args.max_new_tokens} new tokens, greedy; each model's decoders interleaved batch by batch "
             f"with its `generate` in one process (`bench/decoders.py`). Peak memory: the process's peak RSS "
             f"on CPU.{missing}\n\nMeans over the tasks:\n\n{format_table(summary(rows), SUMMARY_COLUMNS)}"
-            f"\n\nPer task:\n\n{format_table(rows, DECODER_COLUMNS)}")
+            f"\n\nPer task:\n\n{format_table(rows, bench.measured_columns(rows, DECODER_COLUMNS))}")
 
 
 def summary(rows: list[dict]) -> list[dict]:

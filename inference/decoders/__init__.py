@@ -6,8 +6,9 @@ package, so every decoder is registered wherever the engine is used.
 - ``block_diffusion``: block-parallel denoising of a block-diffusion model (``block_diffusion``)
 - ``tree``: draft heads verified as a sparse tree (``medusa``, ``hydra``)
 - ``speculative``: a draft model, fixed or adaptive draft length (``speculative``)
+- ``prompt_lookup``: Hugging Face's prompt lookup decoding, the training-free peer (``hf_prompt_lookup``)
 """
 
-from leaplm.inference.decoders import block_diffusion, jacobi, speculative, tree
+from leaplm.inference.decoders import block_diffusion, jacobi, prompt_lookup, speculative, tree
 
-__all__ = ["block_diffusion", "jacobi", "speculative", "tree"]
+__all__ = ["block_diffusion", "jacobi", "prompt_lookup", "speculative", "tree"]
