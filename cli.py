@@ -3,6 +3,7 @@
     leaplm train CONFIG [section.key=value ...]
     leaplm eval MODEL --tasks synth --decoder ar [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR
+    leaplm prompts FILE --source stdlib_code --split test --n 12
     leaplm quickstart
     leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora | --no-merge-lora] [--bench-n N]
     leaplm export EXPORT_DIR --push REPO_ID      (push an export as it is)
@@ -42,6 +43,8 @@ COMMANDS = {
                     "leaplm.bench.commands:add_eval_arguments", "leaplm.bench.commands:run_eval"),
     "bench": Command("decoders side by side with HF generate: bench.json, bench.md, bench.png",
                      "leaplm.bench.commands:add_bench_arguments", "leaplm.bench.commands:run_bench_command"),
+    "prompts": Command("write held-out real prompts (standard-library code or instructions) to a JSONL file for "
+                       "`leaplm bench --prompts`", "leaplm.cli:add_prompts_arguments", "leaplm.cli:run_prompts"),
     "quickstart": Command("eval + bench of the embedded teacher, its block-diffusion adaptation, and Jacobi Forcing "
                           "on it", "leaplm.bench.commands:add_quickstart_arguments",
                           "leaplm.bench.commands:run_quickstart"),
@@ -93,6 +96,28 @@ def run_train(args: argparse.Namespace) -> None:
               "rerun with train.resume_from=latest to continue")
         return
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
+
+
+# ----- prompts ------------------------------------------------------------------------------
+
+
+def add_prompts_arguments(p: argparse.ArgumentParser) -> None:
+    from leaplm.data.prompts import SOURCES
+
+    p.add_argument("out", help="the JSONL file to write ({\"id\", \"prompt\"} per line)")
+    p.add_argument("--source", default="stdlib_code", choices=SOURCES,
+                   help="standard-library code completion, instructions, or both (default %(default)s)")
+    p.add_argument("--split", default="test", choices=["train", "test"],
+                   help="test prompts never share a function with the train split that recipes use (default %(default)s)")
+    p.add_argument("--n", type=int, default=None, help="prompts to write (per kind for 'stdlib'; default all)")
+    p.add_argument("--seed", type=int, default=0, help="order and subsample (default %(default)s)")
+
+
+def run_prompts(args: argparse.Namespace) -> None:
+    from leaplm.data.prompts import write_prompt_file
+
+    path = write_prompt_file(args.out, args.source, args.split, args.n, args.seed)
+    print(f"wrote {sum(1 for _ in path.open())} prompts to {path}")
 
 
 # ----- export ------------------------------------------------------------------------------

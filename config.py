@@ -65,8 +65,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "synth" = the built-in synthetic task suite; otherwise a Hub id, a local dataset directory
-    # or a .json/.jsonl/.parquet file with prompt/response or chat `messages` columns.
+    # "synth" = the built-in synthetic task suite; "stdlib_code", "stdlib_chat" or "stdlib" (both)
+    # = prompts built offline from the Python standard library (data/prompts.py); otherwise a Hub
+    # id, a local dataset directory or a .json/.jsonl/.parquet file with prompt/response or chat
+    # `messages` columns.
     source: str = "synth"
     tasks: list[str] | None = None  # synthetic task names; None = all
     train_per_task: int = 2000
@@ -151,6 +153,10 @@ class RolloutConfig:
     temperature: float = 0.0  # 0 = greedy
     drop_wrong: bool = True  # drop rollouts whose answer fails the task checker
     max_prompts: int = 0  # prompts to roll out (per stage), drawn seeded from the configured data; 0 = all
+    # Recipes that train on the final greedy answers alone (draft_heads), which `ar` and greedy `jacobi`
+    # write token for token: decode the first batch with both, log their tokens per forward and speed, and
+    # collect the rest with the faster. false: always `decoder`.
+    pick_faster: bool = True
 
     def __post_init__(self) -> None:
         if self.max_prompts < 0:
@@ -162,7 +168,10 @@ class EvalConfig:
     RENAMED: ClassVar[dict[str, str]] = {"decoder_args": "decoder_settings"}
     tasks: list[str] | None = None  # None = every task of the data source
     n: int = 100  # prompts per task (from the test split)
-    decoder: str = "ar"
+    # None: the decoder the recipe's models decode with (Recipe.decoder: medusa for Medusa heads, jacobi for
+    # CLLM, ...), its settings under decoder_settings; filled in when the run's config loads. Also what the
+    # export stores for `leaplm.ship.load`.
+    decoder: str | None = None
     decoder_settings: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int = 160
     batch_size: int = 32

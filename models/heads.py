@@ -22,9 +22,19 @@ Heads are saved beside the base model as ``draft_heads.safetensors`` + ``draft_h
 ``load_model`` does this when the files are there). On the model they live as the submodule
 ``draft_heads``, left out of the base's own ``save_pretrained`` files.
 
+**Shared LM head** (``shared_lm_head``): head k's logits are the base's own LM head applied to its
+blocks' output, ``base_lm_head(blocks_k(x))``, as EAGLE's draft reuses the frozen target head
+(SafeAILab/EAGLE ``eagle/model/cnets1.py``). The heads then hold the base by reference, not as a
+submodule, and call its head: it is not copied, not saved with them and not trained (the base is
+frozen, and Medusa-2's default LoRA targets leave the head out), so a head costs H² per block instead of
+H² + H·V (at V = 49,152 and H = 576 that is 0.3M instead of 28.6M parameters). Medusa and
+Hydra give each head its own ``Linear(H, V)`` started from the base's head: that is the
+default (``shared_lm_head=False``).
+
 Where we differ from the references: each Medusa head has its own residual blocks (Medusa's
 ``[ResBlock] * n`` repeats one instance, sharing the weights when n > 1); heads store the top-k
-accuracy per head measured during training (``accuracy``), from which the decoders grow a tree.
+accuracy per head measured during training (``accuracy``), from which the decoders grow a tree;
+Hydra's per-head projection has a bias, ours (as Medusa's) has none.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from leaplm.models.cache import cache_argument
 
 HEADS_ATTR = "draft_heads"
 WEIGHTS_FILE = "draft_heads.safetensors"
@@ -54,6 +66,7 @@ class HeadsConfig:
     vocab_size: int = 0
     prefix_layer: bool = False  # Hydra++: one decoder layer over the base's hidden states first
     base: str = ""  # the base model the heads were trained on, for the record
+    shared_lm_head: bool = False  # heads project through the base's own LM head instead of their own copies
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,6 +75,8 @@ class HeadsConfig:
             raise ValueError(f"heads need num_heads >= 1 and num_layers >= 0, got {self.num_heads}, {self.num_layers}")
         if self.prefix_layer and self.kind != "hydra":
             raise ValueError("the prefix layer is Hydra++'s: set kind='hydra' or prefix_layer=false")
+        if self.shared_lm_head and self.kind == "acceptance":
+            raise ValueError("an acceptance head predicts (reject, accept), not tokens: set shared_lm_head=false")
 
 
 class ResBlock(nn.Module):
@@ -120,8 +135,9 @@ class PrefixLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache=None) -> torch.Tensor:
         """``allowed`` [b, s, kv] (True = may attend); ``cache`` (a DynamicCache) gets the s new K/V."""
         position_embeddings = self.rotary(hidden, positions)
-        out = self.layer(hidden, attention_mask=allowed[:, None], position_ids=positions, past_key_values=cache,
-                         use_cache=cache is not None, position_embeddings=position_embeddings)
+        out = self.layer(hidden, attention_mask=allowed[:, None], position_ids=positions,
+                         **{cache_argument(self.layer): cache}, use_cache=cache is not None,
+                         position_embeddings=position_embeddings)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -143,7 +159,14 @@ class DraftHeads(nn.Module):
                     layers.append(HydraInput((k + 2) * h, h))
                 layers += [ResBlock(h) for _ in range(config.num_layers - (config.kind == "hydra"))]
                 self.blocks.append(nn.Sequential(*layers))
-            self.lm_heads = nn.ModuleList([nn.Linear(h, v, bias=False) for _ in range(config.num_heads)])
+            self.lm_heads = None if config.shared_lm_head else nn.ModuleList(
+                [nn.Linear(h, v, bias=False) for _ in range(config.num_heads)])
+        if config.shared_lm_head:
+            if base is None:
+                raise ValueError("heads with shared_lm_head project through the base's LM head: pass base=")
+            # Kept out of _modules: the base owns (saves, moves, freezes) its head; registering it
+            # here would save it again with the heads and list it among their parameters.
+            self.__dict__["base"] = base
         self.prefix = PrefixLayer(base.config) if config.prefix_layer and base is not None else None
         if config.prefix_layer and base is None:
             raise ValueError("a Hydra++ prefix layer is sized from the base model: pass base=")
@@ -154,7 +177,7 @@ class DraftHeads(nn.Module):
 
     def _init_from(self, base) -> None:
         with torch.no_grad():
-            for head in self.lm_heads:
+            for head in self.lm_heads or ():
                 head.weight.copy_(base.get_output_embeddings().weight)
             if self.prefix is not None and base.config.model_type == "llama":
                 self.prefix.layer.load_state_dict(base.model.layers[-1].state_dict())
@@ -169,11 +192,23 @@ class DraftHeads(nn.Module):
         x = hidden
         if self.kind == "hydra":
             x = torch.cat([hidden, embeds.flatten(-2)], dim=-1)  # [..., (k+2)H]
-        return self.lm_heads[k](self.blocks[k](x))
+        # Looked up on every call: under LoRA (Medusa-2) the base's head may be replaced by a wrapper.
+        lm_head = self.base.get_output_embeddings() if self.lm_heads is None else self.lm_heads[k]
+        return lm_head(self.blocks[k](x))
 
     def accept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Acceptance head: (reject, accept) logits [..., 2] at draft hidden states [..., H]."""
         return self.blocks[0](hidden)
+
+
+def lm_logits(base, hidden: torch.Tensor) -> torch.Tensor:
+    """The base's logits [..., V] at its final hidden states [..., H], as its own forward computes
+    them: its LM head, then the soft-capping of families that cap their logits (Gemma 2)."""
+    logits = base.get_output_embeddings()(hidden)
+    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 # ----- Attach, save, load --------------------------------------------------------------------
@@ -235,7 +270,7 @@ def load_heads(directory: str | Path, base) -> DraftHeads:
     if config.kind != "acceptance" and config.hidden_size != base.config.hidden_size:
         raise ValueError(f"heads in {directory} are for hidden size {config.hidden_size}, the model has "
                          f"{base.config.hidden_size}; load them onto the base they were trained on ({config.base})")
-    heads = DraftHeads(config, base if config.prefix_layer else None)
+    heads = DraftHeads(config, base if config.prefix_layer or config.shared_lm_head else None)
     heads.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     return attach_heads(base, heads)
 

@@ -3,9 +3,17 @@
 Layout of ``OUTPUT_DIR/checkpoints/step-000100/``:
   state/               accelerate.save_state: model, optimizer, scheduler, per-rank RNG
   model/               HF layout (safetensors + config + tokenizer), loadable by transformers
+  base.json            a run that keeps part of the model frozen (draft heads on a frozen base, LoRA,
+                       separate noisy weights): the frozen base's record (:func:`base_record`)
   config.yaml          the resolved config of the run
   trainer_state.json   step, consumed samples and the size and sha256 of every file above;
                        written last, its presence marks completion
+
+A run with frozen weights saves only what trains, in ``state/`` and in ``model/``: there
+``trained.safetensors`` (the trained parameters and their modules' buffers, e.g. draft heads and
+their accuracies) beside the tokenizer, or a LoRA adapter. The frozen weights are rebuilt from
+``model.name_or_path`` on resume and export, and must hash to the sha256 in ``base.json``
+(:func:`check_base`); the export still writes the whole model.
 
 A crash (SIGKILL, node loss) while writing leaves only ``.tmp-step-N/``, which is never listed,
 so ``resume_from=latest`` takes the previous checkpoint. A checkpoint damaged afterwards (a file
@@ -21,9 +29,14 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+import torch
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+BASE_FILE = "base.json"
+TRAINED_FILE = "trained.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -121,3 +134,57 @@ def finalize(output_dir: str | Path, step: int, trainer_state: dict, keep_last: 
     for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ----- Checkpoints of the trained parts -------------------------------------------------------
+
+
+def trained_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of ``model`` that train: parameters with ``requires_grad``, and the
+    buffers of modules whose parameters all train (e.g. the draft heads' running accuracies)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    keys = {name for name, p in params.items() if p.requires_grad}
+    for name, _ in model.named_buffers(remove_duplicate=False):
+        owner = name.rpartition(".")[0]
+        owned = [p for n, p in params.items() if n.startswith(f"{owner}.")] if owner else list(params.values())
+        if owned and all(p.requires_grad for p in owned):
+            keys.add(name)
+    return keys
+
+
+def frozen_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of ``model`` that do not train (sorted); empty when everything trains."""
+    return sorted(set(model.state_dict()) - trained_keys(model))
+
+
+def tensors_sha256(model: torch.nn.Module, keys: list[str]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``model``'s state-dict entries ``keys``."""
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for key in keys:
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_record(model: torch.nn.Module, name_or_path: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint of the trained parts records about the frozen rest of ``model``: where it was
+    loaded from, that model's ``fingerprint`` (files, sizes, times), the frozen keys and their sha256."""
+    frozen = frozen_keys(model)
+    return {"name_or_path": name_or_path, "fingerprint": fingerprint, "frozen": frozen,
+            "frozen_sha256": tensors_sha256(model, frozen)}
+
+
+def check_base(model: torch.nn.Module, record: dict[str, Any], checkpoint: Path) -> None:
+    """Raise unless the frozen weights of ``model`` (rebuilt from ``record["name_or_path"]``) are
+    those ``checkpoint`` was trained on."""
+    name = record["name_or_path"]
+    missing = [key for key in record["frozen"] if key not in model.state_dict()]
+    if missing or tensors_sha256(model, record["frozen"]) != record["frozen_sha256"]:
+        what = f"lacks {missing[0]}" if missing else "has other weights than the one it was trained on"
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds only the trained parts of its run, over the frozen base {name!r}; the "
+            f"base loaded from {name!r} now {what} (recorded: {record['fingerprint']}). Restore that base under "
+            "model.name_or_path, or resume or export from another run's checkpoint."
+        )

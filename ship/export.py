@@ -36,8 +36,11 @@ from typing import Any, Callable, Sequence
 import jinja2
 
 import leaplm
+from leaplm.data.sft import load_source, task_names, to_messages
+from leaplm.data.tasks import make_split
 from leaplm.inference.engine import check_decoder_settings, default_stop_ids
 from leaplm.models.addons import save_addons
+from leaplm.models.heads import HEADS_ATTR
 from leaplm.models.zoo import DTYPES
 from leaplm.ship import checkpoint as ckpt
 
@@ -47,6 +50,8 @@ RUN_CONFIG = "leaplm_config.yaml"  # written into every export, by every leaplm 
 # What a training run or a checkpoint holds and an export never does: such a directory is not replaced.
 RUN_MARKERS = ("checkpoints", "trainer_state.json", "state")
 CARD_LIBRARIES = ("leaplm", "torch", "transformers", "accelerate", "peft", "safetensors")
+# The card's example prompt for a run whose data has no prompt to show.
+NEUTRAL_PROMPT = "Explain in two sentences what a hash table is."
 
 
 class ExportError(RuntimeError):
@@ -74,7 +79,7 @@ tokenizer = AutoTokenizer.from_pretrained("{{ name }}")
 # leaplm: the {{ decoder }} decoder with the settings stored in config.json
 import leaplm.ship
 decoder = leaplm.ship.load("{{ name }}")
-print(decoder.generate(["Reverse the list: 3 1 2"]).texts)
+print(decoder.generate([{{ prompt }}]).texts)
 ```
 {% if adapter %}
 The weights here are the base model's; the LoRA adapter is in `adapter/` (peft).
@@ -87,13 +92,14 @@ The weights here are the base model's; the LoRA adapter is in `adapter/` (peft).
 
 ## Training
 - recipe: `{{ recipe }}`
-- data: `{{ data_source }}`{% if tasks %} (tasks: {{ tasks }}){% endif %}
-- steps: {{ steps }}, effective batch {{ batch }}, lr {{ lr }} ({{ schedule }}, warmup {{ warmup }}){% if lora %}, LoRA rank {{ lora }}{% endif %}
+- data: `{{ data_source }}`{% if tasks %} (tasks: {{ tasks }}){% endif %}{% if samples %}, {{ samples }} training samples{% endif %}
+{% if trained %}- trained: {{ trained }}
+{% endif %}- steps: {{ steps }}, effective batch {{ batch }}, lr {{ lr }} ({{ schedule }}, warmup {{ warmup }}){% if lora %}, LoRA rank {{ lora }}{% endif %}
 - precision: {{ precision }}
 - reproduce: `{{ command }}`
 
-{% if rows %}## Evaluation
-Greedy decoding on the held-out test split of each task. Speedup is tokens/s over Hugging Face
+## Evaluation
+{% if rows %}Greedy decoding on the held-out test split of each task. Speedup is tokens/s over Hugging Face
 `generate` (autoregressive, KV cache) on the same prompts in the same process{% if not has_speedup %}; this
 export has no bench, so it is not given (`leaplm export ... --bench-n 20` measures it){% endif %}.
 
@@ -102,7 +108,9 @@ export has no bench, so it is not given (`leaplm export ... --bench-n 20` measur
 {% for r in rows %}| {{ r.label }} | {{ r.task }} | {{ r.n }} | {{ "%.1f" % (100 * r.accuracy) }}% | {{ "%.2f" % r.tokens_per_forward }} | {{ r.speedup }} |
 {% endfor %}{% if plot %}
 ![accuracy against speedup]({{ plot }})
-{% endif %}{% endif %}
+{% endif %}{% else %}Not measured: the run did not evaluate this checkpoint, nor did its export bench it. Measure accuracy
+and speed on your own prompts with `leaplm bench {{ name }} --prompts FILE`.
+{% endif %}
 ## Library versions
 {% for name, v in versions %}- {{ name }} {{ v }}
 {% endfor %}- python {{ python }}
@@ -130,6 +138,9 @@ def leaplm_section(cfg, model, out_dir: Path, export_settings: ExportSettings | 
     A recipe's ``export_settings(cfg, model, out_dir)`` hook returns its own entries (block size,
     heads) and may write extra files under ``out_dir``, which it lists under ``"files"``.
     """
+    if cfg.eval.decoder is None:
+        raise ExportError("the config's eval.decoder is unset: load it with leaplm.train.recipes.load_config, which "
+                          "sets it to the recipe's decoder, or name one")
     section: dict[str, Any] = {
         "version": leaplm.__version__,
         "recipe": cfg.recipe,
@@ -144,6 +155,44 @@ def leaplm_section(cfg, model, out_dir: Path, export_settings: ExportSettings | 
     return section
 
 
+def trained_parts(model, lora_rank: int = 0) -> str:
+    """What a run trains, in words for the card, from which of ``model``'s parameters require grad:
+    "all weights", or the trained parts (LoRA adapter, draft heads, noisy copies), the rest frozen."""
+    params = dict(model.named_parameters())
+    trained = {name for name, p in params.items() if p.requires_grad}
+    if trained == set(params):
+        return "all weights"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = getattr(base, HEADS_ATTR, None)
+    parts = []
+    if lora_rank:
+        parts.append(f"a rank-{lora_rank} LoRA adapter")
+    if heads is not None and any(p.requires_grad for p in heads.parameters()):
+        c = heads.config
+        parts.append("an acceptance head" if c.kind == "acceptance" else
+                     f"{c.num_heads} {c.kind.capitalize()} heads" + (" over a prefix layer" if c.prefix_layer else ""))
+    if any(name.endswith(".noisy_weight") for name in trained):
+        parts.append("the noisy-stream copies of the linear layers")
+    share = sum(params[n].numel() for n in trained) / sum(p.numel() for p in params.values())
+    return f"{', '.join(parts) or 'part of the weights'} ({100 * share:.2g}% of the parameters), base frozen"
+
+
+def card_prompt(data) -> str:
+    """The card's example prompt: a test prompt of the first synthetic task the run trained on, or the
+    first short user turn of its own data; :data:`NEUTRAL_PROMPT` when the data has none here."""
+    if data.source == "synth":
+        return make_split(task_names(data)[0], "test", 1, data.seed)[0].prompt
+    try:
+        ds = load_source(data, require_response=False)
+    except (OSError, ValueError):  # e.g. a Hub dataset this machine cannot reach: the card still gets written
+        return NEUTRAL_PROMPT
+    for row in ds.select(range(min(len(ds), 50))):
+        users = [m["content"] for m in to_messages(row, data) if m["role"] == "user"]
+        if users and len(users[-1]) <= 300:  # a prompt that reads well in a code example
+            return users[-1]
+    return NEUTRAL_PROMPT
+
+
 def _card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -155,8 +204,10 @@ def _card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_card(model, cfg, rows: list[dict[str, Any]], command: str, section: dict[str, Any], name: str, *,
-                plot: str | None = None, adapter: bool = False, steps: int | None = None) -> str:
-    """The model card. ``steps``: the optimizer steps the exported weights had (default train.max_steps)."""
+                plot: str | None = None, adapter: bool = False, steps: int | None = None, samples: int | None = None,
+                trained: str | None = None) -> str:
+    """The model card. ``steps``: the optimizer steps the exported weights had (default train.max_steps);
+    ``samples``: the run's training samples; ``trained``: what it trained (:func:`trained_parts`)."""
     t = cfg.train
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     from_scratch = cfg.model.init is not None
@@ -177,6 +228,9 @@ def render_card(model, cfg, rows: list[dict[str, Any]], command: str, section: d
         vocab_size=base_model.config.vocab_size,
         data_source=cfg.data.source,
         tasks=", ".join(cfg.data.tasks or []) or None,
+        samples=samples,
+        trained=trained,
+        prompt=json.dumps(card_prompt(cfg.data)),
         steps=t.max_steps if steps is None else steps,
         batch=(f"{t.micro_batch_size * t.grad_accum} packed rows of {cfg.data.max_length} tokens" if cfg.data.packing
                else f"{t.micro_batch_size * t.grad_accum} samples") + " per process",
@@ -300,7 +354,8 @@ Bench = Callable[[Any, Any, Any, Path], list[dict[str, Any]]]
 def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str, Any]] | None = None,
                  command: str | None = None, *, export_settings: ExportSettings | None = None,
                  merge_lora: bool | None = None, bench: Bench | None = None, name: str | None = None,
-                 keep: Sequence[Path] = (), steps: int | None = None) -> Path:
+                 keep: Sequence[Path] = (), steps: int | None = None, samples: int | None = None,
+                 trained: str | None = None) -> Path:
     """Write ``model`` (plain or peft LoRA) with its tokenizer, settings and card to ``out_dir``.
 
     ``out_dir`` is replaced whole (it must be new, empty or an earlier export, and may not hold
@@ -310,7 +365,9 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     ``adapter/``. ``bench``: measure the model into the export, whose rows and plot the card then
     shows instead of ``rows``. ``name`` is what the card's code loads (default: ``export.push_to``,
     else the directory's name). ``steps``: the optimizer steps the weights had, for the card (default
-    ``train.max_steps``: a checkpoint taken earlier, or a preempted run, says its own).
+    ``train.max_steps``: a checkpoint taken earlier, or a preempted run, says its own); ``samples``
+    and ``trained``: the run's training samples and what it trained (:func:`trained_parts`), for the
+    card, which leaves out what is not given.
     """
     out = Path(out_dir)
     with _replacing(out, [Path(cfg.output_dir), *keep]) as tmp:
@@ -318,13 +375,13 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
         if bench is not None:
             rows, plot = bench(model, tokenizer, cfg, tmp), "bench.png"
         _write_export(model, tokenizer, cfg, tmp, rows, command, export_settings, merge_lora=merge_lora, plot=plot,
-                      name=name or cfg.export.push_to or out.name, steps=steps)
+                      name=name or cfg.export.push_to or out.name, steps=steps, samples=samples, trained=trained)
     return out
 
 
 def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] | None, command: str | None,
                   export_settings: ExportSettings | None, *, merge_lora: bool | None, plot: str | None,
-                  name: str, steps: int | None) -> None:
+                  name: str, steps: int | None, samples: int | None, trained: str | None) -> None:
     """Write the export's files into ``out``, a fresh directory that :func:`_replacing` swaps in."""
     merge_lora = cfg.export.merge_lora if merge_lora is None else merge_lora
     adapter = hasattr(model, "merge_and_unload") and not merge_lora
@@ -362,7 +419,7 @@ def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] |
         (out / "eval.json").write_text(json.dumps(rows, indent=2))
     command = command or cfg.origin or f"leaplm train <config> (recipe {cfg.recipe})"
     (out / "README.md").write_text(render_card(model, cfg, rows or [], command, section, name, plot=plot, steps=steps,
-                                               adapter=adapter))
+                                               samples=samples, trained=trained, adapter=adapter))
 
 
 def _truthy(name: str) -> bool:

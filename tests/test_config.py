@@ -142,7 +142,7 @@ def fake_recipe(monkeypatch):
     module = types.ModuleType("leaplm_test_fake_recipe")
     module.RECIPE = recipes.Recipe(
         name="fake", description="test", method_config=FakeMethod,
-        build_model=None, build_dataset=None, build_collator=None, loss=None,
+        build_model=None, build_dataset=None, build_collator=None, loss=None, decoder=lambda cfg: ("ar", {}),
     )
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(recipes.RECIPE_MODULES, "fake", module.__name__)
@@ -226,7 +226,7 @@ def test_cross_field_rules_of_each_section(override, message):
     "overrides, message",
     [
         (["eval.decoder=nosuch"],
-         "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, hf_generate, hydra, jacobi, "),
+         "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, hf_generate, hf_prompt_lookup, hydra, jacobi, "),
         (["eval.decoder_settings={threshold: 1.5}"],
          "eval.decoder_settings: decoder 'ar' has no setting 'threshold'; its settings: temperature, top_k, top_p, seed, "),
         (["eval.decoder=block_diffusion", "eval.decoder_settings={threshold: 1.5}"],
@@ -248,10 +248,29 @@ def test_decoders_and_their_settings_are_checked_when_the_config_loads(tmp_path,
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
     assert str(err.value).startswith(message)
-    raw = parse_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])  # the recipe-agnostic parse passes
+    # the recipe-agnostic parse passes; it leaves eval.decoder to the recipe, so it is named here (pretrain's)
+    raw = parse_config(None, [f"output_dir={tmp_path / 'run'}", "eval.decoder=ar", *overrides])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config_decoders(raw)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe, overrides, decoder", [
+    ("pretrain", [], ("ar", {})),
+    ("draft_heads", [], ("medusa", {})),
+    ("draft_heads", ["method.variant=hydra_pp"], ("hydra", {})),
+    ("cllm", ["method.jacobi_block_size=8"], ("jacobi", {"jacobi_block_size": 8})),
+    ("jacobi_forcing", [], ("jacobi_multiblock", {"jacobi_block_size": 16})),
+    ("ar2bd", ["method.block_size=8"], ("block_diffusion", {"block_size": 8})),
+    ("cd4lm", [], ("block_diffusion", {"threshold": 0.95, "max_per_step": 32})),
+    ("learn2pd", [], ("block_diffusion", {"rule": "filter", "eos_fill": True})),
+    # settings given without a decoder go over the recipe's; a named decoder is kept as it is
+    ("cd4lm", ["eval.decoder_settings={threshold: 0.8}"], ("block_diffusion", {"threshold": 0.8, "max_per_step": 32})),
+    ("draft_heads", ["eval.decoder=ar"], ("ar", {})),
+])
+def test_eval_decoder_defaults_to_the_recipes_own(recipe, overrides, decoder):
+    cfg = load_config(None, [f"recipe={recipe}", *overrides])
+    assert (cfg.eval.decoder, cfg.eval.decoder_settings) == decoder
 
 
 def test_settings_a_decoder_takes_pass():

@@ -63,7 +63,7 @@ def test_evaluate_rows_and_grading(tiny, monkeypatch):
 def test_evaluate_accepts_the_trainer_call(tiny):
     """The trainer passes exactly these keywords, straight from EvalConfig."""
     model, tokenizer = tiny("llama")
-    e = EvalConfig(tasks=["copy", "word"], n=2, max_new_tokens=4, batch_size=2)
+    e = EvalConfig(tasks=["copy", "word"], n=2, decoder="ar", max_new_tokens=4, batch_size=2)  # load_config fills decoder in
     rows = evaluate_model(model, tokenizer, tasks=e.tasks, n=e.n, decoder=e.decoder, decoder_settings=e.decoder_settings,
                           max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=3, model_name="runs/x")
     assert [(r["task"], r["n"], r["model"]) for r in rows] == [("copy", 2, "runs/x"), ("word", 2, "runs/x")]

@@ -97,6 +97,36 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
     assert f"recipe `{recipe}`" in (out / "README.md").read_text()
 
 
+def test_a_draft_heads_export_without_eval_decodes_with_its_heads_and_says_what_it_trained(tmp_path):
+    """eval.decoder unset and no eval: the export stores the recipe's decoder, which loads with the heads; the
+    card names it, the trained parts and the data, and says nothing was measured."""
+    trainer = trained(tmp_path, "draft_heads", "eval.decoder=null")
+    out = tmp_path / "export"
+    main(["export", str(tmp_path / "run"), "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())[LEAPLM_KEY]["decoder"] == "medusa"
+    fast = leaplm.ship.load(out)
+    assert fast.decoder == "medusa" and fast.model.draft_heads.kind == "medusa"
+    reference = Engine(fast.model, fast.tokenizer).generate(prompts(fast.tokenizer), "hf_generate", 24).sequences
+    assert fast.generate(prompts(fast.tokenizer), max_new_tokens=24).sequences == reference
+    card = (out / "README.md").read_text()
+    assert "decodes fastest with\nthe `medusa` decoder" in card
+    assert f"- data: `synth` (tasks: copy, sort), {len(trainer.samples)} training samples" in card
+    assert "- trained: 2 Medusa heads (" in card and "), base frozen" in card
+    assert "Not measured" in card and "leaplm bench export --prompts FILE" in card
+    assert json.dumps(make_split("copy", "test", 1, 0)[0].prompt) in card  # a prompt of what it was trained on
+
+
+def test_the_cards_example_prompt_comes_from_the_runs_own_data(tmp_path):
+    from leaplm.config import DataConfig
+
+    rows = [{"prompt": "x" * 400, "response": "long"}, {"prompt": "What is 2 + 2?", "response": "4"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert export.card_prompt(DataConfig(source=str(data))) == "What is 2 + 2?"  # the first that reads well
+    data.write_text(json.dumps({"prompt": "y" * 400, "response": "z"}) + "\n")
+    assert export.card_prompt(DataConfig(source=str(data))) == export.NEUTRAL_PROMPT
+
+
 def test_learn2pd_export_is_the_filter_and_decodes_the_same_tokens(tmp_path):
     """Learn2PD trains a filter, not the LM: its export is the filter, read by the LM's decoder."""
     trainer = trained(tmp_path, "learn2pd")
@@ -104,7 +134,7 @@ def test_learn2pd_export_is_the_filter_and_decodes_the_same_tokens(tmp_path):
     main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
     section = json.loads((tmp_path / "export" / "config.json").read_text())[LEAPLM_KEY]
     assert section["filter_for"] == cfg.model.name_or_path == "tiny-teacher-bd"
-    assert (section["decoder"], section["decoder_settings"]) == ("block_diffusion", {"rule": "filter"})
+    assert (section["decoder"], section["decoder_settings"]) == ("block_diffusion", {"rule": "filter", "eos_fill": True})
     trained_filter = trainer.unwrapped_model()
     exported = UnmaskFilter.from_pretrained(tmp_path / "export")
     for name, tensor in trained_filter.state_dict().items():

@@ -53,6 +53,11 @@ VARIANTS = {
     "medusa1": ("configs/draft_heads/tiny_teacher.yaml", RECIPE_SMOKE["draft_heads"], 1),
     "medusa2": ("configs/draft_heads/tiny_teacher_medusa2.yaml", RECIPE_SMOKE["draft_heads"], 1),
     "hydra_pp": ("configs/draft_heads/tiny_teacher_hydra_pp.yaml", RECIPE_SMOKE["draft_heads"], 1),
+    # each rank caches the hidden states of its shards; the single process caches them all itself
+    "medusa1_offline": ("configs/draft_heads/tiny_teacher.yaml",
+                        [*RECIPE_SMOKE["draft_heads"], "method.offline=true", "method.shared_lm_head=true"], 1),
+    "hydra_pp_offline": ("configs/draft_heads/tiny_teacher_hydra_pp.yaml",
+                         [*RECIPE_SMOKE["draft_heads"], "method.offline=true"], 1),
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,18 +99,65 @@ def test_lora_trains_only_the_adapter(tmp_path):
     assert changed == {n for n in trainable if "lora_B" in n or "lora_A" in n}
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
-    full = train(tiny_config(tmp_path / "full", "train.max_steps=6")).losses
+# LoRA: its checkpoints hold the adapter alone, over the frozen base rebuilt on resume
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4", "model.lora.alpha=64"]], ids=["full", "lora"])
+def test_resume_continues_the_same_loss_curve(tmp_path, extra):
+    full = train(tiny_config(tmp_path / "full", "train.max_steps=6", *extra)).losses
     run = tmp_path / "interrupted"
-    train(tiny_config(run, "train.max_steps=6", "train.save_every=3", "train.keep_last=5"))
+    train(tiny_config(run, "train.max_steps=6", "train.save_every=3", "train.keep_last=5", *extra))
+    assert (ckpt.list_checkpoints(run)[0] / ckpt.BASE_FILE).is_file() == bool(extra)
     # Simulate a crash after step 3: the step-6 checkpoint never got written.
     (ckpt.checkpoint_root(run) / ckpt.step_dir_name(6)).rename(run / "lost")
-    resumed = train(tiny_config(run, "train.max_steps=6", "train.resume_from=latest"))
+    resumed = train(tiny_config(run, "train.max_steps=6", "train.resume_from=latest", *extra))
     assert len(resumed.losses) == 3
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full[3:]), rtol=1e-6, atol=1e-6)
     # The interrupted run's rows for the replayed steps 4-6 are dropped: each step is logged once.
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_frozen_base_run_checkpoints_only_what_trains_and_resumes_exactly(tmp_path):
+    """Draft heads on a frozen base: the checkpoints hold the heads and a record of the base, resume
+    continues the same curve on the rebuilt base, and a base changed since is refused by name."""
+    from safetensors import safe_open
+
+    from leaplm.cli import main
+    from leaplm.models.zoo import EMBEDDED_TEACHER_DIR
+
+    from conftest import RECIPE_SMOKE
+
+    base = tmp_path / "base"
+    shutil.copytree(EMBEDDED_TEACHER_DIR, base)
+
+    def heads_config(out: Path, *extra: str):
+        return load_config(REPO / "configs" / "draft_heads" / "tiny_teacher.yaml",
+                           [*RECIPE_SMOKE["draft_heads"], f"model.name_or_path={base}", f"output_dir={out}",
+                            "train.max_steps=4", *extra])
+
+    full = train(heads_config(tmp_path / "full")).losses
+    run = tmp_path / "interrupted"
+    train(heads_config(run, "train.save_every=2", "train.keep_last=5"))
+    (ckpt.checkpoint_root(run) / ckpt.step_dir_name(4)).rename(run / "lost")
+    step2 = ckpt.list_checkpoints(run)[-1]
+    record = json.loads((step2 / ckpt.BASE_FILE).read_text())
+    assert record["name_or_path"] == str(base) and record["frozen"]
+    assert sorted(p.name for p in (step2 / "model").iterdir() if p.suffix == ".safetensors") == [ckpt.TRAINED_FILE]
+    for weights in (step2 / "model" / ckpt.TRAINED_FILE, step2 / "state" / "model.safetensors"):
+        with safe_open(str(weights), "pt") as saved:
+            assert saved.keys() and all(".draft_heads." in f".{key}" for key in saved.keys())
+    resumed = train(heads_config(run, "train.resume_from=latest"))
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full[2:]), rtol=1e-6, atol=1e-6)
+
+    # The base changes under the checkpoint: resume and export name it instead of loading other weights.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ckpt.CheckpointError, match=f"frozen base '{re.escape(str(base))}'.* has other weights"):
+        train(heads_config(run, "train.resume_from=latest"))
+    with pytest.raises(ckpt.CheckpointError, match=f"frozen base '{re.escape(str(base))}'.* has other weights"):
+        main(["export", str(run), "--out", str(tmp_path / "export")])
 
 
 def test_checkpoint_is_complete_hf_loadable_and_pruned(tmp_path):

@@ -129,12 +129,12 @@ def test_export_in_half_precision_casts_a_copy(tmp_path, tiny):
     """export.dtype=float16 halves the files and leaves the live model as it was."""
     from safetensors import safe_open
 
-    from leaplm.config import Config
     from leaplm.ship.export import export_model
+    from leaplm.train.recipes import load_config
 
     model, tokenizer = tiny("llama")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    cfg = Config()
+    cfg = load_config()
     cfg.export.dtype = "float16"
     export_model(model, tokenizer, cfg, tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:

@@ -186,5 +186,8 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    # The export is the draft: on its own it decodes autoregressively; it speeds up method.target as the
+    # `speculative` decoder's draft (draft=DIR, stop_threshold), which needs the target as the decoded model.
+    decoder=lambda cfg: ("ar", {}),
     rollout=rollout,
 )

@@ -155,5 +155,6 @@ RECIPE = Recipe(
     build_dataset=prompt_response_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("block_diffusion", {"block_size": cfg.method.block_size}),
     new_token_ids=lambda model: [spec_of(model).mask_token_id],
 )

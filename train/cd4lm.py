@@ -128,4 +128,5 @@ RECIPE = Recipe(
     build_dataset=prompt_response_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("block_diffusion", {"threshold": 0.95, "max_per_step": 32}),  # CD4LM's adaptive top-k
 )

@@ -162,6 +162,7 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("jacobi", {"jacobi_block_size": cfg.method.jacobi_block_size}),
     rollout=rollout,
     # The Jacobi block trained on; the decoder's own is eval.decoder_settings' jacobi_block_size.
     export_settings=lambda cfg, model, out_dir: {"jacobi_block_size": cfg.method.jacobi_block_size},

@@ -133,5 +133,6 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("block_diffusion", {}),  # the model's block size (the distilled teacher's)
     rollout=rollout,
 )

@@ -23,6 +23,20 @@ Heads (``models/heads.py``): head k at position t predicts token t+k+2.
   prefix decoder layer, base frozen. Loss = Σ_k teacher_weight · softCE(head_k, base distribution
   of the same token) + lm_weight · CE_k (Hydra's ``_score_preds`` without the reconstruction term).
 
+Only the positions whose target is an answer token reach the heads' vocabulary projections (a
+head is position-wise after the prefix layer, so this changes no loss term): at a real vocabulary
+those projections, not the base, dominate a step.
+
+**Shared LM head** (``shared_lm_head``, ``models/heads.py``): the heads project through the
+frozen base's LM head instead of their own copies of it.
+
+**Offline** (``offline``, frozen-base variants; as Hydra's ``hydra/data/build_hidden_states.py`` and
+SpecForge's offline training): after the rollouts, the base's final hidden states (after its final
+norm) of every training sample are computed once into ``OUTPUT_DIR/features/<key>/`` and the heads
+train from them without running the base. Hydra's drafted-token embeddings come from the base's
+input embedding and Hydra++'s teacher distribution from its LM head, both on the cached states.
+See :func:`extract_features`.
+
 ``sched`` is ``constant``, ``linear`` (step/max), ``sine`` (sin(step/max · π/2)) or ``sine_<r>`` (a sine
 warm-up over the first fraction r of training), as in the Medusa fork. The heads' rank
 accuracies are averaged during training and saved with them; the ``medusa``/``hydra`` decoders
@@ -38,26 +52,49 @@ dropout.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
 from leaplm.data.sft import IGNORE_INDEX, PadCollator
-from leaplm.models.heads import ACCURACY_TOP_K, HEADS_ATTR, DraftHeads, HeadsConfig, attach_heads, unwrap_heads
+from leaplm.models.heads import (
+    ACCURACY_TOP_K,
+    HEADS_ATTR,
+    DraftHeads,
+    HeadsConfig,
+    attach_heads,
+    lm_logits,
+    unwrap_heads,
+)
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
+    CURRENT_FILE,
+    GREEDY_DECODERS,
+    SETTINGS_FILE,
     answer_samples,
     check_rollout_sections,
-    collect_run_trajectories,
+    collect_run_greedy_answers,
     current_rollouts,
     load_rollouts,
+    model_fingerprint,
+    rollout_key,
     rollouts_dir,
 )
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("medusa1", "medusa2", "hydra_pp")
 
@@ -75,6 +112,8 @@ class DraftHeadsMethodConfig:
     teacher_weight: float = 1.0  # Hydra++: soft CE to the base's distribution
     lm_weight: float = 0.0  # Hydra++: CE to the answer tokens (Hydra++ uses 0)
     rollout_block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
+    shared_lm_head: bool = False  # heads project through the base's LM head (EAGLE) instead of their own copies
+    offline: bool = False  # cache the frozen base's hidden states once, then train without running the base
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -82,6 +121,10 @@ class DraftHeadsMethodConfig:
         if self.num_heads < 1 or self.num_layers < 1:
             raise ConfigError(f"method.num_heads and method.num_layers must be >= 1, got {self.num_heads}, "
                               f"{self.num_layers}")
+        if self.offline and self.variant == "medusa2":
+            raise ConfigError("method.offline caches the frozen base's hidden states, and medusa2 trains the base "
+                              "(LoRA), so they change every step: set method.offline=false, or variant medusa1 or "
+                              "hydra_pp")
         schedule_weight(self.schedule, 0, 1)  # raises on an unknown schedule
 
 
@@ -106,7 +149,7 @@ def schedule_weight(schedule: str, step: int, max_steps: int) -> float:
 
 def check_sections(cfg: Config) -> None:
     m: DraftHeadsMethodConfig = cfg.method
-    check_rollout_sections(cfg, "draft_heads", m.rollout_block_size)
+    check_rollout_sections(cfg, "draft_heads", m.rollout_block_size, decoder=GREEDY_DECODERS)
     if m.variant == "medusa2" and cfg.model.lora.r == 0:
         raise ConfigError("medusa2 trains the base jointly with LoRA: set model.lora.r > 0 (or variant medusa1)")
     if m.variant != "medusa2" and cfg.model.lora.r > 0:
@@ -125,48 +168,202 @@ def build_model(cfg: Config):
     config = HeadsConfig(kind="hydra" if m.variant == "hydra_pp" else "medusa", num_heads=m.num_heads,
                          num_layers=m.num_layers, hidden_size=model.config.hidden_size,
                          vocab_size=model.config.vocab_size, prefix_layer=m.variant == "hydra_pp",
-                         base=cfg.model.name_or_path)
+                         base=cfg.model.name_or_path, shared_lm_head=m.shared_lm_head)
     attach_heads(model, DraftHeads(config, model))
     return model, tokenizer
 
 
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
-    """The base's greedy answers to the data's prompts (collected once, reused on a rerun)."""
+    """The base's greedy answers to the data's prompts (collected once, reused on a rerun); with
+    ``method.offline``, then the base's hidden states of every training sample (:func:`extract_features`)."""
     m: DraftHeadsMethodConfig = cfg.method
-    collect_run_trajectories(cfg, model, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size,
-                             init="prompt")
+    collect_run_greedy_answers(cfg, model, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size)
+    if m.offline:
+        extract_features(cfg, model, tokenizer, accelerator)
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
-    """One sample per answered prompt: prompt + answer, labels on the answer."""
+    """One sample per answered prompt: prompt + answer, labels on the answer, and its ``index`` in
+    this list (where offline training finds its cached hidden states)."""
     samples = answer_samples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
     return [{"input_ids": s["prompt_ids"] + s["answer_ids"],
-             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]} for s in samples]
+             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"], "index": i}
+            for i, s in enumerate(samples)]
 
 
 def build_collator(cfg: Config, tokenizer):
+    if cfg.method.offline:
+        return FeatureCollator(tokenizer.pad_token_id, current_features(cfg))
     return PadCollator(tokenizer.pad_token_id)
+
+
+# ----- Offline features -------------------------------------------------------------------
+
+
+FEATURES_FORMAT = 1  # bump when what a shard holds changes: older caches are then recomputed
+SHARD_SAMPLES = 256  # samples per shard file, the unit a process computes and writes at once
+
+
+def features_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "features"
+
+
+def shard_file(directory: Path, shard: int) -> Path:
+    return directory / f"shard-{shard:05d}.safetensors"
+
+
+def base_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The frozen base's final hidden states [b, T, H] (after its final norm), the heads' input.
+
+    One call for online training and feature extraction alike, so a cached state is what the
+    online step computes. The logits of the last position only: nothing here reads them.
+    """
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def feature_settings(cfg: Config, samples: list[dict]) -> dict:
+    """What the cached hidden states depend on: the base's weights and how it runs, and the samples
+    (so the rollouts they come from, and ``rollout.drop_wrong``)."""
+    ids = hashlib.sha256(json.dumps([s["input_ids"] for s in samples]).encode()).hexdigest()
+    return {"format": FEATURES_FORMAT, "model": model_fingerprint(cfg.model.name_or_path), "dtype": cfg.model.dtype,
+            "attn_implementation": cfg.model.attn_implementation, "mixed_precision": cfg.train.mixed_precision,
+            "rollouts": current_rollouts(rollouts_dir(cfg)).name, "samples": len(samples), "samples_sha256": ids,
+            "shard_samples": SHARD_SAMPLES}
+
+
+def extract_features(cfg: Config, model, tokenizer, accelerator) -> Path:
+    """Compute (or reuse) the base's final hidden states of every training sample; the directory.
+
+    Stored in the dtype the base computes them in (the model's, or float32 under autocast): the
+    cache then holds exactly what online training feeds the heads, so offline training is the
+    same run, only faster; bf16 would halve the disk of a float32 base but change its losses.
+    Samples are cut into shards of :data:`SHARD_SAMPLES` in dataset order and batched within a
+    shard by ``train.micro_batch_size``, so each shard is the same whatever the process count
+    (another batching moves the states by float rounding only, so the key leaves it out);
+    process r computes shards r, r + P, ... (each written atomically, so a rerun after a crash keeps
+    the finished ones), and training looks a sample's states up by its dataset index.
+    """
+    acc = accelerator
+    samples = build_dataset(cfg, tokenizer)
+    settings = feature_settings(cfg, samples)
+    root = features_dir(cfg)
+    key = rollout_key(settings)
+    final, partial = root / key, root / f"{key}.partial"
+    if (final / SETTINGS_FILE).is_file():
+        log.info("features: reusing %s (same base, rollouts and settings)", final)
+    else:
+        batch = cfg.train.micro_batch_size
+        shards = list(range(acc.process_index, math.ceil(len(samples) / SHARD_SAMPLES), acc.num_processes))
+        tokens = sum(len(s["input_ids"]) for s in samples)
+        if acc.is_main_process:
+            size = tokens * model.config.hidden_size * model.dtype.itemsize
+            log.info("features: the base's final hidden states of %d samples (%d tokens, about %.1f MB as %s), "
+                     "%d shards of %d over %d processes, batches of %d -> %s", len(samples), tokens, size / 1e6,
+                     str(model.dtype).removeprefix("torch."), math.ceil(len(samples) / SHARD_SAMPLES), SHARD_SAMPLES,
+                     acc.num_processes, batch, final)
+        partial.mkdir(parents=True, exist_ok=True)
+        collate = PadCollator(tokenizer.pad_token_id)
+        mine = [i for j in shards for i in range(j * SHARD_SAMPLES, min((j + 1) * SHARD_SAMPLES, len(samples)))]
+        bar = tqdm(total=sum(len(samples[i]["input_ids"]) for i in mine), desc="features", unit="tok",
+                   disable=not (cfg.logging.progress_bar and acc.is_main_process))
+        model.eval()
+        for j in shards:
+            part = samples[j * SHARD_SAMPLES:(j + 1) * SHARD_SAMPLES]
+            if shard_file(partial, j).is_file():  # written by an interrupted run with the same settings
+                bar.update(sum(len(s["input_ids"]) for s in part))
+                continue
+            tmp = shard_file(partial, j).with_suffix(".tmp")
+            save_file(shard_states(model, part, collate, batch, acc, bar), str(tmp))
+            os.replace(tmp, shard_file(partial, j))
+        bar.close()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+            partial.rename(final)
+            log.info("features: %d shards -> %s", math.ceil(len(samples) / SHARD_SAMPLES), final)
+    if acc.is_main_process:
+        (root / CURRENT_FILE).write_text(key + "\n")
+    acc.wait_for_everyone()
+    return final
+
+
+def shard_states(model, part: list[dict], collate: PadCollator, batch: int, acc, bar) -> dict[str, torch.Tensor]:
+    """The hidden states [T_i, H] of the samples ``part``, ``batch`` at a time, keyed by sample index."""
+    states: dict[str, torch.Tensor] = {}
+    for first in range(0, len(part), batch):
+        rows = part[first:first + batch]
+        padded = collate(rows)
+        with acc.autocast():  # as the prepared model runs the online step
+            hidden = base_hidden_states(model, padded["input_ids"].to(acc.device),
+                                        padded["attention_mask"].to(acc.device))  # [b, T, H]
+        for row, h in zip(rows, hidden):
+            states[str(row["index"])] = h[:len(row["input_ids"])].cpu().contiguous()
+        bar.update(sum(len(r["input_ids"]) for r in rows))
+    return states
+
+
+def current_features(cfg: Config) -> Path:
+    """The feature directory the last :func:`extract_features` into this run's output_dir made or reused."""
+    pointer = features_dir(cfg) / CURRENT_FILE
+    if not pointer.is_file():
+        raise ConfigError(f"method.offline trains from cached hidden states, and {features_dir(cfg)} has none: "
+                          "the recipe's rollout step computes them before training")
+    return features_dir(cfg) / pointer.read_text().strip()
+
+
+class FeatureCollator:
+    """:class:`PadCollator`'s batch plus ``hidden`` [b, T, H]: each sample's cached hidden states,
+    read by its ``index`` from the shards in ``directory`` and zero-padded like its tokens."""
+
+    def __init__(self, pad_token_id: int, directory: Path):
+        self.pad = PadCollator(pad_token_id)
+        self.directory = directory
+        self.shard_samples = json.loads((directory / SETTINGS_FILE).read_text())["shard_samples"]
+        self._shards: dict[int, Any] = {}  # memory-mapped: a shard is read only where its samples are used
+
+    def states(self, index: int) -> torch.Tensor:
+        shard = index // self.shard_samples
+        if shard not in self._shards:
+            self._shards[shard] = safe_open(str(shard_file(self.directory, shard)), framework="pt")
+        return self._shards[shard].get_tensor(str(index))
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = self.pad(samples)
+        states = [self.states(s["index"]) for s in samples]
+        hidden = states[0].new_zeros(*batch["input_ids"].shape, states[0].shape[-1])  # [b, T, H]
+        for row, (sample, h) in enumerate(zip(samples, states)):
+            if len(h) != len(sample["input_ids"]):
+                raise ValueError(f"the cached hidden states of sample {sample['index']} in {self.directory} cover "
+                                 f"{len(h)} tokens, the sample has {len(sample['input_ids'])}: the cache is stale. "
+                                 f"Delete {self.directory} and rerun to compute it again")
+            hidden[row, :len(h)] = h
+        batch["hidden"] = hidden
+        return batch
 
 
 # ----- Loss ---------------------------------------------------------------------------------
 
 
-def head_inputs(heads: DraftHeads, embed, input_ids: torch.Tensor, hidden: torch.Tensor, k: int):
-    """Head k's inputs at every position t that has a target t+k+2: hidden [b, T-k-2, H] and, for
-    Hydra, the embeddings of tokens t+1 .. t+k+1 [b, T-k-2, k+1, H]."""
-    t = input_ids.shape[1] - k - 2
+def head_inputs(heads: DraftHeads, embedded: torch.Tensor | None, hidden: torch.Tensor, counted: torch.Tensor,
+                k: int):
+    """Head k's inputs at the positions t whose target t+k+2 is counted (``counted`` [b, T-k-2]):
+    hidden [n, H] and, for Hydra, the embeddings of tokens t+1 .. t+k+1 [n, k+1, H] (from
+    ``embedded`` [b, T, H], the base's input embeddings of the batch)."""
+    t = counted.shape[1]
     if heads.kind != "hydra":
-        return hidden[:, :t], None
-    embeds = embed(input_ids)  # [b, T, H]
-    return hidden[:, :t], torch.stack([embeds[:, 1 + j:1 + j + t] for j in range(k + 1)], dim=2)
+        return hidden[:, :t][counted], None
+    return hidden[:, :t][counted], torch.stack([embedded[:, 1 + j:1 + j + t][counted] for j in range(k + 1)], dim=1)
 
 
-def rank_hits(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """[R + 1]: how many counted targets were each head's rank-r prediction, then how many were counted."""
+def rank_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[R + 1]: how many targets [n] were each head's rank-r prediction (logits [n, V]), then n."""
     with torch.no_grad():
-        top = logits[counted].topk(ACCURACY_TOP_K, dim=-1).indices  # [n, R]
-        hits = (top == targets[counted][:, None]).sum(0)  # [R]
-        return torch.cat([hits, counted.sum()[None]]).double()
+        top = logits.topk(ACCURACY_TOP_K, dim=-1).indices  # [n, R]
+        hits = (top == targets[:, None]).sum(0)  # [R]
+        return torch.cat([hits, hits.new_tensor([len(targets)])]).double()
 
 
 def record_accuracy(heads: DraftHeads, counts: torch.Tensor) -> dict[str, float]:
@@ -194,16 +391,19 @@ def loss(model, batch, cfg: Config):
     input_ids, labels = batch["input_ids"], batch["labels"]
     answer = labels != IGNORE_INDEX  # [b, T] answer tokens: the targets
     joint = m.variant == "medusa2"
-    with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+    if joint:
         out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True,
                     use_cache=False)
-    hidden, base_logits = out.hidden_states[-1], out.logits  # [b, T, H], [b, T, V]
+        base, base_logits = out.hidden_states[-1], out.logits  # [b, T, H], [b, T, V]
+    else:
+        base = batch["hidden"] if m.offline else base_hidden_states(model, input_ids, batch["attention_mask"])
+    hidden = base
     if heads.prefix is not None:
         b, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None].expand(b, -1)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None]  # right padding: causal is enough
-        hidden = heads.prefix(hidden, positions, causal.expand(b, -1, -1))
-    embed = inner.get_input_embeddings()
+        hidden = heads.prefix(base, positions, causal.expand(b, -1, -1))
+    embedded = inner.get_input_embeddings()(input_ids) if heads.kind == "hydra" else None  # [b, T, H]
     total = torch.zeros((), device=input_ids.device)
     metrics: dict[str, float] = {}
     weight = m.heads_coefficient * schedule_weight(m.schedule, batch["step"], cfg.train.max_steps)
@@ -212,19 +412,20 @@ def loss(model, batch, cfg: Config):
         shift = k + 2
         if input_ids.shape[1] <= shift:
             break
-        h, embeds = head_inputs(heads, embed, input_ids, hidden, k)
-        logits = heads.head(k, h, embeds).float()  # [b, T-shift, V] predicting tokens shift ahead
-        targets, counted = input_ids[:, shift:], answer[:, shift:]  # [b, T-shift]
-        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [b, T-shift]
-        ce_sum = (ce * counted).sum()
+        counted = answer[:, shift:]  # [b, T-shift] positions t whose target t+shift is an answer token
+        targets = input_ids[:, shift:][counted]  # [n]
+        h, embeds = head_inputs(heads, embedded, hidden, counted, k)
+        logits = heads.head(k, h, embeds).float()  # [n, V] predicting tokens shift ahead
+        ce_sum = F.cross_entropy(logits, targets, reduction="sum")
         if m.variant == "hydra_pp":
             # The base's distribution of the same token: its logits one position before the target.
-            teacher = F.softmax(base_logits[:, shift - 1:-1].detach().float(), dim=-1)  # [b, T-shift, V]
-            soft = -(teacher * F.log_softmax(logits, dim=-1)).sum(-1)  # [b, T-shift]
-            total = total + m.teacher_weight * (soft * counted).sum() + m.lm_weight * ce_sum
+            with torch.no_grad():
+                teacher = F.softmax(lm_logits(inner, base[:, shift - 1:-1][counted]).float(), dim=-1)  # [n, V]
+            soft = -(teacher * F.log_softmax(logits, dim=-1)).sum()
+            total = total + m.teacher_weight * soft + m.lm_weight * ce_sum
         else:
             total = total + weight * m.decay ** (k + 1) * ce_sum
-        counts[k] = rank_hits(logits, targets, counted)
+        counts[k] = rank_hits(logits, targets)
     metrics.update(record_accuracy(heads, counts))
     if joint:
         predicted = answer[:, 1:]  # [b, T-1] positions whose next token is an answer token
@@ -250,6 +451,7 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("hydra" if cfg.method.variant == "hydra_pp" else "medusa", {}),
     rollout=rollout,
     trained_in_full=(HEADS_ATTR,),
     export_settings=lambda cfg, model, out_dir: {"draft_heads": asdict(unwrap_heads(model)[1].config)},

@@ -256,6 +256,8 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    # several blocks in flight with rejection recycling, as the reference decodes (its last stage's block)
+    decoder=lambda cfg: ("jacobi_multiblock", {"jacobi_block_size": cfg.method.jacobi_block_size}),
     rollout=rollout,
     stages=stage_configs,
     # The Jacobi block trained on (the last stage's); the decoder's own is in eval.decoder_settings.

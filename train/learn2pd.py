@@ -179,9 +179,9 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    # the LM's decoder with the rule that reads the filter (unmask_filter: the export directory)
+    decoder=lambda cfg: ("block_diffusion", {"rule": "filter", "eos_fill": True}),
     rollout=rollout,
-    # the export is the filter: record the LM it serves and the decoder rule that reads it
-    # (block_diffusion with unmask_filter set to the export directory)
-    export_settings=lambda cfg, model, out_dir: {"filter_for": cfg.model.name_or_path, "decoder": "block_diffusion",
-                                                 "decoder_settings": {"rule": "filter"}},
+    # the export is the filter: record the LM it serves
+    export_settings=lambda cfg, model, out_dir: {"filter_for": cfg.model.name_or_path},
 )

@@ -65,4 +65,5 @@ RECIPE = Recipe(
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
+    decoder=lambda cfg: ("ar", {}),
 )

@@ -1,8 +1,9 @@
 """What a recipe is, and where each one lives.
 
-A recipe plugs into the one trainer loop by naming five things: its method config, model
+A recipe plugs into the one trainer loop by naming six things: its method config, model
 builder, dataset (with an optional rollout step that makes the data with the inference engine),
-collator and loss (and, optionally, what its export records: ``export_settings``). Everything else (accumulation, precision, LoRA, checkpoints, resume,
+collator, loss and the decoder its models decode with (and, optionally, what its export records:
+``export_settings``). Everything else (accumulation, precision, LoRA, checkpoints, resume,
 logging, eval, export) is the trainer's.
 """
 
@@ -68,6 +69,9 @@ class Recipe:
     build_collator: Callable[[Any, Any], Callable[[Sequence[dict]], dict]]
     # (model, batch, cfg) -> (sum of the loss over the batch's n_targets items, extra metrics)
     loss: Callable[[Any, dict, Any], tuple[torch.Tensor, dict[str, float]]]
+    # (cfg) -> (decoder, settings) the trained model decodes fastest with: eval.decoder unless the config
+    # names one, and so what the export stores for `leaplm.ship.load` (see load_config)
+    decoder: Callable[[Any], tuple[str, dict[str, Any]]]
     # (cfg, model, tokenizer, accelerator) -> None: make training data with the engine first
     rollout: Callable[[Any, Any, Any, Any], None] | None = None
     # (model) -> ids of token rows the recipe added (e.g. a mask token): trained in full under LoRA
@@ -83,13 +87,20 @@ class Recipe:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A run's config: defaults < YAML < dotted overrides, its ``method`` section checked by the
-    recipe and its decoders' settings by their decoders, so a bad value fails before anything runs."""
+    recipe and its decoders' settings by their decoders, so a bad value fails before anything runs.
+
+    An ``eval.decoder`` left unset becomes the recipe's (``Recipe.decoder``), with ``eval.decoder_settings``
+    over the recipe's settings; a named one is kept as it is.
+    """
     cfg = parse_config(path, overrides)  # `method` still a plain mapping: its class is the recipe's
     try:
         recipe = get_recipe(cfg.recipe)
     except KeyError as err:
         raise ConfigError(f"recipe: {err.args[0]}") from None
     cfg.method = build(recipe.method_config, cfg.method or {}, "method")
+    if cfg.eval.decoder is None:
+        decoder, settings = recipe.decoder(cfg)
+        cfg.eval.decoder, cfg.eval.decoder_settings = decoder, {**settings, **cfg.eval.decoder_settings}
     check_config_decoders(cfg)
     return cfg
 

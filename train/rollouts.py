@@ -3,7 +3,9 @@
 Two kinds share the prompts, the sharding, the settings key and the reuse: Jacobi trajectories
 (CLLM, Jacobi Forcing; described below) and the final answers of any engine decoder
 (:func:`collect_decoded_rollouts`, columns :data:`ANSWER_FEATURES`: dParallel's self-generated
-targets from the ``block_diffusion`` decoder, keyed by the decoder and its settings too).
+targets from the ``block_diffusion`` decoder, keyed by the decoder and its settings too; the greedy
+answers of draft heads, :func:`collect_greedy_answers`, by ``ar`` or by the faster of ``ar`` and
+``jacobi``).
 
 1. :func:`choose_prompts` draws prompts from the configured data (a seeded shuffle, chat
    formatted as the decoders see them), keeping each synthetic prompt's task and reference answer
@@ -57,7 +59,7 @@ from leaplm.config import Config, ConfigError, DataConfig
 from leaplm.data.sft import load_source, prompt_ids, to_messages
 from leaplm.data.tasks import TASKS, get_task
 from leaplm.inference.decoders.jacobi import collect_jacobi_trajectories
-from leaplm.inference.engine import Engine
+from leaplm.inference.engine import Engine, GenerationOutput
 from leaplm.models.zoo import resolve
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ ANSWER_FEATURES = datasets.Features({
 })
 SETTINGS_FILE = "settings.json"
 CURRENT_FILE = "current"
+# Decoders whose greedy answers are the model's greedy answers token for token (collect_greedy_answers).
+GREEDY_DECODERS = ("ar", "jacobi")
 
 
 class RolloutError(ValueError):
@@ -242,6 +246,64 @@ def collect_decoded_rollouts(
                             decode=decode, batch_size=batch_size, accelerator=accelerator, progress=progress)
 
 
+def collect_greedy_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[RolloutPrompt], out_dir: str | Path,
+    *, model_id: dict[str, Any], decoder: str = "ar", pick_faster: bool = True, jacobi_block_size: int = 16,
+    max_new_tokens: int = 256, seed: int = 0, batch_size: int = 32, accelerator: Any = None, progress: bool = True,
+) -> Path:
+    """Collect (or reuse) the model's greedy answers to ``prompts`` (columns :data:`ANSWER_FEATURES`).
+
+    ``ar`` and greedy ``jacobi`` (blocks of ``jacobi_block_size``) write the same answers, so they are
+    keyed as ``ar``'s (:func:`collect_decoded_rollouts`) whichever decodes them, and a rerun reuses
+    them. ``decoder`` decodes them; with ``pick_faster`` each process decodes its first batch with both,
+    keeps the faster (:func:`pick_faster_decoder`) and decodes the rest with it.
+    """
+    if decoder not in GREEDY_DECODERS:
+        raise RolloutError(f"greedy answers are collected with {' or '.join(GREEDY_DECODERS)}, not {decoder!r}")
+    settings_of = {"ar": {}, "jacobi": {"jacobi_block_size": jacobi_block_size}}
+    chosen: list[str] = [] if pick_faster else [decoder]
+
+    def decode(engine: Engine, ids: list[list[int]], rank_seed: int):
+        if chosen:
+            out = engine.generate(ids, chosen[0], max_new_tokens, **settings_of[chosen[0]])
+        else:
+            name, out = pick_faster_decoder(engine, ids, max_new_tokens, settings_of)
+            chosen.append(name)
+        rows = [{"prompt_index": i, "prompt_ids": ids[i], "answer_ids": seq} for i, seq in enumerate(out.sequences)]
+        return rows, dict(enumerate(out.sequences))
+
+    settings = {**base_settings(model_id, prompts, max_new_tokens=max_new_tokens, seed=seed),
+                "decoder": "ar", "decoder_settings": {}}
+    return collect_rollouts(model, tokenizer, prompts, out_dir, settings=settings, features=ANSWER_FEATURES,
+                            decode=decode, batch_size=batch_size, accelerator=accelerator, progress=progress)
+
+
+def pick_faster_decoder(engine: Engine, ids: list[list[int]], max_new_tokens: int,
+                        settings_of: dict[str, dict[str, Any]]) -> tuple[str, GenerationOutput]:
+    """Decode ``ids`` with each decoder of ``settings_of`` (name -> settings); return the one with the most
+    tokens per second of wall clock, and its output. Logs each one's tokens per forward and speed.
+
+    Meant for decoders that write the same tokens (greedy ``ar`` and ``jacobi``), where the faster one
+    is the better one; answers that differ anyway (the numerics of a multi-token forward in low
+    precision) are counted in a warning, and the faster decoder's are kept.
+    """
+    for name, settings in settings_of.items():  # the first forwards of a process pay for allocations
+        engine.generate(ids[:1], name, 2, **settings)
+    outs = {name: engine.generate(ids, name, max_new_tokens, **settings) for name, settings in settings_of.items()}
+    best = max(outs, key=lambda name: outs[name].stats.tokens_per_s)
+    runner_up = max((name for name in outs if name != best), key=lambda name: outs[name].stats.tokens_per_s)
+    measured = "; ".join(f"{name} {out.stats.tokens_per_forward:.2f} tokens/forward, {out.stats.tokens_per_s:.0f} "
+                         "tokens/s" for name, out in outs.items())
+    log.info("rollouts: first batch of %d prompts decoded both ways: %s; collecting with %s, %.2fx the tokens/s of "
+             "%s (the answers are the same either way)", len(ids), measured, best,
+             outs[best].stats.tokens_per_s / max(outs[runner_up].stats.tokens_per_s, 1e-9), runner_up)
+    differ = sum(a != b for a, b in zip(outs[best].sequences, outs[runner_up].sequences))
+    if differ:
+        log.warning("rollouts: %d of %d first-batch answers differ between %s and %s (the numerics of their "
+                    "forwards); keeping %s's", differ, len(ids), best, runner_up, best)
+    return best, outs[best]
+
+
 # (engine, prompt ids of a part, seed) -> (rows with a part-local ``prompt_index``, answer tokens per prompt)
 Decode = Callable[[Engine, list[list[int]], int], tuple[list[dict[str, Any]], dict[int, list[int]]]]
 
@@ -344,13 +406,16 @@ def current_rollouts(out_dir: str | Path) -> Path:
 
 
 def load_rollouts(path: str | Path, drop_wrong: bool = False,
-                  features: datasets.Features = FEATURES) -> datasets.Dataset:
-    """Load a rollout dataset, check it has the columns of ``features``, and with ``drop_wrong``
-    drop the rows of answers that fail their checker (answers without a checker stay)."""
+                  features: datasets.Features | None = None) -> datasets.Dataset:
+    """Load a rollout dataset, check it has the columns of ``features`` (None: those of its kind, decoded
+    answers or Jacobi trajectories), and with ``drop_wrong`` drop the rows of answers that fail their
+    checker (answers without a checker stay)."""
     path = Path(path)
     if not (path / "dataset_info.json").is_file():
         raise RolloutError(f"{path} is not a saved rollout dataset (no dataset_info.json); collect rollouts first")
     ds = datasets.load_from_disk(str(path))
+    if features is None:
+        features = ANSWER_FEATURES if "answer_ids" in ds.column_names else FEATURES
     missing = [c for c in features if c not in ds.column_names]
     if missing:
         raise RolloutError(f"rollout dataset {path} lacks columns {missing}; it has {ds.column_names}. "
@@ -370,8 +435,11 @@ def load_rollouts(path: str | Path, drop_wrong: bool = False,
 
 
 def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
-    """One sample per answered prompt, its blocks joined: ``prompt_ids`` and ``answer_ids`` (the
-    model's whole answer), in prompt order."""
+    """One sample per answered prompt: ``prompt_ids`` and ``answer_ids`` (the model's whole answer, a
+    Jacobi trajectory's blocks joined), in prompt order."""
+    if "answer_ids" in ds.column_names:
+        rows = sorted(zip(ds["prompt_index"], ds["prompt_ids"], ds["answer_ids"]))
+        return [{"prompt_ids": prompt, "answer_ids": answer} for _, prompt, answer in rows]
     answers: dict[int, tuple[list[int], list[int]]] = {}
     for index, prompt, block in zip(ds["prompt_index"], ds["prompt_ids"], ds["fixed_point"]):
         answers.setdefault(index, (prompt, []))[1].extend(block)  # a prompt's blocks are stored in order
@@ -385,14 +453,18 @@ def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
 # into ``OUTPUT_DIR/rollouts``.
 
 
-def check_rollout_sections(cfg: Config, recipe: str, jacobi_block_size: int, decoder: str = "jacobi") -> None:
-    """Refuse shared-section settings a rollout recipe cannot use, naming the fix."""
+def check_rollout_sections(cfg: Config, recipe: str, jacobi_block_size: int,
+                           decoder: str | tuple[str, ...] = "jacobi") -> None:
+    """Refuse shared-section settings a rollout recipe cannot use, naming the fix. ``decoder``: the
+    rollout decoder the recipe takes (or those it takes, e.g. :data:`GREEDY_DECODERS`)."""
     r = cfg.rollout
-    if r.decoder != decoder:
-        raise ConfigError(f"{recipe} collects {decoder} rollouts: set rollout.decoder={decoder} (got {r.decoder!r})")
-    if decoder == "jacobi" and r.decoder_settings:
-        raise ConfigError(f"{recipe} sets its Jacobi rollouts from `method`: remove "
-                          f"rollout.decoder_settings {r.decoder_settings}")
+    allowed = (decoder,) if isinstance(decoder, str) else decoder
+    if r.decoder not in allowed:
+        raise ConfigError(f"{recipe} collects {' or '.join(allowed)} rollouts: set rollout.decoder={allowed[0]} "
+                          f"(got {r.decoder!r})")
+    if r.decoder in GREEDY_DECODERS and r.decoder_settings:
+        source = "its Jacobi rollouts from `method`" if r.decoder == "jacobi" else "greedy rollouts"
+        raise ConfigError(f"{recipe} sets {source}: remove rollout.decoder_settings {r.decoder_settings}")
     if r.temperature != 0:
         raise ConfigError(f"{recipe} needs greedy rollouts (its targets are the model's own greedy answers): "
                           "set rollout.temperature=0")
@@ -433,6 +505,17 @@ def collect_run_trajectories(cfg: Config, model, tokenizer, accelerator, *, jaco
                                    jacobi_block_size=jacobi_block_size, max_new_tokens=cfg.rollout.max_new_tokens,
                                    init=init, seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,
                                    progress=cfg.logging.progress_bar)
+
+
+def collect_run_greedy_answers(cfg: Config, model, tokenizer, accelerator, *, jacobi_block_size: int) -> Path:
+    """Collect (or reuse) the model's greedy answers with ``rollout.decoder`` (``ar`` or ``jacobi`` in blocks of
+    ``jacobi_block_size``), or under ``rollout.pick_faster`` the faster of the two."""
+    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator)
+    return collect_greedy_answers(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
+                                  decoder=cfg.rollout.decoder, pick_faster=cfg.rollout.pick_faster,
+                                  jacobi_block_size=jacobi_block_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  seed=cfg.seed, batch_size=cfg.rollout.batch_size, accelerator=accelerator,
+                                  progress=cfg.logging.progress_bar)
 
 
 def collect_answers(cfg: Config, model, tokenizer, accelerator) -> Path:

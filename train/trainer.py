@@ -37,8 +37,9 @@ from leaplm.config import Config, ConfigError
 from leaplm.models.addons import save_addons
 from leaplm.models.noisy_weights import has_noisy_weights
 from leaplm.ship import checkpoint as ckpt
-from leaplm.ship.export import export_model, push
+from leaplm.ship.export import export_model, push, trained_parts
 from leaplm.train.recipes import NOISE_SEED, Recipe, get_recipe, noise_seed
+from leaplm.train.rollouts import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +225,13 @@ def delete_previous_run(output_dir: Path) -> None:
                     output_dir)
 
 
-# Settings a resumed run may change: where and how often it saves, logs, evaluates and exports.
-# The others shaped the weights, optimizer state, lr schedule or data order that resume restores.
-# A key ending in "." stands for its whole section.
+# Settings a resumed run may change: where and how often it saves, logs, evaluates and exports, and
+# which of two decoders writing the same rollouts collects them. The others shaped the weights,
+# optimizer state, lr schedule or data order that resume restores. A key ending in "." stands for
+# its whole section.
 CHANGEABLE_ON_RESUME = ("output_dir", "train.resume_from", "train.overwrite", "train.save_every", "train.keep_last",
-                        "train.log_every", "train.torch_threads", "logging.", "eval.", "export.")
+                        "train.log_every", "train.torch_threads", "rollout.pick_faster", "logging.", "eval.",
+                        "export.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -367,7 +370,16 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
+        # What the card says the run trained, read before prepare (DeepSpeed may flatten parameters).
+        self.trained = trained_parts(model, cfg.model.lora.r)
         self.model, self.optimizer = acc.prepare(RecipeForward(model, self.recipe, cfg), optimizer)
+        self._base = None  # the frozen base's record (ship/checkpoint.py), made at the first save
+        # A run with frozen weights saves only what trains (ship/checkpoint.py). Under DeepSpeed or FSDP,
+        # which write their own model files and hold parameters flattened or sharded, it saves all.
+        self._trained_only = (acc.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+                              and bool(ckpt.frozen_keys(self.unwrapped_model())))
+        if self._trained_only:
+            acc.register_save_state_pre_hook(self._drop_frozen_weights)
         # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
         # step it once per process), and registered so checkpoints carry it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -443,9 +455,24 @@ class Trainer:
                 f"{may}, and train.max_steps under train.lr_schedule=constant."
             )
 
+    @staticmethod
+    def _drop_frozen_weights(models, weights, output_dir) -> None:
+        """accelerate's save_state hook: keep only the trained entries of the model's state."""
+        for model, state in zip(models, weights):
+            for key in set(state) - ckpt.trained_keys(model):
+                del state[key]
+
     def _resume(self, path: Path, state: dict) -> None:
+        trained_only = (path / ckpt.BASE_FILE).is_file()
+        if trained_only:  # the frozen weights are this run's rebuilt base: check they are the recorded ones
+            ckpt.check_base(self.unwrapped_model(), json.loads((path / ckpt.BASE_FILE).read_text()), path)
         try:
-            self.accelerator.load_state(str(path / "state"))
+            # strict=False: the state holds the trained entries only (and is checked to hold all of them)
+            self.accelerator.load_state(str(path / "state"), strict=not trained_only)
+            if trained_only:
+                self._check_trained_state(path / "state")
+        except ckpt.CheckpointError:
+            raise
         except Exception as err:  # a checkpoint of another model or topology (validate caught damaged bytes)
             raise ckpt.CheckpointError(
                 f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); it is corrupt or was written "
@@ -453,6 +480,17 @@ class Trainer:
             ) from err
         self.start_step = state["step"]
         log.info("resumed from %s at step %d", path, self.start_step)
+
+    def _check_trained_state(self, state_dir: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(state_dir / "model.safetensors"), "pt") as saved:
+            missing = sorted(ckpt.trained_keys(self.model) - set(saved.keys()))
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {state_dir.parent} lacks trained weights this run has "
+                                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); it was "
+                                       "written by a run of other settings. Start a new run, or resume the run it "
+                                       "belongs to.")
 
     # ----- Loop ---------------------------------------------------------------------------
 
@@ -562,7 +600,7 @@ class Trainer:
             result.eval_rows = self.evaluate(cfg.train.max_steps)
         if cfg.export.dir and acc.is_main_process:
             export_model(self.unwrapped_model(), self.tokenizer, cfg, cfg.export.dir, result.eval_rows,
-                         export_settings=self.recipe.export_settings)
+                         export_settings=self.recipe.export_settings, samples=len(self.samples), trained=self.trained)
             if cfg.export.push_to:
                 push(cfg.export.dir, cfg.export.push_to)
         acc.wait_for_everyone()
@@ -588,11 +626,26 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
-            self.unwrapped_model().save_pretrained(tmp / "model", safe_serialization=True)
-            save_addons(self.unwrapped_model(), tmp / "model")  # heads, noisy weights: what save_pretrained leaves out
+            model = self.unwrapped_model()
+            if self._trained_only and self.cfg.model.lora.r == 0:
+                from safetensors.torch import save_file
+
+                keep = ckpt.trained_keys(model)
+                (tmp / "model").mkdir()
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep},
+                          tmp / "model" / ckpt.TRAINED_FILE)
+            else:  # whole weights, or under LoRA the adapter alone
+                model.save_pretrained(tmp / "model", safe_serialization=True)
+                save_addons(model, tmp / "model")  # heads, noisy weights: what save_pretrained leaves out
+            if self._trained_only:
+                if self._base is None:  # the frozen weights never change: hashed once
+                    name = self.cfg.model.name_or_path
+                    self._base = ckpt.base_record(model, name, model_fingerprint(name))
+                (tmp / ckpt.BASE_FILE).write_text(json.dumps(self._base, indent=2))
             self.tokenizer.save_pretrained(tmp / "model")
             self.cfg.save(tmp / "config.yaml")
             final = ckpt.finalize(self.output_dir, step, {"step": step, "samples_seen": step * self._per_step(),
+                                                          "samples": len(self.samples), "trained": self.trained,
                                                           "process_fingerprints": fingerprints},
                                   self.cfg.train.keep_last)
         acc.wait_for_everyone()
