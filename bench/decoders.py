@@ -31,6 +31,7 @@ from typing import Any, Union
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 
 from leaplm.data.tasks import Example, make_split
 from leaplm.inference.cost import COST_WIDTHS, REPEATS, step_cost
@@ -90,6 +91,7 @@ def run_bench(
     model=None,
     tokenizer=None,
     command: str | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark ``decoders`` against ``hf_generate``; write bench.json/.md/.png; return the rows.
 
@@ -128,6 +130,8 @@ def run_bench(
 
     measured = []  # per suite: (task, scores, peaks)
     texts: dict[str, list[str]] = {label: [] for label in labels}
+    bar = tqdm(total=sum(len(ids) for _, ids, _ in suites), unit="prompt", disable=not progress,
+               desc=f"bench ({len(specs)} decoders per batch)")
     for task, task_ids, examples in suites:
         scores = [TaskScore() for _ in specs]
         peaks = [0.0 for _ in specs]
@@ -145,7 +149,9 @@ def run_bench(
                 scores[k].add(out, None if examples is None else [examples[i] for i in idx], reference, widths)
                 if prompts is not None:
                     texts[labels[k]] += out.texts
+            bar.update(len(idx))
         measured.append((task, scores, peaks))
+    bar.close()
 
     # The forward cost at the batch size each decoder ran at (prompt lookup decodes one prompt
     # at a time), over every width a decoder used and the tabulated ones.
