@@ -7,7 +7,8 @@
 
 Data (self-distillation): the base model answers the configured data's prompts through the
 shared engine (the shared rollout step, ``train/rollouts.py``: greedy, so the answers are
-exactly what the decoders will verify against; Jacobi decoding only makes the collection faster).
+exactly what the decoders will verify against; ``rollout.decoder`` ``ar`` or ``jacobi``, and with
+``rollout.pick_faster`` whichever decodes the first batch faster: the answers are the same).
 Each sample is a prompt and the base's answer; every loss below counts answer tokens only.
 
 Heads (``models/heads.py``): head k at position t predicts token t+k+2.
