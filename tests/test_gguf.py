@@ -64,3 +64,22 @@ def test_smollm2_answers_a_chat_turn_and_stops_at_its_end_token():
     out = engine.generate([ids], "ar", 64)
     assert "Paris" in out.texts[0]
     assert out.sequences[0][-1] == tokenizer.eos_token_id and len(out.sequences[0]) < 64  # stopped at <|im_end|>
+
+
+def test_a_gguf_file_without_the_reader_names_the_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("No module named 'gguf'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setenv("LEAPLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    with pytest.raises(gguf.GGUFError, match="pip install gguf"):
+        gguf.converted_dir(source)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
