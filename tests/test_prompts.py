@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,18 @@ def test_write_prompt_file(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     expected = stdlib_prompts("stdlib", "test", 2, seed=0)
     assert rows == [{"id": r["id"], "prompt": r["prompt"]} for r in expected]
+
+
+def test_a_tokenizer_trained_from_scratch_learns_the_configured_data():
+    """pretrain with model.init trains its tokenizer on the run's own data: code for a code source."""
+    from leaplm.train.pretrain import build_model
+    from leaplm.train.recipes import load_config
+
+    line = "    return os.path.join(self.path, name)"
+    sizes = {}
+    for source in ("synth", "stdlib_code"):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_teacher.yaml",
+                          [f"data.source={source}", "data.train_per_task=200", "output_dir=/tmp/unused"])
+        _, tokenizer = build_model(cfg)
+        sizes[source] = len(tokenizer(line)["input_ids"])
+    assert sizes["stdlib_code"] < sizes["synth"], sizes

@@ -4,7 +4,7 @@ Data: chat samples (synthetic suite or any prompt/response dataset), response-on
 Loss: next-token cross-entropy (losses/causal_lm.py; with `train.fused_loss`, chunked from the hidden
 states by losses/linear_cross_entropy.py). Decoder for eval: `ar`.
 With `model.init` set, a random model of that architecture is built and a byte-level BPE
-tokenizer is trained on the task corpus: this is how the embedded tiny teacher is made.
+tokenizer is trained on the configured data's training texts: this is how the embedded tiny teacher is made.
 
     leaplm train configs/pretrain/tiny_teacher.yaml
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m leaplm.train CONFIG
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from leaplm.config import Config
-from leaplm.data.sft import PadCollator, load_source, model_inputs, pack, synthetic_dataset, tokenize_dataset
+from leaplm.data.sft import PadCollator, load_source, model_inputs, pack, to_messages, tokenize_dataset
 from leaplm.data.tokenizer import train_tokenizer
 from leaplm.losses.causal_lm import causal_lm_loss_sum
 from leaplm.losses.linear_cross_entropy import linear_cross_entropy_sum
@@ -34,8 +34,9 @@ def build_model(cfg: Config):
     if cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     else:
-        corpus = synthetic_dataset(cfg.data, "train")
-        tokenizer = train_tokenizer((p + "\n" + r for p, r in zip(corpus["prompt"], corpus["response"])),
+        # The configured data's own training texts, so a tokenizer for code is trained on code.
+        corpus = load_source(cfg.data, "train")
+        tokenizer = train_tokenizer(("\n".join(m["content"] for m in to_messages(row, cfg.data)) for row in corpus),
                                     cfg.model.tokenizer_vocab_size)
     return build_from_config(cfg.model.init, tokenizer, seed=cfg.seed, attn_implementation=cfg.model.attn_implementation), tokenizer
 
