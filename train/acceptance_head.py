@@ -41,9 +41,10 @@ from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads, unwrap_he
 from leaplm.models.zoo import load_model
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
+    GREEDY_DECODERS,
     answer_samples,
     check_rollout_sections,
-    collect_run_trajectories,
+    collect_run_greedy_answers,
     load_rollouts,
     model_fingerprint,
     rollout_key,
@@ -71,7 +72,7 @@ class AcceptanceHeadConfig:
 
 
 def build_model(cfg: Config):
-    check_rollout_sections(cfg, "acceptance_head", cfg.method.rollout_block_size)
+    check_rollout_sections(cfg, "acceptance_head", cfg.method.rollout_block_size, decoder=GREEDY_DECODERS)
     if cfg.model.lora.r > 0:
         raise ConfigError("acceptance_head keeps the draft frozen: set model.lora.r=0")
     draft, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
@@ -104,8 +105,8 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
     """The target's greedy answers, then (on the main process) the draft's proposals and labels."""
     m: AcceptanceHeadConfig = cfg.method
     target, _ = load_model(m.target, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.tokenizer)
-    found = collect_run_trajectories(cfg, target, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size,
-                                     init="prompt", model_name=m.target)
+    found = collect_run_greedy_answers(cfg, target, tokenizer, accelerator, jacobi_block_size=m.rollout_block_size,
+                                       model_name=m.target)
     draft_key = rollout_key({"draft": model_fingerprint(cfg.model.name_or_path),
                              "draft_temperature": m.draft_temperature, "seed": cfg.seed})
     path = found.parent / f"{found.name}-labels-{draft_key}.json"  # reused while rollouts and draft stay the same

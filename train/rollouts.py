@@ -507,10 +507,13 @@ def collect_run_trajectories(cfg: Config, model, tokenizer, accelerator, *, jaco
                                    progress=cfg.logging.progress_bar)
 
 
-def collect_run_greedy_answers(cfg: Config, model, tokenizer, accelerator, *, jacobi_block_size: int) -> Path:
+def collect_run_greedy_answers(cfg: Config, model, tokenizer, accelerator, *, jacobi_block_size: int,
+                               model_name: str | None = None) -> Path:
     """Collect (or reuse) the model's greedy answers with ``rollout.decoder`` (``ar`` or ``jacobi`` in blocks of
-    ``jacobi_block_size``), or under ``rollout.pick_faster`` the faster of the two."""
-    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator)
+    ``jacobi_block_size``), or under ``rollout.pick_faster`` the faster of the two.
+
+    ``model_name`` names ``model`` when it is not ``cfg.model`` (e.g. a target answering for a draft)."""
+    prompts, model_id = _prompts_and_model(cfg, model, tokenizer, accelerator, model_name)
     return collect_greedy_answers(model, tokenizer, prompts, rollouts_dir(cfg), model_id=model_id,
                                   decoder=cfg.rollout.decoder, pick_faster=cfg.rollout.pick_faster,
                                   jacobi_block_size=jacobi_block_size, max_new_tokens=cfg.rollout.max_new_tokens,
