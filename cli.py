@@ -88,9 +88,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     from leaplm.train.recipes import load_config
-    from leaplm.train.trainer import train
+    from leaplm.train.trainer import end_processes, train
 
     result = train(load_config(args.config, args.overrides))
+    # Under `accelerate launch` the gloo/NCCL group must close before the interpreter does: left to
+    # interpreter teardown, a rank can abort ("terminate called without an active exception").
+    end_processes()
     if result.preempted:
         print(f"preempted: checkpoint at step {result.steps} in {result.output_dir}; "
               "rerun with train.resume_from=latest to continue")

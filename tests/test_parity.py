@@ -161,7 +161,7 @@ import torch
 
 from leaplm.train.recipes import load_config
 from leaplm.ship import checkpoint as ckpt
-from leaplm.train.trainer import ProcessesDiverged, Trainer
+from leaplm.train.trainer import ProcessesDiverged, Trainer, end_processes
 
 trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))
 trainer.setup()
@@ -175,6 +175,7 @@ except ProcessesDiverged as err:
     outcome = f"refused: {err}"
 written = len(ckpt.list_checkpoints(trainer.output_dir))
 (trainer.output_dir / f"rank{trainer.accelerator.process_index}.txt").write_text(f"{outcome} | checkpoints: {written}")
+end_processes()
 """
 
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 
@@ -711,6 +711,11 @@ class Trainer:
             (self.output_dir / f"eval-step-{step:06d}.json").write_text(json.dumps(rows, indent=2))
         self.accelerator.wait_for_everyone()
         return rows
+
+
+def end_processes() -> None:
+    """Close this process's distributed group (a no-op in one process); call once, after the last run."""
+    PartialState().destroy_process_group()
 
 
 def train(cfg: Config) -> TrainResult:
