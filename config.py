@@ -154,8 +154,8 @@ class RolloutConfig:
     drop_wrong: bool = True  # drop rollouts whose answer fails the task checker
     max_prompts: int = 0  # prompts to roll out (per stage), drawn seeded from the configured data; 0 = all
     # Recipes that train on the final greedy answers alone (draft_heads), which `ar` and greedy `jacobi`
-    # write token for token: decode the first batch with both, log their tokens per forward and speed, and
-    # collect the rest with the faster. false: always `decoder`.
+    # write token for token: time both on the first batch's first 32 tokens, log their tokens per forward
+    # and speed, and collect everything with the faster. false: always `decoder`.
     pick_faster: bool = True
 
     def __post_init__(self) -> None:
