@@ -382,17 +382,20 @@ def test_section_errors(override, message):
 
 
 def test_rollouts_decode_one_batch_at_a_time_each_seeded_by_its_place():
-    """The bar moves per batch, and a batch's draws depend on where it starts, not on the display."""
+    """The bar moves per batch, a batch's draws depend on where it starts, not on the display, and
+    batches group prompts of similar length; the rows come back in prompt order, each with its answer."""
     from types import SimpleNamespace
 
     calls = []
 
     def decode(engine, ids, seed):
-        calls.append((len(ids), seed))
-        return [{"prompt_index": i, "answer": [7]} for i in range(len(ids))], {i: [7] for i in range(len(ids))}
+        calls.append((ids, seed))
+        return [{"prompt_index": i, "answer": row} for i, row in enumerate(ids)], dict(enumerate(ids))
 
-    prompts = [RolloutPrompt([5, i]) for i in range(5)]
+    lengths = [3, 1, 4, 1, 5]
+    prompts = [RolloutPrompt([i] * n) for i, n in enumerate(lengths)]
     rows = rollouts_module._collect_slice(SimpleNamespace(tokenizer=None), prompts, 0, 5, decode=decode, seed=10,
                                           batch_size=2, progress=False)
-    assert calls == [(2, 10), (2, 12), (1, 14)]
+    assert calls == [([[1], [3]], 10), ([[0] * 3, [2] * 4], 12), ([[4] * 5], 14)]
     assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["answer"] for r in rows] == [p.ids for p in prompts]

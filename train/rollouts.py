@@ -377,24 +377,28 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
 
 def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, decode: Decode, seed: int,
                    batch_size: int, progress: bool) -> list[dict[str, Any]]:
-    """Rows of prompts[lo:hi], ``prompt_index`` global, each with its answer's task and grade.
+    """Rows of prompts[lo:hi] in prompt order, ``prompt_index`` global, each with its answer's task and grade.
 
+    Batches group prompts of similar length (a batch is padded to its longest prompt, and on a real
+    model the padded prefill dominates: SmolLM2's standard-library prompts run from 75 to 500 tokens).
     Decoded one batch at a time, so the bar (and its ETA) moves from the first batch on; each batch
-    draws from ``seed`` plus its first prompt's index, the same whatever the progress display.
+    draws from ``seed`` plus its position in the slice, the same whatever the progress display.
     """
+    order = sorted(range(lo, hi), key=lambda i: (len(prompts[i].ids), i))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=hi - lo, desc="rollouts", unit="prompt", disable=not progress)
-    for first in range(lo, hi, batch_size):
-        part = prompts[first:min(first + batch_size, hi)]
-        found, answers = decode(engine, [p.ids for p in part], seed + first)
+    for first in range(0, hi - lo, batch_size):
+        index = order[first:first + batch_size]  # global prompt index of each row of the batch
+        part = [prompts[i] for i in index]
+        found, answers = decode(engine, [p.ids for p in part], seed + lo + first)
         grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
         for row in found:
             prompt = part[row["prompt_index"]]
-            rows.append({**row, "prompt_index": first + row["prompt_index"], "task": prompt.task,
+            rows.append({**row, "prompt_index": index[row["prompt_index"]], "task": prompt.task,
                          "correct": grades[row["prompt_index"]]})
         bar.update(len(part))
     bar.close()
-    return rows
+    return sorted(rows, key=lambda row: row["prompt_index"])  # stable: a prompt's rows keep their order
 
 
 def _grade(tokenizer: PreTrainedTokenizerBase, prompt: RolloutPrompt, answer: list[int]) -> bool | None:
