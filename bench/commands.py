@@ -3,7 +3,7 @@
     leaplm eval MODEL --tasks synth --decoder ar [--decoder-settings JSON] [--n 100] [--out DIR]
     leaplm eval MODEL --prompts FILE.jsonl --decoder jacobi [--n N] [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR [--tasks copy,sort] [--n 50]
-    leaplm bench MODEL --prompts FILE.jsonl --decoders ar,jacobi --out DIR [--n N]
+    leaplm bench MODEL --prompts FILE.jsonl --decoders ar,jacobi --out DIR [--n N] [--reference BASE_DIR/outputs.jsonl]
     leaplm quickstart [--out runs/quickstart] [--n 50] [--jf-n 20] [--skip-jacobi-forcing]
 
 MODEL is a local model directory, a Hub id, or ``tiny-teacher`` (the embedded teacher).
@@ -137,10 +137,11 @@ def run_bench_command(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     seed = [] if args.prompts else ["seed"]  # the seed draws the synthetic test split only
-    command = command_line(["bench", args.model], args, ["decoders", "tasks", "prompts", "n", "batch_size",
-                                                          "max_new_tokens", *seed, "dtype", "out"])
+    command = command_line(["bench", args.model], args, ["decoders", "tasks", "prompts", "reference", "n",
+                                                          "batch_size", "max_new_tokens", *seed, "dtype", "out"])
     rows = run_bench(args.model, args.decoders, args.tasks, _n(args, BENCH_N), args.batch_size, args.max_new_tokens,
-                     args.out, prompts=args.prompts, seed=args.seed, model=model, tokenizer=tokenizer, command=command)
+                     args.out, prompts=args.prompts, reference=args.reference, seed=args.seed, model=model,
+                     tokenizer=tokenizer, command=command)
     _print_bench(rows, Path(args.out), outputs=args.prompts is not None)
 
 
@@ -240,6 +241,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "{\"decoder\": NAME, \"decoder_settings\": {...}} objects; hf_generate is always included, "
                         "and with --prompts hf_prompt_lookup too (e.g. hf_prompt_lookup:prompt_lookup_num_tokens=3)")
     _add_common(p, n=BENCH_N)
+    p.add_argument("--reference", metavar="OUTPUTS.jsonl", help="with --prompts: the outputs.jsonl of an earlier "
+                   "bench of the same prompts (and --n), e.g. of the base model; adds exact_match_vs_reference and "
+                   "token_agreement_vs_reference, every decoder against that run's hf_generate texts")
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png (and, with --prompts, "
                    "outputs.jsonl: every decoder's text per prompt)")
 

@@ -10,9 +10,13 @@ which a prompts-file bench always runs.
 
 Every decoder's output is also compared with ``hf_generate``'s greedy output (``exact_match``,
 ``token_agreement``, ``reproduces_greedy``): the only quality measure a prompts file has, as it
-has no checker. The forwards each decoder makes are recorded (``forward_width``: mean new tokens
-per decode step) and the time of a k-token forward relative to a 1-token one is measured on the
-spot (:func:`~leaplm.inference.cost.step_cost`), so ``forward_cost`` says what a decoder's
+has no checker. Given ``reference``, the outputs.jsonl of an earlier prompts-file bench on the same
+prompts (typically of the base model a fine-tune started from), every decoder's text is also
+compared with that run's ``hf_generate`` text (``exact_match_vs_reference``,
+``token_agreement_vs_reference``): how far the answers moved from the other model's. The forwards
+each decoder makes are recorded (``forward_width``: mean new tokens per decode step) and the time
+of a k-token forward relative to a 1-token one is measured on the spot
+(:func:`~leaplm.inference.cost.step_cost`), so ``forward_cost`` says what a decoder's
 tokens/forward cost per forward.
 
 Writes ``bench.json`` (rows with :data:`~leaplm.inference.evaluate.ROW_KEYS`), ``bench.md``
@@ -41,6 +45,7 @@ from leaplm.inference.evaluate import (
     REFERENCE,
     TaskScore,
     batches,
+    compare_with_reference,
     decode_recorded,
     format_table,
     load_for_eval,
@@ -49,6 +54,7 @@ from leaplm.inference.evaluate import (
     peak_memory_mb,
     prompt_room,
     read_prompts,
+    read_reference,
     reset_peak_memory,
     resolve_tasks,
     task_prompts,
@@ -87,6 +93,7 @@ def run_bench(
     out_dir: str | Path = "runs/bench",
     *,
     prompts: str | Path | None = None,
+    reference: str | Path | None = None,
     seed: int = 0,
     model=None,
     tokenizer=None,
@@ -98,11 +105,17 @@ def run_bench(
     The prompts are ``n`` test prompts of each of ``tasks`` (the synthetic suite by default), or
     the first ``n`` rows (None = all) of the JSON-lines file ``prompts``
     (:func:`~leaplm.inference.evaluate.read_prompts`), which also adds ``hf_prompt_lookup``
-    unless ``decoders`` name it. ``model``/``tokenizer`` may be passed already loaded; otherwise
-    ``model_name`` (a path or ``tiny-teacher``) is loaded with :func:`load_for_eval`.
+    unless ``decoders`` name it. ``reference``, an earlier prompts-file run's ``outputs.jsonl``
+    (:func:`~leaplm.inference.evaluate.read_reference`, checked before decoding), adds the
+    ``*_vs_reference`` columns (:func:`~leaplm.inference.evaluate.compare_with_reference`).
+    ``model``/``tokenizer`` may be passed already loaded; otherwise ``model_name`` (a path or
+    ``tiny-teacher``) is loaded with :func:`load_for_eval`.
     """
     if prompts is not None and tasks is not None:
         raise ValueError("pass either tasks (the synthetic suite) or prompts (a prompts file), not both")
+    if reference is not None and prompts is None:
+        raise ValueError("reference (an earlier bench's outputs.jsonl) compares answers on a prompts file; "
+                         "pass prompts too")
     chosen = [parse_spec(s) for s in decoders if s != REFERENCE]
     peers = [(PROMPT_LOOKUP, {})] if prompts is not None and all(name != PROMPT_LOOKUP for name, _ in chosen) else []
     specs = [(REFERENCE, {})] + peers + chosen
@@ -114,8 +127,11 @@ def run_bench(
     engine = Engine(model, tokenizer)
     # (task, prompt ids, examples graded by the task's checker or None)
     suites: list[tuple[str, list[list[int]], list[Example] | None]] = []
+    references = None
     if prompts is not None:
         user_prompts = read_prompts(prompts, tokenizer, n, prompt_room(engine, max_new_tokens))
+        if reference is not None:
+            references = read_reference(reference, user_prompts)
         suites.append((Path(prompts).name, [p.tokens for p in user_prompts], None))
     else:
         for task in resolve_tasks(tasks):
@@ -144,9 +160,9 @@ def run_bench(
                 outputs[k] = decode_recorded(engine, [task_ids[i] for i in idx], name, max_new_tokens,
                                              decoder_settings)
                 peaks[k] = max(peaks[k], peak_memory_mb(engine.device))
-            reference = outputs[0][0].sequences
+            greedy = outputs[0][0].sequences
             for k, (out, widths) in enumerate(outputs):
-                scores[k].add(out, None if examples is None else [examples[i] for i in idx], reference, widths)
+                scores[k].add(out, None if examples is None else [examples[i] for i in idx], greedy, widths)
                 if prompts is not None:
                     texts[labels[k]] += out.texts
             bar.update(len(idx))
@@ -165,6 +181,9 @@ def run_bench(
         costs[b] = step_cost(model, sorted(used | set(COST_WIDTHS)), batch_size=b, context=context)
 
     lookup = next((k for k, (name, _) in enumerate(specs) if name == PROMPT_LOOKUP), None)
+    # a reference only comes with a prompts file, whose one suite every text belongs to
+    vs_reference = {label: compare_with_reference(texts[label], references, tokenizer)
+                    for label in labels} if references is not None else {}
     rows: list[dict[str, Any]] = []
     for task, scores, peaks in measured:
         reference_tps = scores[0].stats.tokens_per_s
@@ -172,6 +191,7 @@ def run_bench(
         for k, ((name, decoder_settings), score, peak) in enumerate(zip(specs, scores, peaks)):
             tps = score.stats.tokens_per_s
             rows.append(make_row(model_name, name, decoder_settings, task, score, peak,
+                                 **vs_reference.get(labels[k], {}),
                                  forward_cost=score.forward_cost(costs[row_batch[k]]),
                                  speedup_vs_generate=tps / reference_tps if reference_tps > 0 else None,
                                  speedup_vs_prompt_lookup=tps / lookup_tps if lookup_tps > 0 else None))
@@ -182,7 +202,7 @@ def run_bench(
     if prompts is not None:
         (out / "outputs.jsonl").write_text(outputs_jsonl(user_prompts, texts))
     call = command or _python_call(model_name, decoders, [task for task, _, _ in suites], n, batch_size,
-                                   max_new_tokens, out, prompts)
+                                   max_new_tokens, out, prompts, reference)
     (out / "bench.md").write_text(render_markdown(rows, call, engine.device, costs, context))
     plot(rows, out / "bench.png")
     return rows
@@ -198,8 +218,10 @@ def cost_context(engine: Engine, suites: list, max_new_tokens: int) -> int:
     return max(context, 1)
 
 
-def _python_call(model_name, decoders, tasks, n, batch_size, max_new_tokens, out, prompts) -> str:
+def _python_call(model_name, decoders, tasks, n, batch_size, max_new_tokens, out, prompts, reference) -> str:
     source = f"prompts={str(prompts)!r}" if prompts is not None else f"tasks={tasks!r}"
+    if reference is not None:
+        source += f", reference={str(reference)!r}"
     return (f"run_bench({model_name!r}, {decoders!r}, {source}, n={n}, batch_size={batch_size}, "
             f"max_new_tokens={max_new_tokens}, out_dir={str(out)!r})")
 
@@ -229,14 +251,18 @@ def machine_info(device: torch.device) -> dict[str, str]:
 
 BENCH_COLUMNS = [("decoder", "decoder"), ("decoder_settings", "settings"), ("task", "task"), ("n", "n"),
                  ("accuracy", "accuracy"), ("exact_match", "exact match"), ("token_agreement", "token agreement"),
-                 ("reproduces_greedy", "reproduces greedy"), ("tokens_per_forward", "tokens/forward"),
-                 ("forward_width", "forward width k"), ("forward_cost", "k-token forward cost"),
-                 ("tokens_per_s", "tokens/s"), ("speedup_vs_generate", "speedup vs generate"),
+                 ("reproduces_greedy", "reproduces greedy"),
+                 ("exact_match_vs_reference", "exact match vs reference"),
+                 ("token_agreement_vs_reference", "token agreement vs reference"),
+                 ("tokens_per_forward", "tokens/forward"), ("forward_width", "forward width k"),
+                 ("forward_cost", "k-token forward cost"), ("tokens_per_s", "tokens/s"),
+                 ("speedup_vs_generate", "speedup vs generate"),
                  ("speedup_vs_prompt_lookup", "speedup vs prompt lookup"), ("peak_mem_mb", "peak mem MB")]
 
 
 def measured_columns(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``columns`` without those no row measured (accuracy on a prompts file, prompt lookup on tasks)."""
+    """``columns`` without those no row measured (accuracy on a prompts file, prompt lookup on tasks, the
+    ``*_vs_reference`` pair without a reference)."""
     return [c for c in columns if any(r[c[0]] is not None for r in rows)]
 
 
@@ -250,13 +276,16 @@ def render_markdown(rows: list[dict[str, Any]], command: str, device: torch.devi
     one_at_a_time = ("`hf_prompt_lookup` decodes one prompt at a time (Hugging Face runs prompt lookup on batch 1 "
                      "only), so above batch 1 its tokens/s is batch-1 speed; bench with `--batch-size 1` to compare "
                      "like for like. " if any(r["decoder"] == PROMPT_LOOKUP for r in rows) and max(costs) > 1 else "")
+    vs_reference = ("Exact match and token agreement vs reference: the same measures against the `hf_generate` "
+                    "texts of the earlier run passed as `--reference`, on text and on the texts retokenised. "
+                    if any(r["exact_match_vs_reference"] is not None for r in rows) else "")
     return (
         f"# leaplm bench: {model}\n\n"
         "Decoders and Hugging Face `generate` (greedy, KV cache) on the same prompts, interleaved batch by "
         "batch in one process. Exact match: the fraction of prompts whose tokens equal `generate`'s, stop "
         "token included; token agreement: the fraction of `generate`'s tokens reproduced before the first "
-        "difference; reproduces greedy: exact match on every prompt. Forward width k: the mean new tokens "
-        "per decode-step forward (prefills left out); k-token forward cost: the measured time of those "
+        f"difference; reproduces greedy: exact match on every prompt. {vs_reference}Forward width k: the mean new "
+        "tokens per decode-step forward (prefills left out); k-token forward cost: the measured time of those "
         "forwards relative to a 1-token forward, so tokens/forward divided by that cost is about the speedup "
         f"to expect over one token per forward. {one_at_a_time}Peak memory: allocated GPU memory on CUDA; on "
         "CPU the process's peak resident set size.\n\n"

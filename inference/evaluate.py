@@ -35,11 +35,13 @@ REFERENCE = "hf_generate"  # the greedy output every decoder's output is compare
 
 # Every eval and bench row has exactly these keys; later decoders add rows, never keys. A key a
 # run does not measure is None: ``accuracy`` needs a task's checker, ``exact_match``,
-# ``token_agreement`` and ``reproduces_greedy`` the greedy reference (bench, eval on prompts),
-# ``forward_cost`` and the speedups a bench.
+# ``token_agreement`` and ``reproduces_greedy`` the greedy reference (bench, eval on prompts), the
+# ``*_vs_reference`` pair an earlier run's outputs (bench --reference), ``forward_cost`` and the
+# speedups a bench.
 ROW_KEYS = ("model", "decoder", "decoder_settings", "task", "n", "accuracy", "exact_match", "token_agreement",
-            "reproduces_greedy", "tokens_per_forward", "forward_width", "forward_cost", "tokens_per_s",
-            "speedup_vs_generate", "speedup_vs_prompt_lookup", "peak_mem_mb")
+            "reproduces_greedy", "exact_match_vs_reference", "token_agreement_vs_reference", "tokens_per_forward",
+            "forward_width", "forward_cost", "tokens_per_s", "speedup_vs_generate", "speedup_vs_prompt_lookup",
+            "peak_mem_mb")
 
 
 def resolve_tasks(tasks: list[str] | str | None) -> list[str]:
@@ -188,10 +190,8 @@ class TaskScore:
             self.graded += len(examples)
         if reference is not None:
             for tokens, expected in zip(output.sequences, reference):
-                agreed = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b),
-                              min(len(tokens), len(expected)))
                 self.matches += tokens == expected
-                self.agreed_tokens += agreed
+                self.agreed_tokens += agreed_prefix(tokens, expected)
                 self.reference_tokens += len(expected)
             self.compared += len(reference)
         self.widths.update(widths)
@@ -230,6 +230,11 @@ class TaskScore:
         return sum(ratios[k] * c for k, c in self.widths.items()) / count if count else None
 
 
+def agreed_prefix(tokens: list[int], expected: list[int]) -> int:
+    """The tokens of ``expected`` that ``tokens`` reproduces before the first position where they differ."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
+
+
 def decode_recorded(engine: Engine, prompts: list[list[int]], decoder: str, max_new_tokens: int,
                     decoder_settings: dict[str, Any]) -> tuple[GenerationOutput, list[int]]:
     """``engine.generate`` and the widths of the decode-step forwards it made (prefills left out)."""
@@ -253,8 +258,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def make_row(model_name: str, decoder: str, decoder_settings: dict[str, Any], task: str, score: TaskScore,
-             peak_mem_mb: float, *, forward_cost: float | None = None, speedup_vs_generate: float | None = None,
-             speedup_vs_prompt_lookup: float | None = None) -> dict[str, Any]:
+             peak_mem_mb: float, *, exact_match_vs_reference: float | None = None,
+             token_agreement_vs_reference: float | None = None, forward_cost: float | None = None,
+             speedup_vs_generate: float | None = None, speedup_vs_prompt_lookup: float | None = None
+             ) -> dict[str, Any]:
     return {
         "model": model_name,
         "decoder": decoder,
@@ -265,6 +272,8 @@ def make_row(model_name: str, decoder: str, decoder_settings: dict[str, Any], ta
         "exact_match": score.exact_match,
         "token_agreement": score.token_agreement,
         "reproduces_greedy": score.reproduces_greedy,
+        "exact_match_vs_reference": exact_match_vs_reference,
+        "token_agreement_vs_reference": token_agreement_vs_reference,
         "tokens_per_forward": score.stats.tokens_per_forward,
         "forward_width": score.forward_width,
         "forward_cost": forward_cost,
@@ -350,6 +359,61 @@ def outputs_jsonl(prompts: list[UserPrompt], texts: dict[str, list[str]]) -> str
     (``texts``: decoder -> texts in prompt order)."""
     rows = [{"id": p.id, "outputs": {label: t[i] for label, t in texts.items()}} for i, p in enumerate(prompts)]
     return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+REFERENCE_HELP = ("the outputs.jsonl of an earlier `leaplm bench --prompts` (or `leaplm eval --prompts --out`) run "
+                  "on the same prompts file and --n")
+
+
+def read_reference(path: str | Path, prompts: list[UserPrompt]) -> list[str]:
+    """The ``hf_generate`` texts of an earlier run's :func:`outputs_jsonl` file, in the order of
+    ``prompts``; raises ValueError, saying what differs, unless it holds one for each of ``prompts``'
+    ids, in the same order, and no others."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"reference {path} does not exist; pass {REFERENCE_HELP}")
+    ids, texts = [], []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_id, text = row["id"], row["outputs"][REFERENCE]
+        except (ValueError, KeyError, TypeError):  # not JSON, a key missing, not an object
+            text = None
+        if not isinstance(text, str):
+            raise ValueError(f'{path}:{line_no}: no {REFERENCE} text; expected {{"id": ..., "outputs": '
+                             f'{{"{REFERENCE}": "...", ...}}}}, a line of {REFERENCE_HELP}')
+        ids.append(row_id)
+        texts.append(text)
+    expected = [p.id for p in prompts]
+    if len(ids) != len(expected):
+        raise ValueError(f"reference {path} has {len(ids)} prompts, the bench {len(expected)}; pass {REFERENCE_HELP}")
+    if ids != expected:
+        i = next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b)
+        order = " (the same ids in another order)" if set(ids) == set(expected) else ""
+        raise ValueError(f"reference {path}: prompt {i + 1} has id {ids[i]!r}, the prompts file's {expected[i]!r}"
+                         f"{order}; pass {REFERENCE_HELP}")
+    return texts
+
+
+def compare_with_reference(texts: list[str], references: list[str],
+                           tokenizer: PreTrainedTokenizerBase) -> dict[str, float | None]:
+    """``exact_match_vs_reference``: the fraction of ``texts`` equal to their reference text;
+    ``token_agreement_vs_reference``: :attr:`TaskScore.token_agreement` of the texts against the
+    references, both tokenized with ``tokenizer`` without special tokens.
+
+    Exact match is on text. Agreement is on token ids retokenised from text, on both sides alike
+    (the reference run's tokens are not stored), so equal texts always agree in full; a
+    retokenised text may split differently from the tokens the model generated at rare spots, and
+    the stop token, absent from the text, is not compared.
+    """
+    expected = tokenizer(references, add_special_tokens=False)["input_ids"]
+    tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    total = sum(len(r) for r in expected)
+    agreed = sum(agreed_prefix(t, r) for t, r in zip(tokens, expected))
+    return {"exact_match_vs_reference": sum(t == r for t, r in zip(texts, references)) / len(references),
+            "token_agreement_vs_reference": agreed / total if total else None}
 
 
 def evaluate_prompts(

@@ -221,6 +221,13 @@ def test_cli_prompts(tiny_model_dir, tmp_path, capsys):
     command = (tmp_path / "bench" / "bench.md").read_text()
     assert f"--prompts {path}" in command and "--tasks" not in command and "--seed" not in command
 
+    reference = tmp_path / "bench" / "outputs.jsonl"
+    main(["bench", str(tiny_model_dir), "--prompts", str(path), "--reference", str(reference), "--batch-size", "1",
+          "--max-new-tokens", "6", "--out", str(tmp_path / "vs")])
+    assert "| exact match vs reference |" in capsys.readouterr().out
+    assert all(r["exact_match_vs_reference"] == 1.0 for r in json.loads((tmp_path / "vs" / "bench.json").read_text()))
+    assert f"--reference {reference}" in (tmp_path / "vs" / "bench.md").read_text()
+
     with pytest.raises(SystemExit):
         main(["bench", str(tiny_model_dir), "--prompts", str(path), "--tasks", "copy", "--out", str(tmp_path / "x")])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -241,3 +248,58 @@ def test_synthetic_task_rows_compare_with_generate_too(tmp_path, tiny):
     assert all(r["exact_match"] == 1.0 and r["accuracy"] is not None for r in rows)
     assert all(r["speedup_vs_prompt_lookup"] is None for r in rows)
     assert rows[1]["forward_width"] == 1.0 and rows[1]["forward_cost"] == 1.0
+
+
+def test_bench_against_an_earlier_runs_outputs(tmp_path, teacher):
+    """--reference: a first bench's outputs.jsonl as the references of a second; the same model, so
+    the lossless decoders match it exactly, and a doctored reference text lowers that prompt only."""
+    model, tokenizer = teacher
+    path = write_prompts(tmp_path / "p.jsonl", ROWS[:2], blank_line=False)
+    common = dict(prompts=path, n=None, batch_size=2, max_new_tokens=8, model=model, tokenizer=tokenizer)
+    rows = run_bench(EMBEDDED_TEACHER, ["ar"], out_dir=tmp_path / "base", **common)
+    assert all(r["exact_match_vs_reference"] is None and r["token_agreement_vs_reference"] is None for r in rows)
+    assert "vs reference" not in (tmp_path / "base" / "bench.md").read_text()
+    base = tmp_path / "base" / "outputs.jsonl"
+
+    rows = run_bench(EMBEDDED_TEACHER, ["ar"], reference=base, out_dir=tmp_path / "again", **common)
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+        assert row["exact_match_vs_reference"] == 1.0 and row["token_agreement_vs_reference"] == 1.0
+    md = (tmp_path / "again" / "bench.md").read_text()
+    assert "| exact match vs reference | token agreement vs reference |" in md and f"reference='{base}'" in md
+
+    lines = [json.loads(line) for line in base.read_text().splitlines()]
+    lines[1]["outputs"]["hf_generate"] += " and more"
+    doctored = tmp_path / "doctored.jsonl"
+    doctored.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = run_bench(EMBEDDED_TEACHER, ["ar"], reference=doctored, out_dir=tmp_path / "doctored", **common)
+    for row in rows:
+        assert row["exact_match_vs_reference"] == 0.5  # the second prompt no longer matches
+        assert 0 < row["token_agreement_vs_reference"] < 1  # its answer agrees up to the added words
+
+
+def test_a_reference_for_other_prompts_is_refused_before_decoding(tmp_path, teacher, monkeypatch):
+    model, tokenizer = teacher
+    path = write_prompts(tmp_path / "p.jsonl")  # ids "chat", 3, 7
+    monkeypatch.setattr(Engine, "generate", lambda *a, **k: pytest.fail("decoded before checking the reference"))
+
+    def refused(lines, message, n=None):
+        reference = tmp_path / "reference.jsonl"
+        reference.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(ValueError, match=message):
+            run_bench(EMBEDDED_TEACHER, ["ar"], prompts=path, reference=reference, n=n, out_dir=tmp_path / "out",
+                      model=model, tokenizer=tokenizer)
+
+    def row(i, text="x"):
+        return {"id": i, "outputs": {"hf_generate": text, "ar": text}}
+
+    refused([row("chat"), row(3), row(7)], "has 3 prompts, the bench 2", n=2)
+    refused([row("chat"), row(4), row(7)], "prompt 2 has id 4, the prompts file's 3")
+    refused([row("chat"), row(7), row(3)], r"prompt 2 has id 7, the prompts file's 3 \(the same ids in another order\)")
+    refused([row("chat"), {"id": 3, "outputs": {"ar": "x"}}, row(7)], "reference.jsonl:2: no hf_generate text")
+    with pytest.raises(ValueError, match="does not exist"):
+        run_bench(EMBEDDED_TEACHER, ["ar"], prompts=path, reference=tmp_path / "none.jsonl", out_dir=tmp_path,
+                  model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="pass prompts too"):
+        run_bench(EMBEDDED_TEACHER, ["ar"], ["copy"], reference=tmp_path / "none.jsonl", out_dir=tmp_path,
+                  model=model, tokenizer=tokenizer)
