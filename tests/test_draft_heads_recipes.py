@@ -68,6 +68,39 @@ def test_medusa1_loss_matches_a_per_head_reference(tmp_path):
     assert set(metrics) == {"head0_top1", "head1_top1"}
 
 
+def test_hydra_pp_loss_matches_a_per_position_reference(tmp_path):
+    """Hydra++'s soft CE to the base's distribution, position by position: head k at t reads the
+    prefix layer's state at t and the embeddings of tokens t+1 .. t+k+1, and its teacher is the
+    base's distribution at t+k+1 (the batched loss computes that distribution once for all heads)."""
+    cfg = load_config(CONFIGS / "tiny_teacher_hydra_pp.yaml", [*SMALL, f"output_dir={tmp_path}", "method.num_heads=3"])
+    model, tokenizer = draft_heads.build_model(cfg)
+    heads = model.draft_heads
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    samples = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE_INDEX] * 2 + [7, 8, 9, 10, 11]},
+               {"input_ids": [11, 12, 13, 14], "labels": [IGNORE_INDEX, 12, 13, 14]}]
+    batch = {**draft_heads.build_collator(cfg, tokenizer)(samples), "step": 0}
+    total, _ = draft_heads.loss(model, batch, cfg)
+    embed = model.get_input_embeddings()
+    expected = 0.0
+    for s in samples:
+        ids = torch.tensor([s["input_ids"]])
+        T = ids.shape[1]
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            base_logits = out.logits[0]  # [T, V]
+            hidden = heads.prefix(out.hidden_states[-1], torch.arange(T)[None],
+                                  torch.ones(T, T, dtype=torch.bool).tril()[None])[0]  # [T, H]
+            for k in range(3):
+                for t in range(T - k - 2):
+                    if s["labels"][t + k + 2] != IGNORE_INDEX:
+                        logits = heads.head(k, hidden[t][None], embed(ids[0, t + 1:t + k + 2])[None])[0]  # [V]
+                        teacher = base_logits[t + k + 1].softmax(-1)
+                        expected += -(teacher * logits.log_softmax(-1)).sum()
+    assert total.detach().item() == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_weighted_soft_bce_by_hand(tmp_path):
     cfg = load_config(REPO / "configs" / "acceptance_head" / "tiny_teacher.yaml",
                       [f"output_dir={tmp_path}", "model.name_or_path=tiny-teacher", "method.num_layers=0"])

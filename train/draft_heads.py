@@ -409,6 +409,14 @@ def loss(model, batch, cfg: Config):
     metrics: dict[str, float] = {}
     weight = m.heads_coefficient * schedule_weight(m.schedule, batch["step"], cfg.train.max_steps)
     counts = torch.zeros(heads.config.num_heads, ACCURACY_TOP_K + 1, dtype=torch.float64, device=input_ids.device)
+    if m.variant == "hydra_pp":
+        # The base's distribution of every answer token, once: head k's teacher for the token at t+k+2 is
+        # the base's logits at t+k+1, so all heads read the same rows. At a real vocabulary this
+        # projection costs as much as a head's, once per step instead of once per head.
+        predicts = answer[:, 1:]  # [b, T-1] positions p whose next token is an answer token
+        with torch.no_grad():
+            teacher_all = F.softmax(lm_logits(inner, base[:, :-1][predicts]).float(), dim=-1)  # [n_all, V]
+        slot = predicts.flatten().cumsum(0).view_as(predicts) - 1  # [b, T-1] row of position p in teacher_all
     for k in range(heads.config.num_heads):
         shift = k + 2
         if input_ids.shape[1] <= shift:
@@ -419,9 +427,7 @@ def loss(model, batch, cfg: Config):
         logits = heads.head(k, h, embeds).float()  # [n, V] predicting tokens shift ahead
         ce_sum = F.cross_entropy(logits, targets, reduction="sum")
         if m.variant == "hydra_pp":
-            # The base's distribution of the same token: its logits one position before the target.
-            with torch.no_grad():
-                teacher = F.softmax(lm_logits(inner, base[:, shift - 1:-1][counted]).float(), dim=-1)  # [n, V]
+            teacher = teacher_all[slot[:, shift - 1:][counted]]  # [n, V] the base's, one position before each target
             soft = -(teacher * F.log_softmax(logits, dim=-1)).sum()
             total = total + m.teacher_weight * soft + m.lm_weight * ce_sum
         else:
