@@ -1,6 +1,6 @@
-"""Draft heads and their decoders: greedy ``medusa``/``hydra``/``speculative`` equal generate on every
-tiny family, hand-built trees and cache bookkeeping, speculative sampling against the exact
-distribution, heads saved and loaded back."""
+"""Draft heads and their decoders: greedy ``medusa``/``hydra`` (with and without the prompt-lookup
+chain) and ``speculative`` equal generate on every tiny family, hand-built trees and cache
+bookkeeping, speculative sampling against the exact distribution, heads saved and loaded back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from leaplm.data.tasks import make_split
 from leaplm.inference.decoders.speculative import draft_efficiency
 from leaplm.inference.decoders.tree import grow_tree, keep_new_slots, make_tree
-from leaplm.inference.engine import DecoderError, Engine, new_cache
+from leaplm.inference.engine import DecoderError, Engine, check_decoder_settings, new_cache
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads, save_heads
 from leaplm.models.zoo import TINY_FAMILIES, load_model
@@ -39,8 +39,10 @@ def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
     assert len({tuple(s) for s in reference}) > 1
     gained = 0.0
     try:
+        # lookup=4 hangs a prompt-lookup chain deeper than the 3 heads from the root
         for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=[[0, 0, 0], [1], [0, 1]])),
-                                       ("hydra", False, {}), ("hydra", True, dict(tree_size=8))):
+                                       ("medusa", False, dict(lookup=4)), ("hydra", False, {}),
+                                       ("hydra", True, dict(tree_size=8)), ("hydra", True, dict(tree_size=8, lookup=4))):
             with_heads(model, kind, prefix)
             out = engine.generate(prompts, kind, MAX_NEW, **settings)
             assert out.sequences == reference, (kind, prefix, settings)
@@ -53,6 +55,27 @@ def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
     itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3)
     assert itself.sequences == reference and itself.stats.tokens_per_forward > 3.0  # every draft accepted
     assert gained > 1.0, "no tree node was ever accepted; parity would be the AR case only"
+
+
+def test_lookup_chain_is_accepted_where_the_answer_repeats_its_context(tiny):
+    """The default-init tiny Qwen2 answers the word prompt with a 7-token cycle; with its own answer
+    appended, the prompt repeats the pattern the model goes on with, so the lookup chain copies the
+    continuation and is accepted. The untrained heads hardly ever are: the gain is the chain's."""
+    model, tokenizer = tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)[:2]
+    prompts = [p + a for p, a in zip(prompts, engine.generate(prompts, "ar", 32).sequences)]
+    reference = engine.generate(prompts, "hf_generate", 32).sequences
+    try:
+        for kind, prefix in (("medusa", False), ("hydra", True)):
+            with_heads(model, kind, prefix)
+            plain = engine.generate(prompts, kind, 32)
+            chained = engine.generate(prompts, kind, 32, lookup=4)
+            assert plain.sequences == chained.sequences == reference, kind
+            assert engine.generate(prompts[1:], kind, 32, lookup=4).sequences == reference[1:], kind
+            assert chained.stats.tokens_per_forward > 1.5 * plain.stats.tokens_per_forward, kind
+    finally:
+        del model.draft_heads
 
 
 def test_adaptive_speculative_equals_generate(lively_tiny):
@@ -108,6 +131,17 @@ def test_tree_from_paths_hand_checked():
     assert tree.ancestors[3].nonzero().squeeze(1).tolist() == [0, 1, 3]
     with pytest.raises(DecoderError, match="1 to 3 ranks"):
         make_tree([[0, 0, 0, 0]], num_heads=3)
+
+
+def test_tree_with_a_lookup_chain_hand_checked():
+    tree = make_tree([[1], [0, 0]], num_heads=3, lookup=4)  # chain nodes 4-7 under the root, deeper than the heads
+    assert tree.paths == [(), (0,), (1,), (0, 0)] and tree.heads_size == 4 and tree.size == 8
+    assert tree.parent.tolist() == [0, 0, 0, 1, 0, 4, 5, 6]
+    assert tree.depth.tolist() == [0, 1, 1, 2, 1, 2, 3, 4] and tree.max_depth == 4
+    assert tree.path_nodes[7].tolist() == [0, 4, 5, 6, 7] and tree.path_nodes[3].tolist() == [0, 1, 3, 3, 3]
+    assert tree.ancestors[6].nonzero().squeeze(1).tolist() == [0, 4, 5, 6]
+    assert tree.ancestors[3].nonzero().squeeze(1).tolist() == [0, 1, 3]  # the heads' nodes never see the chain
+    assert [level[0].tolist() for level in tree.levels] == [[1, 2], [3]]  # Hydra's head calls skip the chain
 
 
 def test_grow_tree_takes_best_products():
@@ -174,10 +208,19 @@ def test_decoder_errors(tiny):
             engine.generate(prompt, "medusa", 4, acceptance="typical")
         with pytest.raises(DecoderError, match="list of rank paths"):
             engine.generate(prompt, "medusa", 4, tree="wide")
+        with pytest.raises(DecoderError, match="lookup must be an integer >= 0"):
+            engine.generate(prompt, "medusa", 4, lookup=-1)
         sampled = engine.generate(prompt, "medusa", 8, acceptance="typical", temperature=0.7)
         assert 0 < len(sampled.sequences[0]) <= 8
     finally:
         del model.draft_heads
+
+
+def test_lookup_setting_is_checked_before_any_model_loads():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(DecoderError, match="lookup must be an integer >= 0"):
+            check_decoder_settings("hydra", {"lookup": bad})
+    check_decoder_settings("medusa", {"lookup": 4})
 
 
 def test_draft_efficiency_counts_rejections(lively_tiny):

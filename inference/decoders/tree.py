@@ -21,6 +21,14 @@ added), or ``"auto"`` (the default): grown greedily to ``tree_size`` nodes by th
 heads' measured rank accuracies along the path (Medusa's ``gen_results`` rule), from the
 accuracies the training run stored with the heads.
 
+**Prompt lookup** (``lookup=L``, leaplm's addition, not part of Medusa or Hydra): each step the
+tree also holds a chain of L nodes under the root (depths 1..L), drafted by prompt lookup
+(:func:`~leaplm.inference.decoders.jacobi.lookup_continuation`: the tokens that followed the latest
+earlier occurrence of the newest n-gram of the row's prompt and answer) instead of by the heads.
+It is verified in the same forward and competes with the heads' nodes for the deepest accepted
+path, so greedy decoding stays lossless; a row without a match fills the chain with its root
+token, which verification rejects unless it is right.
+
 **Hydra++** heads carry a prefix decoder layer over the base's hidden states; it runs over the
 same tree nodes with the same mask and its own cache, which keeps the same accepted path.
 
@@ -35,10 +43,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import torch
 
+from leaplm.inference.decoders.jacobi import lookup_continuation
 from leaplm.inference.engine import (
     DecoderError,
     DecodeResult,
@@ -126,33 +136,41 @@ def keep_new_slots(caches: list, context: int, kept: torch.Tensor, counts: torch
 
 @dataclass
 class Tree:
-    """A sparse candidate tree; node 0 is the root, nodes sorted by depth."""
+    """A sparse candidate tree; node 0 is the root, the heads' nodes sorted by depth, then the
+    ``lookup`` chain's nodes (depths 1..lookup, each the child of the one before)."""
 
-    paths: list[tuple[int, ...]]  # rank path of each node; () for the root
+    paths: list[tuple[int, ...]]  # rank path of each heads' node; () for the root
     parent: torch.Tensor  # [N] parent node (0 for the root)
     depth: torch.Tensor  # [N]
-    rank: torch.Tensor  # [N] rank of the node's token among its head's predictions
+    rank: torch.Tensor  # [N] rank of the node's token among its head's predictions (0 on the chain)
     ancestors: torch.Tensor  # [N, N] bool: column j is node i itself or one of its ancestors
     path_nodes: torch.Tensor  # [N, D + 1] the nodes from the root to node i, padded with node i
-    # per depth d = 1..D: (its nodes [c], their distinct parents [P], each node's parent among them [c])
+    # per head depth d = 1..len(levels): (its nodes [c], their distinct parents [P], each node's parent among them [c])
     levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    lookup: int = 0  # prompt-lookup chain nodes, after the heads' nodes
 
     @property
-    def size(self) -> int:
+    def heads_size(self) -> int:
+        """Nodes the heads draft, root included: the chain starts here."""
         return len(self.paths)
 
     @property
+    def size(self) -> int:
+        return len(self.paths) + self.lookup
+
+    @property
     def max_depth(self) -> int:
-        return max(len(p) for p in self.paths)
+        return max(max(len(p) for p in self.paths), self.lookup)
 
     def to(self, device) -> Tree:
         return Tree(self.paths, *(t.to(device) for t in (self.parent, self.depth, self.rank, self.ancestors,
                                                           self.path_nodes)),
-                    [tuple(t.to(device) for t in level) for level in self.levels])
+                    [tuple(t.to(device) for t in level) for level in self.levels], self.lookup)
 
 
-def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int) -> Tree:
-    """The tree of ``paths`` (rank lists), with every missing prefix added."""
+def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int, lookup: int = 0) -> Tree:
+    """The tree of ``paths`` (rank lists), with every missing prefix added, plus a chain of
+    ``lookup`` nodes under the root for prompt-lookup tokens."""
     nodes = {()}
     for path in paths:
         path = tuple(int(r) for r in path)
@@ -161,22 +179,25 @@ def make_tree(paths: list[list[int]] | list[tuple[int, ...]], num_heads: int) ->
         nodes.update(path[:d] for d in range(1, len(path) + 1))
     ordered = sorted(nodes, key=lambda p: (len(p), p))
     index = {p: i for i, p in enumerate(ordered)}
-    n, depth = len(ordered), max(len(p) for p in ordered)
-    parent = torch.tensor([index[p[:-1]] if p else 0 for p in ordered])
+    h = len(ordered)
+    # Each node's chain of nodes from the root: the heads' by rank prefix, the lookup chain's in a line.
+    chains = [[index[p[:d]] for d in range(len(p) + 1)] for p in ordered]
+    chains += [[0] + list(range(h, h + d)) for d in range(1, lookup + 1)]
+    n, depth = len(chains), max(len(c) for c in chains) - 1
+    parent = torch.tensor([c[-2] if len(c) > 1 else 0 for c in chains])
     ancestors = torch.zeros(n, n, dtype=torch.bool)
     path_nodes = torch.zeros(n, depth + 1, dtype=torch.long)
-    for i, p in enumerate(ordered):
-        chain = [index[p[:d]] for d in range(len(p) + 1)]
+    for i, chain in enumerate(chains):
         ancestors[i, chain] = True
         path_nodes[i] = torch.tensor(chain + [i] * (depth + 1 - len(chain)))
-    depths = torch.tensor([len(p) for p in ordered])
-    levels = []
-    for d in range(1, depth + 1):
-        nodes = (depths == d).nonzero().squeeze(1)
+    depths = torch.tensor([len(c) - 1 for c in chains])
+    levels = []  # the heads' nodes only: Hydra calls its heads per level, the chain needs no head
+    for d in range(1, max(len(p) for p in ordered) + 1):
+        nodes = (depths[:h] == d).nonzero().squeeze(1)
         parents, slot = torch.unique(parent[nodes], return_inverse=True)
         levels.append((nodes, parents, slot))
-    return Tree(ordered, parent, depths, torch.tensor([p[-1] if p else 0 for p in ordered]), ancestors, path_nodes,
-                levels)
+    rank = torch.tensor([p[-1] if p else 0 for p in ordered] + [0] * lookup)
+    return Tree(ordered, parent, depths, rank, ancestors, path_nodes, levels, lookup)
 
 
 def grow_tree(accuracy: torch.Tensor, size: int) -> list[tuple[int, ...]]:
@@ -206,7 +227,7 @@ def default_accuracy(num_heads: int, ranks: int) -> torch.Tensor:
     return top1[:, None] * 0.5 ** torch.arange(ranks)[None]
 
 
-def choose_tree(heads: DraftHeads, tree: Any, tree_size: int) -> Tree:
+def choose_tree(heads: DraftHeads, tree: Any, tree_size: int, lookup: int = 0) -> Tree:
     k = heads.config.num_heads
     if tree == "auto":
         if not isinstance(tree_size, int) or tree_size < 2:
@@ -214,24 +235,25 @@ def choose_tree(heads: DraftHeads, tree: Any, tree_size: int) -> Tree:
         accuracy = heads.accuracy.float().cpu()
         if not bool(accuracy.any()):
             accuracy = default_accuracy(k, accuracy.shape[1])
-        return make_tree(grow_tree(accuracy, tree_size), k)
+        return make_tree(grow_tree(accuracy, tree_size), k, lookup)
     if not isinstance(tree, (list, tuple)) or not tree or not all(isinstance(p, (list, tuple)) for p in tree):
         raise DecoderError(f"tree must be 'auto' or a list of rank paths such as [[0], [0, 0], [1]], got {tree!r}")
-    return make_tree(tree, k)
+    return make_tree(tree, k, lookup)
 
 
 # ----- Candidates ---------------------------------------------------------------------------
 
 
 def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """Tokens [b, N] of the tree's nodes (column 0 the root) from hidden states ``hidden`` [b, H]."""
-    b, n = root.shape[0], tree.size
+    """Tokens [b, N] of the tree's nodes (column 0 the root) from hidden states ``hidden`` [b, H];
+    the lookup chain's columns are left holding the root, for :func:`lookup_chain` to fill."""
+    b, n, h = root.shape[0], tree.size, tree.heads_size
     tokens = root[:, None].expand(b, n).clone()  # [b, N]
-    max_rank = int(tree.rank.max()) + 1
+    max_rank = int(tree.rank[:h].max()) + 1
     if heads.kind == "medusa":
         top = torch.stack([heads.head(k, hidden).topk(max_rank, dim=-1).indices
-                           for k in range(tree.max_depth)], dim=1)  # [b, D, R]
-        tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]
+                           for k in range(len(tree.levels))], dim=1)  # [b, D_heads, R]
+        tokens[:, 1:h] = top[:, tree.depth[1:h] - 1, tree.rank[1:h]]
         return tokens
     for d, (nodes, parents, slot) in enumerate(tree.levels, 1):  # Hydra: one head call per parent, on its path
         path = tokens[:, tree.path_nodes[parents, :d]]  # [b, P, d] root .. parent
@@ -239,6 +261,17 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
         top = logits.topk(max_rank, dim=-1).indices  # [b, P, R]
         tokens[:, nodes] = top[:, slot, tree.rank[nodes]]
     return tokens
+
+
+def lookup_chain(contexts: list[list[int]], live: torch.Tensor, root: torch.Tensor, count: int) -> torch.Tensor:
+    """Prompt-lookup tokens [b, count] for the chain: per live row, what followed the latest earlier
+    occurrence of its context's newest n-gram. Slots without a match keep the row's root token;
+    verification rejects them unless they happen to be right, so what fills them never matters."""
+    chain = [[token] * count for token in root.tolist()]
+    for row in live.nonzero().squeeze(1).tolist():  # finished rows' chains are never committed
+        found = lookup_continuation(contexts[row], count)
+        chain[row][:len(found)] = found
+    return torch.tensor(chain, dtype=torch.long, device=root.device)
 
 
 # ----- The decoding loop -------------------------------------------------------------------
@@ -268,10 +301,15 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     answers.commit(root[:, None], torch.ones_like(root))
     cached = batch.lengths.clone()  # [b] real tokens in the cache
     pattern = tree.ancestors  # [N, N]
+    if tree.lookup:  # per row: prompt and committed tokens, the root last, kept in Python for the lookup
+        contexts = [row[batch.width - int(n):].tolist() + [int(r)]
+                    for row, n, r in zip(batch.input_ids, batch.lengths, root)]
 
     while answers.unfinished.any():
         context = cache.get_seq_length()
         tokens = propose(heads, embed, tree, hidden, root)  # [b, N]
+        if tree.lookup:
+            tokens[:, tree.heads_size:] = lookup_chain(contexts, answers.unfinished, root, tree.lookup)  # [b, L]
         positions = batch.lengths[:, None] + answers.count[:, None] - 1 + tree.depth[None]  # [b, N]
         real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
         allowed = Engine.mask_for_new_tokens(real, pattern)  # [b, N, context + N]
@@ -305,6 +343,9 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
         keep_new_slots(caches, context, path, counts)
         cached += counts
+        if tree.lookup:
+            for row, (row_new, count) in enumerate(zip(new.tolist(), counts.tolist())):
+                contexts[row] += row_new[:count]  # the accepted path's tokens, then the bonus (the next root)
         root, hidden = bonus, node_hidden[rows, best]
     return answers.result()
 
@@ -320,23 +361,31 @@ def check_acceptance(acceptance: str = "greedy", temperature: float = 0.0) -> No
         raise DecoderError("typical acceptance samples: set temperature > 0 (Medusa uses 0.7)")
 
 
+def check_lookup(lookup: int = 0) -> None:
+    if isinstance(lookup, bool) or not isinstance(lookup, Integral) or lookup < 0:
+        raise DecoderError(f"lookup must be an integer >= 0 (prompt-lookup tokens verified per step; 0 = off), "
+                           f"got {lookup!r}")
+
+
 def tree_decoder(kind: str, description: str):
     """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
     heads they read (``models/heads.py``); tree, acceptance and sampling are shared."""
 
     def decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
                acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0) -> DecodeResult:
+               seed: int = 0, lookup: int = 0) -> DecodeResult:
         heads = heads_of(engine.model, (kind,))
         check_acceptance(acceptance, temperature)
+        check_lookup(lookup)
         pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
-        return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size), pick,
+        return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size, lookup), pick,
                            typical=acceptance == "typical")
 
     decode.__name__ = decode.__qualname__ = kind
-    decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring).\n\n"
+    decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring);\n"
+                      "``lookup=L`` adds a chain of L prompt-lookup tokens to every step's tree.\n\n"
                       "Greedy (the default) equals ``ar`` and ``model.generate`` token for token.")
-    return register_decoder(kind, checks=(check_sampling, check_acceptance))(decode)
+    return register_decoder(kind, checks=(check_sampling, check_acceptance, check_lookup))(decode)
 
 
 medusa = tree_decoder("medusa", "Medusa")
