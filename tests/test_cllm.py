@@ -4,6 +4,7 @@ collector of the rollout bench, the recipe through the trainer, and the errors f
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -399,3 +400,33 @@ def test_rollouts_decode_one_batch_at_a_time_each_seeded_by_its_place():
     assert calls == [([[1], [3]], 10), ([[0] * 3, [2] * 4], 12), ([[4] * 5], 14)]
     assert [r["prompt_index"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["answer"] for r in rows] == [p.ids for p in prompts]
+
+
+def test_an_interrupted_collection_resumes_at_its_first_undecoded_batch(tmp_path):
+    """Batches decoded before a stop are read back, not decoded again; a batch with other prompts
+    or another seed is not mistaken for a saved one."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def decode(engine, ids, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped while decoding the third batch
+        return [{"prompt_index": i, "prompt_ids": row} for i, row in enumerate(ids)], dict(enumerate(ids))
+
+    features = datasets.Features({"prompt_index": datasets.Value("int64"),
+                                  "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "task": datasets.Value("string"), "correct": datasets.Value("bool")})
+    store = rollouts_module._BatchStore(tmp_path / "batches", features)
+    prompts = [RolloutPrompt([i] * (i + 1)) for i in range(6)]
+    collect = functools.partial(rollouts_module._collect_slice, SimpleNamespace(tokenizer=None), prompts, 0, 6,
+                                decode=decode, batch_size=2, progress=False, done=store)
+    with pytest.raises(KeyboardInterrupt):
+        collect(seed=10)
+    assert calls == [10, 12, 14] and len(list(store.root.iterdir())) == 2
+    rows = collect(seed=10)
+    assert calls == [10, 12, 14, 14]  # only the third batch decoded again
+    assert [(r["prompt_index"], r["prompt_ids"]) for r in rows] == [(i, [i] * (i + 1)) for i in range(6)]
+    collect(seed=20)  # another seed: every batch decoded anew
+    assert calls[4:] == [20, 22, 24]

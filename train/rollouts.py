@@ -21,7 +21,8 @@ answers of draft heads, :func:`collect_greedy_answers`, by ``ar`` or by the fast
 The dataset lives in ``<dir>/<key>/``, where the key hashes what determines the rollouts: the model
 (name and, for local weights, their files' sizes and times), tokenizer, dtype, the prompts' token
 ids, block size, initial-guess strategy, token budget and seed. A rerun with the same settings
-reuses the dataset; different settings collect a new one next to it.
+reuses the dataset; different settings collect a new one next to it. Each batch is saved as it
+finishes, so a collection that is stopped part way resumes at its first undecoded batch.
 
 Columns, one row per block of an answer: ``prompt_index``, ``prompt_ids``, ``prefix_ids`` (the
 answer before the block), ``block_index``, ``states`` (token lists, the last equal to the fixed
@@ -353,7 +354,8 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
                  len(prompts), hi - lo, world, batch_size, shown, final)
     start = time.perf_counter()
     rows = _collect_slice(Engine(model, tokenizer), prompts, lo, hi, decode=decode, seed=settings["seed"] + rank,
-                          batch_size=batch_size, progress=progress and acc.is_main_process)
+                          batch_size=batch_size, progress=progress and acc.is_main_process,
+                          done=_BatchStore(shards / "batches", features))
     # datasets can save a dataset of no rows but not load it back: a rank without prompts saves nothing.
     if rows:
         shard = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
@@ -375,29 +377,66 @@ def _collect_or_reuse(model, tokenizer, prompts: list[RolloutPrompt], out_dir: P
                  len(merged), len(prompts), seconds, len(merged) / seconds, final)
 
 
+class _BatchStore:
+    """Each decoded batch's rows, saved as soon as the batch is done, so that a collection stopped
+    part way (preempted, killed, out of time) resumes at its first undecoded batch instead of
+    decoding everything again. A batch is named by its prompts and its seed: a rerun that batches
+    or shards the prompts differently decodes anew rather than mixing in rows of other batches."""
+
+    def __init__(self, root: Path, features: datasets.Features):
+        self.root, self.features = root, features
+
+    def _path(self, index: list[int], seed: int) -> Path:
+        name = hashlib.sha256(json.dumps([index, seed]).encode()).hexdigest()[:16]
+        return self.root / f"batch-{index[0]:06d}-{name}"
+
+    def load(self, index: list[int], seed: int) -> list[dict[str, Any]] | None:
+        path = self._path(index, seed)
+        return datasets.load_from_disk(str(path)).to_list() if path.is_dir() else None
+
+    def save(self, index: list[int], seed: int, rows: list[dict[str, Any]]) -> None:
+        path = self._path(index, seed)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        columns = {k: [r[k] for r in rows] for k in self.features}
+        datasets.Dataset.from_dict(columns, features=self.features).save_to_disk(str(tmp))
+        tmp.rename(path)  # whole or absent: a batch interrupted while saving is decoded again
+
+
 def _collect_slice(engine: Engine, prompts: list[RolloutPrompt], lo: int, hi: int, *, decode: Decode, seed: int,
-                   batch_size: int, progress: bool) -> list[dict[str, Any]]:
+                   batch_size: int, progress: bool, done: _BatchStore | None = None) -> list[dict[str, Any]]:
     """Rows of prompts[lo:hi] in prompt order, ``prompt_index`` global, each with its answer's task and grade.
 
     Batches group prompts of similar length (a batch is padded to its longest prompt, and on a real
     model the padded prefill dominates: SmolLM2's standard-library prompts run from 75 to 500 tokens).
     Decoded one batch at a time, so the bar (and its ETA) moves from the first batch on; each batch
     draws from ``seed`` plus its position in the slice, the same whatever the progress display.
+    Batches already in ``done`` (from an interrupted collection of the same settings) are read back.
     """
     order = sorted(range(lo, hi), key=lambda i: (len(prompts[i].ids), i))
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=hi - lo, desc="rollouts", unit="prompt", disable=not progress)
+    resumed = 0
     for first in range(0, hi - lo, batch_size):
         index = order[first:first + batch_size]  # global prompt index of each row of the batch
-        part = [prompts[i] for i in index]
-        found, answers = decode(engine, [p.ids for p in part], seed + lo + first)
-        grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
-        for row in found:
-            prompt = part[row["prompt_index"]]
-            rows.append({**row, "prompt_index": index[row["prompt_index"]], "task": prompt.task,
-                         "correct": grades[row["prompt_index"]]})
-        bar.update(len(part))
+        batch_seed = seed + lo + first
+        kept = done.load(index, batch_seed) if done else None
+        if kept is None:
+            part = [prompts[i] for i in index]
+            found, answers = decode(engine, [p.ids for p in part], batch_seed)
+            grades = {i: _grade(engine.tokenizer, part[i], answer) for i, answer in answers.items()}
+            kept = [{**row, "prompt_index": index[row["prompt_index"]], "task": part[row["prompt_index"]].task,
+                     "correct": grades[row["prompt_index"]]} for row in found]
+            if done:
+                done.save(index, batch_seed, kept)
+        else:
+            resumed += len(index)
+        rows.extend(kept)
+        bar.update(len(index))
     bar.close()
+    if resumed:
+        log.info("rollouts: %d of %d prompts read back from an interrupted collection (%s)", resumed, hi - lo,
+                 done.root)
     return sorted(rows, key=lambda row: row["prompt_index"])  # stable: a prompt's rows keep their order
 
 

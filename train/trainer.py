@@ -552,7 +552,7 @@ class Trainer:
                     self.setup()
                 except SetupInterrupted:
                     log.warning("SIGTERM during setup: nothing trained yet, no checkpoint written; rerun the same "
-                                "command to start again")
+                                "command to start again (rollouts resume from their last finished batch)")
                     raise
             preemption.training = True
             result = TrainResult(self.output_dir, self.start_step)
