@@ -3,6 +3,7 @@
     leaplm train CONFIG [section.key=value ...]
     leaplm eval MODEL --tasks synth --decoder ar [--out DIR]
     leaplm bench MODEL --decoders ar --out DIR
+    leaplm check MODEL [--prompts FILE.jsonl] [--n N] [--max-new-tokens T] [--out DIR]
     leaplm prompts FILE --source stdlib_code --split test --n 12
     leaplm quickstart
     leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora | --no-merge-lora] [--bench-n N]
@@ -43,6 +44,9 @@ COMMANDS = {
                     "leaplm.bench.commands:add_eval_arguments", "leaplm.bench.commands:run_eval"),
     "bench": Command("decoders side by side with HF generate: bench.json, bench.md, bench.png",
                      "leaplm.bench.commands:add_bench_arguments", "leaplm.bench.commands:run_bench_command"),
+    "check": Command("every lossless decoder against generate on your model (exit 1 if one is not exact), and "
+                     "which recipes can train it", "leaplm.bench.check:add_arguments",
+                     "leaplm.bench.check:run_command"),
     "prompts": Command("write held-out real prompts (standard-library code or instructions) to a JSONL file for "
                        "`leaplm bench --prompts`", "leaplm.cli:add_prompts_arguments", "leaplm.cli:run_prompts"),
     "quickstart": Command("eval + bench of the embedded teacher, its block-diffusion adaptation, and Jacobi Forcing "

@@ -442,6 +442,7 @@ class Engine:
         attention_mask: torch.Tensor | None = None,
         *,
         custom_mask: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **model_kwargs: Any,
     ):
@@ -450,13 +451,17 @@ class Engine:
         Their keys/values are appended to ``cache``. Attention is either causal with a padding
         mask ``attention_mask`` [b, cache + s] (None = no padding), or ``custom_mask``
         [b, s, cache + s] (bool, True = may attend) for patterns such as trees or bidirectional
-        blocks; see :meth:`mask_for_new_tokens`. ``logits_to_keep=k`` computes logits for the
-        last k tokens only (0 = all).
+        blocks; see :meth:`mask_for_new_tokens`. With a custom mask fed out of position order,
+        ``offsets`` [s] says where new token j belongs: sliding windows take it as sitting in
+        slot ``cache + offsets[j]`` rather than its own ``cache + j`` (a tree node at its depth).
+        ``logits_to_keep=k`` computes logits for the last k tokens only (0 = all).
         """
         if custom_mask is not None:
             if attention_mask is not None:
                 raise ValueError("pass either attention_mask (padding) or custom_mask, not both")
-            attention_mask = self._model_mask(custom_mask, cache.get_seq_length())
+            attention_mask = self._model_mask(custom_mask, cache.get_seq_length(), offsets)
+        elif offsets is not None:
+            raise ValueError("offsets place the new tokens for a custom_mask's sliding window; pass custom_mask too")
         return self.model(
             input_ids=input_ids,
             **{cache_argument(self.model): cache},
@@ -482,11 +487,14 @@ class Engine:
         allowed[:, :, -s:] &= pattern.to(real.device)[None]
         return allowed
 
-    def _model_mask(self, allowed: torch.Tensor, past: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    def _model_mask(self, allowed: torch.Tensor, past: int, offsets: torch.Tensor | None = None
+                    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Turn a bool [b, s, kv] pattern into what the model's attention implementation takes.
 
-        Sliding-window layers get the window applied on cache slots, as transformers does for
-        its own masks: a query in slot q sees slots k with k > q - window.
+        Sliding-window layers get the window as transformers applies it to its own masks, a query
+        at position q sees keys at positions k > q - window, counted on each token's *place*: a
+        cached token's slot (every row's cached tokens are right-aligned without holes, so slots
+        differ as positions do) and new token j's ``past + offsets[j]`` (default ``past + j``, its slot).
         """
         config = self.model.config
         impl = config._attn_implementation
@@ -499,9 +507,9 @@ class Engine:
         window = getattr(config, "sliding_window", None)
         windowed = allowed
         if window is not None and kv > window:
-            q_slot = torch.arange(past, past + s, device=allowed.device)[:, None]  # [s, 1]
-            k_slot = torch.arange(kv, device=allowed.device)[None, :]  # [1, kv]
-            windowed = allowed & (k_slot > q_slot - window)[None]
+            order = torch.arange(s, device=allowed.device) if offsets is None else offsets.to(allowed.device)  # [s]
+            place = torch.cat([torch.arange(past, device=allowed.device), past + order])  # [kv]
+            windowed = allowed & (place[None, :] > place[past:, None] - window)[None]
 
         def to_model(mask: torch.Tensor) -> torch.Tensor:
             mask = mask[:, None]  # [b, 1, s, kv]

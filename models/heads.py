@@ -203,9 +203,16 @@ class DraftHeads(nn.Module):
 
 def lm_logits(base, hidden: torch.Tensor) -> torch.Tensor:
     """The base's logits [..., V] at its final hidden states [..., H], as its own forward computes
-    them: its LM head, then the soft-capping of families that cap their logits (Gemma 2)."""
+    them: its LM head, then the scaling of families that scale their logits (Cohere multiplies by
+    ``logit_scale``, Granite divides by ``logits_scaling``) and the soft-capping of those that cap
+    them (Gemma 2). Distillation targets are softmaxes of these: a missed scale changes them."""
     logits = base.get_output_embeddings()(hidden)
-    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    text = base.config.get_text_config()
+    if getattr(text, "logit_scale", None) is not None:
+        logits = logits * text.logit_scale
+    if getattr(text, "logits_scaling", None) is not None:
+        logits = logits / text.logits_scaling
+    cap = getattr(text, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits

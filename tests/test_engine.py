@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -9,8 +11,8 @@ from leaplm.data.sft import prompt_ids
 from leaplm.data.tasks import make_split
 from leaplm.inference.engine import (
     DECODERS,
-    DecodeResult,
     DecoderError,
+    DecodeResult,
     Engine,
     PromptTooLongError,
     TokenPicker,
@@ -21,6 +23,7 @@ from leaplm.inference.engine import (
     register_decoder,
     select_cache_rows,
 )
+from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads
 from leaplm.models.zoo import (
     EMBEDDED_TEACHER,
     EMBEDDED_TEACHER_DIR,
@@ -108,6 +111,30 @@ def test_greedy_ar_equals_hf_generate(family):
     assert out.stats.new_tokens == sum(lengths)
     assert out.stats.forward_passes == max(lengths)
     assert out.stats.tokens_per_forward == 1.0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_decoding_uses_nothing_transformers_deprecates(family, tiny):
+    """transformers announces what it will remove with FutureWarning or DeprecationWarning (in 5.x the
+    old cache keyword warns on every call; models/cache.py picks the new one): generate's reference,
+    decoding under a padding mask, under tree masks with a Hydra++ prefix layer and with a draft
+    model raise none of them."""
+    model, tokenizer = tiny(family)
+    engine = Engine(model, tokenizer)
+    prompts = chat_prompts(tokenizer)
+    config = HeadsConfig(kind="hydra", num_heads=2, hidden_size=model.config.hidden_size,
+                         vocab_size=model.config.vocab_size, prefix_layer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for decoder in ("hf_generate", "ar", "jacobi"):
+            engine.generate(prompts, decoder, 4)
+        engine.generate(prompts, "speculative", 4, draft=model)
+        attach_heads(model, DraftHeads(config, model))
+        try:
+            engine.generate(prompts, "hydra", 4)
+        finally:
+            del model.draft_heads
 
 
 def test_hf_generate_decoder_matches_ar(tiny):

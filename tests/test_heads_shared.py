@@ -13,8 +13,17 @@ from safetensors.torch import load_file
 from test_draft_heads import MAX_NEW, prompts_of
 
 from leaplm.inference.engine import Engine
-from leaplm.models.heads import CONFIG_FILE, WEIGHTS_FILE, DraftHeads, HeadsConfig, attach_heads, load_heads, save_heads
-from leaplm.models.zoo import load_model
+from leaplm.models.heads import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    DraftHeads,
+    HeadsConfig,
+    attach_heads,
+    lm_logits,
+    load_heads,
+    save_heads,
+)
+from leaplm.models.zoo import TINY_FAMILIES, load_model, tiny_model
 from leaplm.train import draft_heads
 from leaplm.train.recipes import load_config
 from leaplm.train.trainer import apply_lora
@@ -122,3 +131,14 @@ def test_saved_shared_heads_reload_identically_and_decode_losslessly(kind, prefi
         assert Engine(model, tokenizer).generate(prompts, kind, MAX_NEW).sequences == reference
     finally:
         del model.draft_heads
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lm_logits_are_the_logits_of_the_model_s_own_forward(family):
+    """The heads' and Hydra++'s distillation targets: the base's head on its last hidden state,
+    then whatever the family does to its logits (Cohere's and Granite's scales, Gemma 2's cap)."""
+    model, _ = tiny_model(family)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        torch.testing.assert_close(lm_logits(model, out.hidden_states[-1]), out.logits, rtol=1e-4, atol=1e-5)

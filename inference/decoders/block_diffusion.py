@@ -62,8 +62,10 @@ first step of each sub-block is a full-block forward whose block K/V is kept; th
 that sub-block feed only its slots, attending to the context and to the kept (stale) K/V of the
 block's other slots, and to their own fresh K/V in place of the stale copy. RoPE is applied
 before caching, so a key's position travels with it and the fresh K/V can sit at the end of the
-cache, behind a mask that hides the stale copy. Slot a, the sub-block's first, is predicted by
-slot a-1's logit, which is not fed again: it is carried from the full-block forward.
+cache, behind a mask that hides the stale copy; the engine is told where each fed slot belongs
+(``offsets``), so sliding windows are measured from its position as well. Slot a, the
+sub-block's first, is predicted by slot a-1's logit, which is not fed again: it is carried from
+the full-block forward.
 
 Where we differ from Fast-dLLM v2:
 
@@ -255,16 +257,18 @@ def sub_block_forward(engine: Engine, cache: DynamicCache, tokens: torch.Tensor,
     steps of the sub-block feed the same slots again, and the next sub-block starts with a
     full-block forward. The cache is left as it was, ``context + block_size`` positions.
 
-    Sliding windows are measured on cache slots by the engine, and the fed slots are computed
-    ``block_size - start`` slots past their true place, so on sliding-window layers they see
-    that many fewer of the oldest tokens: exact while the sequence fits in the window.
+    The fed slots sit ``block_size - start`` cache slots past their place in the block, so the
+    engine is given their offsets from the cache end (negative): a sliding window is measured
+    from each slot's true position, as in the full-block forward and ``generate``.
     """
     width = end - start
     block_size = tokens.shape[1]
     kv = context + block_size + width
     allowed = engine.mask_for_new_tokens(visible[:, :kv], torch.ones(width, width, dtype=torch.bool))  # [b, s, kv]
     allowed[:, :, context + start:context + end] = False  # the stale copies of the fed slots
-    out = forward(engine, tokens[:, start:end], cache, positions[:, start:end], custom_mask=allowed, noisy_from=0)
+    offsets = torch.arange(start, end, device=tokens.device) - block_size  # [s] slot j at context + start + j
+    out = forward(engine, tokens[:, start:end], cache, positions[:, start:end], custom_mask=allowed, offsets=offsets,
+                  noisy_from=0)
     crop_cache(cache, context + block_size)
     return out.logits
 

@@ -34,9 +34,15 @@ same tree nodes with the same mask and its own cache, which keeps the same accep
 
 **Batches.** Rows advance independently; every row's cached tokens stay right-aligned against
 the cache end (as left padding aligns prompts) by :func:`~leaplm.inference.engine.gather_cache_slots`,
-which at the same time drops the rejected nodes. With a sliding window, the window is applied
-on cache slots: a tree node lies (depth - index) slots further from the cache than its position
-says, so a model whose context exceeds its window may drop one or two keys at the window's edge.
+which at the same time drops the rejected nodes. The kept root and path hold consecutive
+positions, so every cached slot stays its position up to a per-row shift.
+
+**Sliding windows** are measured in positions, as ``generate`` measures them: a node at depth d
+sits in cache slot (cache end + its index in the tree), but the engine is told its depth
+(``offsets``), so it sees the cached tokens within the window of position root + d, and its
+ancestors. Greedy decoding stays lossless past the window, on the windowed layers of models that
+mix windowed and full layers (Gemma 2/3) too. The Hydra++ prefix layer attends without a window,
+in training as here.
 """
 
 from __future__ import annotations
@@ -313,7 +319,9 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         positions = batch.lengths[:, None] + answers.count[:, None] - 1 + tree.depth[None]  # [b, N]
         real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
         allowed = Engine.mask_for_new_tokens(real, pattern)  # [b, N, context + N]
-        out = engine.forward(tokens, cache, positions, custom_mask=allowed, output_hidden_states=True)
+        # offsets: a node's window is measured from its position (root + depth), not from its slot
+        out = engine.forward(tokens, cache, positions, custom_mask=allowed, offsets=tree.depth,
+                             output_hidden_states=True)
         answers.stepped()
         logits, node_hidden = out.logits, out.hidden_states[-1]  # [b, N, V], [b, N, H]
         if prefix_cache is not None:
