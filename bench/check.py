@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 import transformers
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from leaplm.config import LoraConfig
@@ -431,9 +432,19 @@ def run_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
     # The probes' row: a prompt and a 4-token answer, from the prompts' tokens (repeated if they are fewer).
     probe_tokens = ([t for p in prompts for t in p.tokens] * 12)[:12]
     converting = [case for case in CASES if case.setup is block_diffusion_model]
-    decoders = [check_case(model, tokenizer, case, prompts, max_new_tokens) for case in CASES if case not in converting]
+    # On a real model each case decodes the prompts twice and generate twice: minutes, so a bar with an ETA.
+    bar = tqdm(total=len(CASES), desc="check", unit="decoder")
+
+    def check(case: Case) -> dict[str, Any]:
+        bar.set_postfix_str(case.label)
+        row = check_case(model, tokenizer, case, prompts, max_new_tokens)
+        bar.update()
+        return row
+
+    decoders = [check(case) for case in CASES if case not in converting]
     pieces = check_pieces(model, probe_tokens, {row["decoder"]: row for row in decoders})  # before the conversion
-    decoders += [check_case(model, tokenizer, case, prompts, max_new_tokens) for case in converting]
+    decoders += [check(case) for case in converting]
+    bar.close()
     return {"model": model_name, "transformers": transformers.__version__, "prompts": len(prompts),
             "max_new_tokens": max_new_tokens, "exact": not any(r["status"] in FAILED for r in decoders),
             "decoders": decoders, "pieces": pieces, "recipes": recipe_rows(pieces)}
