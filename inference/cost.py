@@ -5,7 +5,9 @@ tokens instead of 1. Whether that turns into wall-clock speed depends on how muc
 k-token forward costs than a 1-token one on the machine at hand: close to 1x while a step is
 bound by reading the weights (small batches on a GPU), growing toward k x as it becomes bound by
 arithmetic (larger batches; sooner on a CPU than on a GPU). :func:`step_cost` measures that ratio on the spot;
-:func:`record_forwards` records the widths of the forwards a decode makes.
+:func:`record_forwards` records the widths of the forwards a decode makes; :class:`WidthChooser`
+sizes a parallel decoder's steps from the measured cost and the decoder's running yield, so that a
+step widens only when the tokens it commits pay for what the wider forward costs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from leaplm.models.cache import cache_argument
 
 COST_WIDTHS = (1, 2, 4, 8, 16, 32)  # the widths a bench tabulates
 REPEATS = 7
+SIZING_REPEATS = 3  # rounds of the measurement behind a WidthChooser: it only needs the ratios' rough size
 
 
 @dataclass
@@ -140,3 +143,106 @@ def _measure(model: PreTrainedModel, widths: list[int], batch_size: int, context
     finally:
         model.train(was_training)
     return {k: min(t) / min(times[1]) for k, t in times.items()}
+
+
+# ----- Sizing parallel steps by cost ----------------------------------------------------------
+
+
+class WidthChooser:
+    """Chooses the width of each step of a parallel decoder: the forward width k (new tokens per
+    row) with the highest expected yield per unit of time, ``yield(k) / cost(k)``.
+
+    ``cost`` holds :func:`step_cost` ratios for the candidate widths (1 among them). ``yield(k)`` is
+    the decoder's running mean of the tokens a forward of width k committed per row (an
+    exponential moving average with weight ``decay`` on the past); a 1-token step always commits
+    exactly one, so its rate is 1 and a width is chosen only while it beats plain AR. A width not
+    tried yet counts as fully accepted (k tokens), so the decoder starts wide and narrows to what
+    pays. Once 1 token wins, a wider step is tried again only in bursts of ``burst`` forwards
+    (parallel decoders such as Jacobi need a forward or two before their guesses converge), after
+    ``gap`` 1-token steps; the gap doubles after every burst that did not pay and returns to
+    ``gap`` after one that did, so a decoder on which no width pays ends up within a few percent of
+    AR. The chooser only picks widths: what a decoder feeds within one never changes its output.
+    """
+
+    def __init__(self, cost: dict[int, float], decay: float = 0.8, gap: int = 16, burst: int = 2):
+        if 1 not in cost or any(k < 1 or c <= 0 for k, c in cost.items()):
+            raise ValueError(f"cost needs ratios > 0 for widths >= 1, width 1 among them; got {cost}")
+        self.cost = dict(cost)
+        self.widths = sorted(cost)
+        self.decay = decay
+        self.base_gap = self.gap = gap
+        self.burst = burst
+        self.yields: dict[int, float] = {1: 1.0}
+        self.since_wide = 0  # 1-token steps since the last wider one
+        self.probe: int | None = None  # the width a running burst tries
+        self.probe_left = 0
+        self.probe_tokens = 0.0
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per unit of 1-token-step time at width k."""
+        return self.yields.get(k, float(k)) / self.cost[k]
+
+    def best(self) -> int:
+        return max(self.widths, key=lambda k: (self.rate(k), -k))  # ties to the narrower, cheaper step
+
+    def choose(self) -> int:
+        """The width of the next forward."""
+        if self.probe is not None:
+            return self.probe
+        best = self.best()
+        if best > 1:
+            return best
+        self.since_wide += 1
+        if self.since_wide < self.gap or len(self.widths) == 1:
+            return 1
+        self.probe = max(self.widths[1:], key=lambda k: (self.rate(k), -k))
+        self.probe_left, self.probe_tokens = self.burst, 0.0
+        return self.probe
+
+    def observe(self, k: int, tokens: float) -> None:
+        """Record that a forward of width ``k`` committed ``tokens`` tokens per row (a mean over rows)."""
+        if k not in self.cost:
+            raise ValueError(f"width {k} is not among the chooser's widths {self.widths}")
+        if k > 1:
+            previous = self.yields.get(k)
+            self.yields[k] = tokens if previous is None else self.decay * previous + (1 - self.decay) * tokens
+            self.since_wide = 0
+        if self.probe is None:
+            return
+        self.probe_tokens += tokens
+        self.probe_left -= 1
+        if self.probe_left > 0:
+            return
+        paid = self.probe_tokens / self.burst / self.cost[self.probe] > 1.0
+        # A burst's mean, not one forward's, is what the width showed: Jacobi's first forward over
+        # fresh guesses commits about one token whatever the model.
+        self.yields[self.probe] = self.probe_tokens / self.burst
+        self.gap = self.base_gap if paid else 2 * self.gap
+        self.probe = None
+
+
+# engine -> {(decoder key, batch size, context bucket): WidthChooser}; weak, so a freed engine's go with it
+_choosers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def candidate_widths(max_width: int) -> list[int]:
+    """1, the powers of two below ``max_width``, and ``max_width``."""
+    return sorted({1, max_width, *(2 ** i for i in range(max_width.bit_length()) if 2 ** i < max_width)})
+
+
+def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int) -> WidthChooser:
+    """The engine's :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder and its
+    settings (``key``) at this batch size: made on first use, from :func:`step_cost` measured then
+    over about ``context`` cached tokens (a fraction of a second to a few seconds), then kept with
+    the engine for every later call, whatever its context (the ratios move little with it), so the
+    running yields carry over from one call to the next and nothing is measured twice."""
+    widths = sorted({1, *widths})
+    slot = (key, batch_size, tuple(widths))
+    choosers = _choosers.setdefault(engine, {})
+    if slot not in choosers:
+        context = max(64, 1 << max(context - 1, 0).bit_length())  # a power of two: one measurement fits many
+        if engine.max_positions is not None:
+            context = max(1, min(context, engine.max_positions - widths[-1]))
+        cost = step_cost(engine.model, widths, batch_size=batch_size, context=context, repeats=SIZING_REPEATS)
+        choosers[slot] = WidthChooser(cost)
+    return choosers[slot]

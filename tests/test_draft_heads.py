@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leaplm.data.tasks import make_split
+from leaplm.inference.decoders import tree as tree_module
 from leaplm.inference.decoders.speculative import draft_efficiency
 from leaplm.inference.decoders.tree import grow_tree, keep_new_slots, make_tree
 from leaplm.inference.engine import DecoderError, Engine, check_decoder_settings, new_cache
@@ -57,6 +58,53 @@ def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
     assert gained > 1.0, "no tree node was ever accepted; parity would be the AR case only"
 
 
+class CycledWidths:
+    """A stand-in for the engine's WidthChooser that cycles through every width it is offered, in
+    a scrambled order, so each step size (the root alone too) meets each stage of a decode."""
+
+    def __init__(self, widths):
+        self.widths = sorted(set(widths) | {1})
+        self.widths = self.widths[1::2] + self.widths[::2]
+        self.step, self.seen = 0, []
+
+    def choose(self) -> int:
+        self.step += 1
+        return self.widths[(self.step - 1) % len(self.widths)]
+
+    def observe(self, k: int, tokens: float) -> None:
+        self.seen.append((k, tokens))
+
+
+def test_tree_sizes_never_change_greedy_output(lively_tiny, monkeypatch):
+    """Adaptive trees: each step feeds the best-scoring first s nodes (s = 1 is an AR step), with
+    the lookup chain only when lookup matched; greedy output stays generate's whatever the sizes."""
+    model, tokenizer = lively_tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    choosers: list[CycledWidths] = []
+
+    def cycled(engine, key, widths, batch_size, context):
+        choosers.append(CycledWidths(widths))
+        return choosers[-1]
+
+    monkeypatch.setattr(tree_module, "width_chooser", cycled)
+    try:
+        for kind, prefix, settings in (("medusa", False, dict(tree_size=8)), ("hydra", True, dict(tree_size=8)),
+                                       ("hydra", True, dict(tree_size=6, lookup=4))):
+            with_heads(model, kind, prefix)
+            choosers.clear()
+            out = engine.generate(prompts, kind, MAX_NEW, adaptive=True, **settings)
+            assert out.sequences == reference, (kind, settings)
+            plain = choosers[0]
+            assert plain.widths and {k for k, _ in plain.seen} == set(plain.widths), "a size went untried"
+            assert all(tokens == 1.0 for k, tokens in plain.seen if k == 1)  # the root alone: an AR step
+            if settings.get("lookup"):
+                assert sorted(choosers[1].widths) == [1, 1 + 4, 2 + 4, 4 + 4, 6 + 4] and choosers[1].seen
+    finally:
+        del model.draft_heads
+
+
 def test_lookup_chain_is_accepted_where_the_answer_repeats_its_context(tiny):
     """The default-init tiny Qwen2 answers the word prompt with a 7-token cycle; with its own answer
     appended, the prompt repeats the pattern the model goes on with, so the lookup chain copies the
@@ -69,8 +117,8 @@ def test_lookup_chain_is_accepted_where_the_answer_repeats_its_context(tiny):
     try:
         for kind, prefix in (("medusa", False), ("hydra", True)):
             with_heads(model, kind, prefix)
-            plain = engine.generate(prompts, kind, 32)
-            chained = engine.generate(prompts, kind, 32, lookup=4)
+            plain = engine.generate(prompts, kind, 32, adaptive=False)  # every node fed: the chain's gain alone
+            chained = engine.generate(prompts, kind, 32, lookup=4, adaptive=False)
             assert plain.sequences == chained.sequences == reference, kind
             assert engine.generate(prompts[1:], kind, 32, lookup=4).sequences == reference[1:], kind
             assert chained.stats.tokens_per_forward > 1.5 * plain.stats.tokens_per_forward, kind

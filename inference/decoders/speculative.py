@@ -45,8 +45,8 @@ from leaplm.inference.engine import (
     new_cache,
     register_decoder,
 )
-from leaplm.models.heads import heads_of
 from leaplm.models.cache import cache_argument
+from leaplm.models.heads import heads_of
 
 
 @lru_cache(maxsize=2)
