@@ -50,8 +50,9 @@ def test_tree_decoders_equal_generate_past_the_window(family, lively_tiny, monke
         for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=WIDE)), ("hydra", False, {}),
                                        ("hydra", True, dict(tree=WIDE, lookup=4))):
             with_heads(model, kind, prefix)
+            assert engine.generate(prompts, kind, MAX_NEW, **settings).sequences == reference  # sized by cost
             branches[0] = 0
-            out = engine.generate(prompts, kind, MAX_NEW, **settings)
+            out = engine.generate(prompts, kind, MAX_NEW, adaptive=False, **settings)  # the whole tree every step
             assert out.sequences == reference, (kind, prefix, settings)
             assert out.stats.tokens_per_forward > 1.0 and branches[0] > 0, (kind, prefix, settings)
             assert engine.generate(prompts[1:2], kind, MAX_NEW, **settings).sequences == reference[1:2]
