@@ -77,6 +77,15 @@ def step_cost(model: PreTrainedModel, widths: Sequence[int] = COST_WIDTHS, batch
               repeats: int = REPEATS) -> dict[int, float]:
     """Time of one forward of k new tokens over a KV cache of ``context`` tokens, relative to one
     forward of 1 token, for every k in ``widths`` and 1: ``{k: ratio}`` with ``ratio[1] == 1.0``.
+    The seconds behind the ratios are :func:`step_seconds`' (measured once, then kept)."""
+    seconds = step_seconds(model, widths, batch_size, context, repeats)
+    return {k: t / seconds[1] for k, t in seconds.items()}
+
+
+def step_seconds(model: PreTrainedModel, widths: Sequence[int] = COST_WIDTHS, batch_size: int = 1,
+                 context: int = 128, repeats: int = REPEATS) -> dict[int, float]:
+    """Seconds of one forward of k new tokens over a KV cache of ``context`` tokens, for every k in
+    ``widths`` and 1: ``{k: seconds}``.
 
     Measured now, on the model's device and dtype, with ``batch_size`` rows: one warm-up forward
     per width, then ``repeats`` rounds that time every width once (the order rotating each round,
@@ -142,7 +151,7 @@ def _measure(model: PreTrainedModel, widths: list[int], batch_size: int, context
                     times[k].append(step(k))
     finally:
         model.train(was_training)
-    return {k: min(t) / min(times[1]) for k, t in times.items()}
+    return {k: min(t) for k, t in times.items()}
 
 
 # ----- Sizing parallel steps by cost ----------------------------------------------------------
@@ -230,12 +239,17 @@ def candidate_widths(max_width: int) -> list[int]:
     return sorted({1, max_width, *(2 ** i for i in range(max_width.bit_length()) if 2 ** i < max_width)})
 
 
-def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int) -> WidthChooser:
+def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int,
+                 draft: PreTrainedModel | None = None) -> WidthChooser:
     """The engine's :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder and its
     settings (``key``) at this batch size: made on first use, from :func:`step_cost` measured then
     over about ``context`` cached tokens (a fraction of a second to a few seconds), then kept with
     the engine for every later call, whatever its context (the ratios move little with it), so the
-    running yields carry over from one call to the next and nothing is measured twice."""
+    running yields carry over from one call to the next and nothing is measured twice.
+
+    With a ``draft`` model (speculative decoding), a width-k step is a verification of k - 1
+    drafted tokens, so its cost also counts k - 1 of the draft's 1-token forwards, timed the same
+    way and expressed in the target's 1-token forwards."""
     widths = sorted({1, *widths})
     slot = (key, batch_size, tuple(widths))
     choosers = _choosers.setdefault(engine, {})
@@ -243,6 +257,13 @@ def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, co
         context = max(64, 1 << max(context - 1, 0).bit_length())  # a power of two: one measurement fits many
         if engine.max_positions is not None:
             context = max(1, min(context, engine.max_positions - widths[-1]))
-        cost = step_cost(engine.model, widths, batch_size=batch_size, context=context, repeats=SIZING_REPEATS)
+        draft_limit = getattr(draft.config, "max_position_embeddings", None) if draft is not None else None
+        if draft_limit is not None:
+            context = max(1, min(context, draft_limit - 1))
+        seconds = step_seconds(engine.model, widths, batch_size=batch_size, context=context, repeats=SIZING_REPEATS)
+        cost = {k: t / seconds[1] for k, t in seconds.items()}
+        if draft is not None:
+            drafted = step_seconds(draft, [1], batch_size=batch_size, context=context, repeats=SIZING_REPEATS)[1]
+            cost = {k: c + (k - 1) * drafted / seconds[1] for k, c in cost.items()}
         choosers[slot] = WidthChooser(cost)
     return choosers[slot]

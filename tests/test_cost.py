@@ -7,11 +7,13 @@ import pytest
 
 from leaplm.inference.cost import (
     COST_WIDTHS,
+    SIZING_REPEATS,
     WidthChooser,
     candidate_widths,
     decode_widths,
     record_forwards,
     step_cost,
+    step_seconds,
     width_chooser,
 )
 from leaplm.inference.engine import Engine
@@ -126,3 +128,16 @@ def test_width_chooser_is_kept_per_engine_and_settings(tiny):
     assert width_chooser(engine, ("jacobi", 8), [2, 4, 5], batch_size=2, context=40) is not first
     assert width_chooser(Engine(model, tokenizer), ("jacobi", 4), [2, 4, 5], batch_size=2, context=40) is not first
     assert candidate_widths(17) == [1, 2, 4, 8, 16, 17] and candidate_widths(1) == [1]
+
+
+def test_a_speculative_chooser_counts_the_drafts_forwards(tiny):
+    """A width-k verification follows k - 1 draft forwards: its cost is the target's k-token ratio
+    plus k - 1 times the draft's 1-token time over the target's, both from step_seconds."""
+    model, tokenizer = tiny("llama")
+    draft, _ = tiny("qwen2")
+    chooser = width_chooser(Engine(model, tokenizer), ("speculative",), [2, 3], batch_size=1, context=40, draft=draft)
+    seconds = step_seconds(model, [1, 2, 3], batch_size=1, context=64, repeats=SIZING_REPEATS)
+    drafted = step_seconds(draft, [1], batch_size=1, context=64, repeats=SIZING_REPEATS)[1]
+    assert chooser.cost[1] == 1.0
+    for k in (2, 3):
+        assert chooser.cost[k] == pytest.approx(seconds[k] / seconds[1] + (k - 1) * drafted / seconds[1])
