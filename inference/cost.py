@@ -194,6 +194,11 @@ class WidthChooser:
     def best(self) -> int:
         return max(self.widths, key=lambda k: (self.rate(k), -k))  # ties to the narrower, cheaper step
 
+    def leaning_wide(self) -> bool:
+        """Whether the next choice will likely be wider than 1 token, for work that must start
+        before it is made (it changes no state)."""
+        return self.probe is not None or self.best() > 1
+
     def choose(self) -> int:
         """The width of the next forward."""
         if self.probe is not None:
@@ -239,6 +244,15 @@ def candidate_widths(max_width: int) -> list[int]:
     return sorted({1, max_width, *(2 ** i for i in range(max_width.bit_length()) if 2 ** i < max_width)})
 
 
+def sizing_context(engine, context: int, widest: int) -> int:
+    """The context a sizing measurement runs at: a power of two near ``context`` (one measurement
+    serves many calls), within the model's positions."""
+    context = max(64, 1 << max(context - 1, 0).bit_length())
+    if engine.max_positions is not None:
+        context = max(1, min(context, engine.max_positions - widest))
+    return context
+
+
 def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int,
                  draft: PreTrainedModel | None = None) -> WidthChooser:
     """The engine's :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder and its
@@ -254,9 +268,7 @@ def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, co
     slot = (key, batch_size, tuple(widths))
     choosers = _choosers.setdefault(engine, {})
     if slot not in choosers:
-        context = max(64, 1 << max(context - 1, 0).bit_length())  # a power of two: one measurement fits many
-        if engine.max_positions is not None:
-            context = max(1, min(context, engine.max_positions - widths[-1]))
+        context = sizing_context(engine, context, widths[-1])
         draft_limit = getattr(draft.config, "max_position_embeddings", None) if draft is not None else None
         if draft_limit is not None:
             context = max(1, min(context, draft_limit - 1))
