@@ -5,7 +5,8 @@
 
 The same target, draft and prompts decode with ``speculative`` at each fixed ``draft_tokens`` and
 at each ``stop_threshold`` of the draft's acceptance head (adaptive length in ``[min_draft,
-max_draft]``), one setting after another in one process. Reported per setting: drafted and
+max_draft]``), each as set, then with lengths up to ``max_draft`` sized by the measured cost of
+both models' forwards (``adaptive``), one setting after another in one process. Reported per setting: drafted and
 rejected draft tokens per generated token (:func:`leaplm.inference.decoders.speculative.draft_efficiency`),
 tokens per target forward, tokens/s, and tokens/s against the best fixed length. Greedy, so every
 setting returns the target's own answer. Writes ``draft_length_bench.json`` and ``.md``.
@@ -36,12 +37,14 @@ def run_draft_length_bench(target, tokenizer, draft, draft_tokens: list[int], st
     engine = Engine(target, tokenizer)
     prompts = bench_prompts(tokenizer, n, seed)
     engine.generate(prompts[:1], "speculative", 8, draft=draft, draft_tokens=2)  # warm-up, not timed
-    settings = [({"draft_tokens": k}, f"fixed draft_tokens={k}") for k in draft_tokens]
-    settings += [({"stop_threshold": t, "min_draft": min_draft, "max_draft": max_draft},
+    # Fixed lengths and the head alone, as set; then draft lengths up to max_draft sized by measured cost.
+    settings = [({"draft_tokens": k, "adaptive": False}, "fixed", f"fixed draft_tokens={k}") for k in draft_tokens]
+    settings += [({"stop_threshold": t, "min_draft": min_draft, "max_draft": max_draft, "adaptive": False}, "head",
                   f"acceptance head stop_threshold={t}") for t in stop_thresholds]
-    rows = [{"setting": label, "adaptive": "stop_threshold" in s,
-             **draft_efficiency(engine, prompts, max_new_tokens, draft=draft, **s)} for s, label in settings]
-    fixed = [r for r in rows if not r["adaptive"]]
+    settings.append(({"draft_tokens": max_draft, "adaptive": True}, "cost", f"cost-sized draft_tokens<={max_draft}"))
+    rows = [{"setting": label, "sizing": sizing, **draft_efficiency(engine, prompts, max_new_tokens, draft=draft, **s)}
+            for s, sizing, label in settings]
+    fixed = [r for r in rows if r["sizing"] == "fixed"]
     best = max(fixed, key=lambda r: r["tokens_per_s"]) if fixed else None
     for r in rows:
         r["speed_vs_best_fixed"] = r["tokens_per_s"] / best["tokens_per_s"] if best else None
@@ -51,8 +54,9 @@ def run_draft_length_bench(target, tokenizer, draft, draft_tokens: list[int], st
     machine = "\n".join(f"- {k}: {v}" for k, v in machine_info(engine.device).items())
     (out / "draft_length_bench.md").write_text(
         "# leaplm bench-draft-length\n\nGreedy speculative decoding of the same prompts: fixed draft lengths "
-        "against the draft's acceptance head (SpecDec++). Rejected draft tokens per generated token is the "
-        "waste the head is trained to cut.\n\n"
+        "against the draft's acceptance head (SpecDec++) and against lengths sized by the measured cost of "
+        "both models' forwards (`adaptive`). Rejected draft tokens per generated token is the waste the head "
+        "is trained to cut.\n\n"
         f"```text\n{command}\n```\n\n{machine}\n\n{format_table(rows, COLUMNS)}\n")
     return rows
 

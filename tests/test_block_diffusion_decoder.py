@@ -347,6 +347,7 @@ def test_verified_decoding_equals_hf_generate(family, settings):
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
     want = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    settings = dict(settings, adaptive=False)  # every block denoised: the verification is what is tested
     assert engine.generate(prompts, "block_diffusion", MAX_NEW, verify=True, **settings).sequences == want
     assert engine.generate(prompts[:1], "block_diffusion", MAX_NEW, verify=True, **settings).sequences == want[:1]
     unverified = engine.generate(prompts, "block_diffusion", MAX_NEW, **settings).sequences
@@ -354,6 +355,55 @@ def test_verified_decoding_equals_hf_generate(family, settings):
     ragged = MAX_NEW - 3  # a budget that ends inside a block
     assert engine.generate(prompts, "block_diffusion", ragged, verify=True, **settings).sequences == [
         seq[:ragged] for seq in want]
+
+
+class ScriptedBlocks:
+    """A stand-in for the engine's WidthChooser: blocks in a fixed cycle of denoised (width B) and
+    AR-written (width 1), so each kind follows each, and a fused step runs ahead of every block,
+    those that then go AR included."""
+
+    def __init__(self, block_size: int):
+        self.cycle = [block_size, 1, 1, block_size, block_size, 1]
+        self.cost = {1: 1.0, block_size: 2.0}
+        self.step, self.seen = 0, []
+
+    def choose(self) -> int:
+        self.step += 1
+        return self.cycle[(self.step - 1) % len(self.cycle)]
+
+    def leaning_wide(self) -> bool:
+        return True  # so a fused step also runs ahead of blocks that then go AR
+
+    def observe(self, k: int, tokens: float) -> None:
+        self.seen.append((k, tokens))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("settings", [dict(threshold=0.1), dict(rule="top_k", top_k=3, sub_block_size=2,
+                                                                 sub_block_cache=True), dict(fuse_commit_pass=False)])
+def test_blocks_written_by_ar_steps_never_change_verified_output(family, settings, monkeypatch):
+    """Cost-sized verified decoding writes some blocks with 1-token AR forwards instead of
+    denoising them; the output stays generate's whichever blocks go which way, in a padded batch,
+    alone, and with a budget that ends inside a block."""
+    import leaplm.inference.decoders.block_diffusion as module
+
+    model, tokenizer = converted(family, block_size=4)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    want = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    choosers: list[ScriptedBlocks] = []
+
+    def scripted(engine, key, widths, batch_size, context):
+        choosers.append(ScriptedBlocks(4))
+        return choosers[-1]
+
+    monkeypatch.setattr(module, "width_chooser", scripted)
+    for batch, n, expected in ((prompts, MAX_NEW, want), (prompts[:1], MAX_NEW, want[:1]),
+                               (prompts, MAX_NEW - 3, [seq[:MAX_NEW - 3] for seq in want])):
+        out = engine.generate(batch, "block_diffusion", n, verify=True, **settings)
+        assert out.sequences == expected, settings
+        assert {k for k, _ in choosers[-1].seen} == {1, 4}, "a kind of block went untried"
+        assert all(tokens > 0 for k, tokens in choosers[-1].seen if k == 4)
 
 
 def test_verified_decoding_of_the_shipped_model_stops_where_generate_does():
@@ -454,6 +504,8 @@ def test_setting_errors(tiny):
         engine.generate(prompts, "block_diffusion", 4, rule="top_k", top_k=0)
     with pytest.raises(DecoderError, match="block_size must be a positive integer"):
         engine.generate(prompts, "block_diffusion", 4, block_size=0)
+    with pytest.raises(DecoderError, match="adaptive needs verify=true"):
+        engine.generate(prompts, "block_diffusion", 4, adaptive=True)
     with pytest.raises(DecoderError, match="no setting 'treshold'"):
         engine.generate(prompts, "block_diffusion", 4, treshold=0.5)
     ar_model, ar_tokenizer = tiny("llama")  # never converted

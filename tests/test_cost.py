@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from leaplm.inference.cost import COST_WIDTHS, decode_widths, record_forwards, step_cost
+from leaplm.inference.cost import (
+    COST_WIDTHS,
+    SIZING_REPEATS,
+    WidthChooser,
+    candidate_widths,
+    decode_widths,
+    record_forwards,
+    step_cost,
+    step_seconds,
+    width_chooser,
+)
 from leaplm.inference.engine import Engine
 from leaplm.models.zoo import EMBEDDED_TEACHER, load_model
 
@@ -48,10 +58,86 @@ def test_record_forwards_separates_prefills_from_decode_steps(tiny):
     assert calls[0].cached == 0 and calls[0].width == 3  # the padded prefill
     assert decode_widths(calls) == [1] * (len(calls) - 1) and out.stats.forward_passes == len(calls)
     with record_forwards(model) as calls:
-        engine.generate(prompts, "jacobi", 12, jacobi_block_size=4)
+        engine.generate(prompts, "jacobi", 12, jacobi_block_size=4, adaptive=False)
     assert max(decode_widths(calls)) == 5  # the newest committed token and a block of 4 guesses
     with record_forwards(model) as calls:
         engine.generate(prompts, "hf_generate", 4)  # Hugging Face generate's calls count too
     assert len(calls) >= 2 and calls[0].cached == 0 and decode_widths(calls) == [1] * (len(calls) - 1)
     engine.generate(prompts, "ar", 2)
     assert len(calls) == len(decode_widths(calls)) + 1  # nothing recorded after the block
+
+
+# ----- Sizing steps by cost -------------------------------------------------------------------
+
+
+def run_chooser(chooser: WidthChooser, yield_of, steps: int) -> list[int]:
+    """Drive ``chooser`` for ``steps`` forwards where a width-k forward commits ``yield_of(k)`` tokens."""
+    chosen = []
+    for _ in range(steps):
+        k = chooser.choose()
+        chooser.observe(k, 1.0 if k == 1 else yield_of(k))
+        chosen.append(k)
+    return chosen
+
+
+def test_chooser_falls_back_to_one_token_when_no_width_pays():
+    """An untrained model on a compute-bound machine: every width commits ~1.06 tokens at 1.6-2x the
+    cost. After trying each width once, the chooser decodes token by token and retries wider
+    steps in bursts of 2 at doubling gaps: a handful of wide forwards in 500."""
+    cost = {1: 1.0, 2: 1.1, 4: 1.6, 8: 1.9, 16: 2.0, 17: 2.05}
+    chooser = WidthChooser(cost, gap=16, burst=2)
+    chosen = run_chooser(chooser, lambda k: 1.06, 500)
+    assert chosen[:5] == [17, 16, 8, 4, 2]  # widest first: an untried width counts as fully accepted
+    wide = [i for i, k in enumerate(chosen) if k > 1][5:]
+    assert len(wide) == 2 * 4  # bursts after gaps of 16, 32, 64, 128 one-token steps (then 256: past 500)
+    assert sum(cost[k] for k in chosen) / len(chosen) < 1.05  # within 5% of AR's time per forward
+
+
+def test_chooser_settles_on_the_width_with_the_best_rate():
+    cost = {1: 1.0, 2: 1.05, 4: 1.1, 8: 1.6, 16: 3.0}
+    gains = {2: 1.8, 4: 3.0, 8: 3.4, 16: 3.6}  # yield per width: 4 pays best (3.0 / 1.1)
+    chosen = run_chooser(WidthChooser(cost), gains.get, 50)
+    assert chosen[-20:] == [4] * 20
+
+
+def test_chooser_recovers_when_a_burst_pays():
+    """Yields change over a decode (a repetitive stretch): a burst that pays takes the chooser back
+    to the wide step and resets its gap."""
+    cost = {1: 1.0, 4: 1.2}
+    chooser = WidthChooser(cost, gap=4, burst=2)
+    run_chooser(chooser, lambda k: 1.0, 40)
+    assert chooser.choose() == 1 and chooser.gap > 4
+    chosen = run_chooser(chooser, lambda k: 3.0, 200)
+    assert chosen[-50:] == [4] * 50 and chooser.gap == 4
+
+
+def test_chooser_refuses_costs_without_the_one_token_step():
+    with pytest.raises(ValueError, match="width 1 among them"):
+        WidthChooser({2: 1.0, 4: 1.5})
+    chooser = WidthChooser({1: 1.0, 2: 1.2})
+    with pytest.raises(ValueError, match="not among the chooser's widths"):
+        chooser.observe(3, 2.0)
+
+
+def test_width_chooser_is_kept_per_engine_and_settings(tiny):
+    model, tokenizer = tiny("llama")
+    engine = Engine(model, tokenizer)
+    first = width_chooser(engine, ("jacobi", 4), [2, 4, 5], batch_size=2, context=40)
+    assert sorted(first.cost) == [1, 2, 4, 5] and first.cost[1] == 1.0  # 1, a plain AR step, is always a choice
+    assert width_chooser(engine, ("jacobi", 4), [5, 4, 2], batch_size=2, context=900) is first  # any context
+    assert width_chooser(engine, ("jacobi", 8), [2, 4, 5], batch_size=2, context=40) is not first
+    assert width_chooser(Engine(model, tokenizer), ("jacobi", 4), [2, 4, 5], batch_size=2, context=40) is not first
+    assert candidate_widths(17) == [1, 2, 4, 8, 16, 17] and candidate_widths(1) == [1]
+
+
+def test_a_speculative_chooser_counts_the_drafts_forwards(tiny):
+    """A width-k verification follows k - 1 draft forwards: its cost is the target's k-token ratio
+    plus k - 1 times the draft's 1-token time over the target's, both from step_seconds."""
+    model, tokenizer = tiny("llama")
+    draft, _ = tiny("qwen2")
+    chooser = width_chooser(Engine(model, tokenizer), ("speculative",), [2, 3], batch_size=1, context=40, draft=draft)
+    seconds = step_seconds(model, [1, 2, 3], batch_size=1, context=64, repeats=SIZING_REPEATS)
+    drafted = step_seconds(draft, [1], batch_size=1, context=64, repeats=SIZING_REPEATS)[1]
+    assert chooser.cost[1] == 1.0
+    for k in (2, 3):
+        assert chooser.cost[k] == pytest.approx(seconds[k] / seconds[1] + (k - 1) * drafted / seconds[1])

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from leaplm.data.tasks import make_split
+from leaplm.inference.decoders import speculative as speculative_module
+from leaplm.inference.decoders import tree as tree_module
 from leaplm.inference.decoders.speculative import draft_efficiency
 from leaplm.inference.decoders.tree import grow_tree, keep_new_slots, make_tree
 from leaplm.inference.engine import DecoderError, Engine, check_decoder_settings, new_cache
@@ -50,11 +52,58 @@ def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
             gained = max(gained, out.stats.tokens_per_forward)
     finally:
         del model.draft_heads
-    for settings in (dict(draft_tokens=4), dict(draft_tokens=1)):
+    for settings in (dict(draft_tokens=4), dict(draft_tokens=1), dict(draft_tokens=4, adaptive=False)):
         assert engine.generate(prompts, "speculative", MAX_NEW, draft=draft, **settings).sequences == reference
-    itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3)
+    itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3, adaptive=False)
     assert itself.sequences == reference and itself.stats.tokens_per_forward > 3.0  # every draft accepted
     assert gained > 1.0, "no tree node was ever accepted; parity would be the AR case only"
+
+
+class CycledWidths:
+    """A stand-in for the engine's WidthChooser that cycles through every width it is offered, in
+    a scrambled order, so each step size (the root alone too) meets each stage of a decode."""
+
+    def __init__(self, widths):
+        self.widths = sorted(set(widths) | {1})
+        self.widths = self.widths[1::2] + self.widths[::2]
+        self.step, self.seen = 0, []
+
+    def choose(self) -> int:
+        self.step += 1
+        return self.widths[(self.step - 1) % len(self.widths)]
+
+    def observe(self, k: int, tokens: float) -> None:
+        self.seen.append((k, tokens))
+
+
+def test_tree_sizes_never_change_greedy_output(lively_tiny, monkeypatch):
+    """Adaptive trees: each step feeds the best-scoring first s nodes (s = 1 is an AR step), with
+    the lookup chain only when lookup matched; greedy output stays generate's whatever the sizes."""
+    model, tokenizer = lively_tiny("qwen2")
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    choosers: list[CycledWidths] = []
+
+    def cycled(engine, key, widths, batch_size, context):
+        choosers.append(CycledWidths(widths))
+        return choosers[-1]
+
+    monkeypatch.setattr(tree_module, "width_chooser", cycled)
+    try:
+        for kind, prefix, settings in (("medusa", False, dict(tree_size=8)), ("hydra", True, dict(tree_size=8)),
+                                       ("hydra", True, dict(tree_size=6, lookup=4))):
+            with_heads(model, kind, prefix)
+            choosers.clear()
+            out = engine.generate(prompts, kind, MAX_NEW, adaptive=True, **settings)
+            assert out.sequences == reference, (kind, settings)
+            plain = choosers[0]
+            assert plain.widths and {k for k, _ in plain.seen} == set(plain.widths), "a size went untried"
+            assert all(tokens == 1.0 for k, tokens in plain.seen if k == 1)  # the root alone: an AR step
+            if settings.get("lookup"):
+                assert sorted(choosers[1].widths) == [1, 1 + 4, 2 + 4, 4 + 4, 6 + 4] and choosers[1].seen
+    finally:
+        del model.draft_heads
 
 
 def test_lookup_chain_is_accepted_where_the_answer_repeats_its_context(tiny):
@@ -69,8 +118,8 @@ def test_lookup_chain_is_accepted_where_the_answer_repeats_its_context(tiny):
     try:
         for kind, prefix in (("medusa", False), ("hydra", True)):
             with_heads(model, kind, prefix)
-            plain = engine.generate(prompts, kind, 32)
-            chained = engine.generate(prompts, kind, 32, lookup=4)
+            plain = engine.generate(prompts, kind, 32, adaptive=False)  # every node fed: the chain's gain alone
+            chained = engine.generate(prompts, kind, 32, lookup=4, adaptive=False)
             assert plain.sequences == chained.sequences == reference, kind
             assert engine.generate(prompts[1:], kind, 32, lookup=4).sequences == reference[1:], kind
             assert chained.stats.tokens_per_forward > 1.5 * plain.stats.tokens_per_forward, kind
@@ -93,6 +142,40 @@ def test_adaptive_speculative_equals_generate(lively_tiny):
             assert out.sequences == reference
     finally:
         del draft.draft_heads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_draft_lengths_never_change_speculative_output(family, lively_tiny, monkeypatch):
+    """Cost-sized speculative rounds: each round drafts width - 1 tokens (0: a plain target step,
+    after which the draft has more committed tokens to catch up on); greedy output stays
+    generate's whatever the lengths, in a padded batch and alone, with and without a head."""
+    model, tokenizer = lively_tiny(family)
+    draft, _ = lively_tiny("llama", scale=2.0)
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    choosers: list[CycledWidths] = []
+
+    def cycled(engine, key, widths, batch_size, context, draft=None):
+        choosers.append(CycledWidths(widths))
+        return choosers[-1]
+
+    monkeypatch.setattr(speculative_module, "width_chooser", cycled)
+    config = HeadsConfig(kind="acceptance", num_heads=1, num_layers=1, hidden_size=draft.config.hidden_size)
+    for settings in (dict(draft_tokens=4), dict(draft_tokens=5, stop_threshold=0.5, min_draft=1, max_draft=5)):
+        if "stop_threshold" in settings:
+            attach_heads(draft, DraftHeads(config))
+        try:
+            for batch, expected in ((prompts, reference), (prompts[1:2], reference[1:2])):
+                choosers.clear()
+                out = engine.generate(batch, "speculative", MAX_NEW, draft=draft, adaptive=True, **settings)
+                assert out.sequences == expected, settings
+                seen = {k for k, _ in choosers[0].seen}
+                assert seen == set(range(1, 7)) - ({6} if "stop_threshold" not in settings else set()), seen
+                assert all(tokens == 1.0 for k, tokens in choosers[0].seen if k == 1)
+        finally:
+            if "stop_threshold" in settings:
+                del draft.draft_heads
 
 
 def test_speculative_sampling_matches_the_target_distribution(lively_tiny):
@@ -228,9 +311,9 @@ def test_draft_efficiency_counts_rejections(lively_tiny):
     draft, _ = lively_tiny("qwen2")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
-    itself = draft_efficiency(engine, prompts, MAX_NEW, batch_size=2, draft=model, draft_tokens=3)
+    itself = draft_efficiency(engine, prompts, MAX_NEW, batch_size=2, draft=model, draft_tokens=3, adaptive=False)
     assert itself["rejected_per_token"] == 0 and itself["tokens_per_forward"] > 3
-    other = draft_efficiency(engine, prompts, MAX_NEW, draft=draft, draft_tokens=3)
+    other = draft_efficiency(engine, prompts, MAX_NEW, draft=draft, draft_tokens=3, adaptive=False)
     assert other["rejected_per_token"] > 0
     assert other["drafted_per_token"] == pytest.approx(3 / other["tokens_per_forward"], rel=0.2)
 
@@ -247,7 +330,7 @@ def test_draft_length_bench_compares_fixed_lengths_with_the_acceptance_head(live
                                       out_dir=tmp_path, command="leaplm bench-draft-length test")
     finally:
         del draft.draft_heads
-    assert [r["adaptive"] for r in rows] == [False, False, True]
+    assert [r["sizing"] for r in rows] == ["fixed", "fixed", "head", "cost"]
     assert max(r["speed_vs_best_fixed"] for r in rows[:2]) == 1.0
     # one draft token per round: drafted per token is 1 / tokens per forward
     assert rows[0]["drafted_per_token"] == pytest.approx(1 / rows[0]["tokens_per_forward"], rel=0.2)

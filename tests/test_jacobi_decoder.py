@@ -59,12 +59,59 @@ def test_greedy_equals_generate_and_ar(family, lively_tiny):
     for decoder, settings in (("jacobi", dict(jacobi_block_size=4)), ("jacobi", dict(jacobi_block_size=16)),
                               ("jacobi", dict(jacobi_block_size=4, init="lookup")), ("jacobi_multiblock", MULTIBLOCK),
                               ("jacobi_multiblock", dict(MULTIBLOCK, init="lookup"))):
-        batched = engine.generate(prompts, decoder, MAX_NEW, **settings)
-        assert batched.sequences == reference, (decoder, settings)
-        assert engine.generate(prompts[1:2], decoder, MAX_NEW, **settings).sequences == reference[1:2]
-        assert batched.stats.tokens_per_forward >= 1.0
-        parallel = max(parallel, batched.stats.tokens_per_forward)
+        for adaptive in (False, True):  # every guess fed; widths sized by cost (test_widths_never_change_... too)
+            batched = engine.generate(prompts, decoder, MAX_NEW, adaptive=adaptive, **settings)
+            assert batched.sequences == reference, (decoder, settings, adaptive)
+            assert engine.generate(prompts[1:2], decoder, MAX_NEW, adaptive=adaptive,
+                                   **settings).sequences == reference[1:2]
+            assert batched.stats.tokens_per_forward >= 1.0
+            if not adaptive:
+                parallel = max(parallel, batched.stats.tokens_per_forward)
     assert parallel > 1.0, "no forward accepted a guess; parity would be the AR case only"
+
+
+class ScriptedWidths:
+    """A stand-in for the engine's WidthChooser that cycles through fixed widths, so a test sees
+    every width, wide and narrow, at every stage of a block."""
+
+    def __init__(self, widths):
+        self.widths, self.step, self.seen = list(widths), 0, []
+
+    def choose(self) -> int:
+        self.step += 1
+        return self.widths[(self.step - 1) % len(self.widths)]
+
+    def observe(self, k: int, tokens: float) -> None:
+        self.seen.append((k, tokens))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_widths_never_change_greedy_output(family, lively_tiny):
+    """Feeding only some of the guesses (any width, 1 included) keeps greedy output equal to
+    generate's, single block and multi-block, with padded batches."""
+    model, tokenizer = lively_tiny(family, scale=LIVELY_SCALE.get(family, 1.0))
+    engine = Engine(model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
+    pick = TokenPicker(torch.device("cpu"))
+    accepted = 0.0
+    for settings in (dict(jacobi_block_size=6), dict(jacobi_block_size=4, n_blocks=2, spawn_ratio=0.5),
+                     dict(jacobi_block_size=6, init="lookup")):
+        chooser = ScriptedWidths([3, 1, 7, 2, 5, 1, 4])
+        # with init="lookup", prompt lookup refreshes the guesses every step it matches
+        lookup_chooser = ScriptedWidths([6, 2, 1, 4]) if settings.get("init") == "lookup" else None
+        with torch.inference_mode():
+            result = jacobi_module.jacobi_decode(engine, engine.prepare(prompts, MAX_NEW), MAX_NEW, seed=0, pick=pick,
+                                                 chooser=chooser, lookup_chooser=lookup_chooser,
+                                                 **{"init": "prompt", **settings})
+        assert [row[:n] for row, n in zip(result.tokens.tolist(), result.lengths.tolist())] == reference, settings
+        seen = chooser.seen + (lookup_chooser.seen if lookup_chooser is not None else [])
+        assert len({k for k, _ in seen}) >= 4
+        assert all(tokens == 1.0 for k, tokens in seen if k == 1)  # a 1-token step is an AR step
+        accepted = max(accepted, max(tokens for _, tokens in seen))
+        if lookup_chooser is not None:
+            assert lookup_chooser.seen, "prompt lookup never matched; the refresh would go untested"
+    assert accepted > 1.0, "no narrowed forward accepted a guess"
 
 
 def test_rows_progress_independently(lively_tiny):
@@ -73,8 +120,8 @@ def test_rows_progress_independently(lively_tiny):
     model, tokenizer = lively_tiny("qwen3")
     engine = Engine(model, tokenizer)
     prompts = prompts_of(tokenizer)
-    for decoder, settings in ((jacobi, dict(jacobi_block_size=4, init="repeat")),
-                              (jacobi_multiblock, dict(MULTIBLOCK, init="repeat"))):
+    for decoder, settings in ((jacobi, dict(jacobi_block_size=4, init="repeat", adaptive=False)),
+                              (jacobi_multiblock, dict(MULTIBLOCK, init="repeat", adaptive=False))):
         batched = decode(decoder, engine, prompts, **settings)
         alone = [int(decode(decoder, engine, [p], **settings).row_forwards) for p in prompts]
         assert batched.row_forwards.tolist() == alone
@@ -162,9 +209,10 @@ def test_sliding_window_models_decode_beyond_the_window(family, lively_tiny):
     prompts = prompts_of(tokenizer)
     reference = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
     for decoder, settings in (("jacobi", dict(jacobi_block_size=4)), ("jacobi_multiblock", MULTIBLOCK)):
-        out = engine.generate(prompts, decoder, MAX_NEW, **settings)
-        assert out.sequences == reference, decoder
-    assert out.stats.tokens_per_forward > 1.0
+        for adaptive in (True, False):
+            out = engine.generate(prompts, decoder, MAX_NEW, adaptive=adaptive, **settings)
+            assert out.sequences == reference, decoder
+    assert out.stats.tokens_per_forward > 1.0  # every guess fed: some were accepted past the window
 
 
 # ----- Forward counts, by hand --------------------------------------------------------------
@@ -190,6 +238,8 @@ def test_forward_counts_on_a_model_that_always_predicts_one_token():
     expected = [[token] * 12]
 
     def forwards(decoder, prompt=prompt, **settings) -> int:
+        if decoder != "ar":
+            settings.setdefault("adaptive", False)  # every guess fed, as counted below
         out = engine.generate([prompt], decoder, 12, **settings)
         assert out.sequences == expected
         return out.stats.forward_passes

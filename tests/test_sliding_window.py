@@ -50,15 +50,16 @@ def test_tree_decoders_equal_generate_past_the_window(family, lively_tiny, monke
         for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=WIDE)), ("hydra", False, {}),
                                        ("hydra", True, dict(tree=WIDE, lookup=4))):
             with_heads(model, kind, prefix)
+            assert engine.generate(prompts, kind, MAX_NEW, **settings).sequences == reference  # sized by cost
             branches[0] = 0
-            out = engine.generate(prompts, kind, MAX_NEW, **settings)
+            out = engine.generate(prompts, kind, MAX_NEW, adaptive=False, **settings)  # the whole tree every step
             assert out.sequences == reference, (kind, prefix, settings)
             assert out.stats.tokens_per_forward > 1.0 and branches[0] > 0, (kind, prefix, settings)
             assert engine.generate(prompts[1:2], kind, MAX_NEW, **settings).sequences == reference[1:2]
     finally:
         del model.draft_heads
     # a chain verified in position order, the rows kept right-aligned: drafting for itself, every draft is accepted
-    itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3)
+    itself = engine.generate(prompts, "speculative", MAX_NEW, draft=model, draft_tokens=3, adaptive=False)
     assert itself.sequences == reference and itself.stats.tokens_per_forward > 3.0
 
 
@@ -111,6 +112,7 @@ def test_block_diffusion_dual_cache_equals_plain_past_the_window(family, monkeyp
     monkeypatch.setattr(block_diffusion_decoding, "sub_block_forward", counting)
     settings = dict(rule="top_k", top_k=2, fuse_commit_pass=False)  # two tokens per step; the same steps for both
     for verify in (False, True):
+        settings["adaptive"] = False if verify else None  # every block denoised, so both take the same steps
         plain = decode(engine, prompts, BLOCK_DIFFUSION_NEW, verify=verify, **settings)
         refed[0] = 0
         dual = decode(engine, prompts, BLOCK_DIFFUSION_NEW, verify=verify, sub_block_cache=True, **settings)
@@ -121,6 +123,6 @@ def test_block_diffusion_dual_cache_equals_plain_past_the_window(family, monkeyp
         else:
             assert plain.tokens.tolist() != want, "no step erred, so verification would check nothing"
     # small sub-blocks, fused commit passes: slot lo - 1's logit is carried, the fed slots sit 2 or 4 slots late
-    small = dict(sub_block_size=2, sub_block_cache=True, verify=True)
+    small = dict(sub_block_size=2, sub_block_cache=True, verify=True, adaptive=False)  # every block denoised
     assert engine.generate(prompts, "block_diffusion", BLOCK_DIFFUSION_NEW, **small).sequences == want
     assert engine.generate(prompts[1:2], "block_diffusion", BLOCK_DIFFUSION_NEW, **small).sequences == want[1:2]

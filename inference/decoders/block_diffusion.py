@@ -56,6 +56,17 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
    the commit rule only decides the speed: self-speculative decoding with the diffusion steps
    as the drafter. This is our addition; Fast-dLLM v2 and NBDiff keep whatever the steps commit.
 
+6. **Blocks sized by cost** (``adaptive``, on with ``verify``). A denoising step feeds a whole
+   block (the fused commit pass two), which costs several 1-token forwards where the forward is
+   compute-bound (a CPU, large batches); an untrained or weak model then spends more time per
+   token than AR. So before each block the engine's
+   :class:`~leaplm.inference.cost.WidthChooser` picks between denoising it and writing it
+   with plain 1-token AR forwards of the clean stream (which leave the same clean K/V as a
+   commit pass), from the measured cost of each forward width and the tokens per unit of
+   1-token time that denoised blocks have been committing. Verified output is the model's
+   greedy AR output either way; unverified decoding is never switched, since its output
+   depends on its steps.
+
 Caches. The *block cache* holds only clean K/V: the prompt and the commit passes of finished
 blocks, never a denoising step's. ``sub_block_cache=True`` adds Fast-dLLM's *DualCache*: the
 first step of each sub-block is a full-block forward whose block K/V is kept; the next steps of
@@ -100,6 +111,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from leaplm.inference.cost import SIZING_REPEATS, sizing_context, step_cost, width_chooser
 from leaplm.inference.engine import (
     DecoderError,
     DecodeResult,
@@ -177,7 +189,8 @@ def select_commits(confidence: torch.Tensor, entropy: torch.Tensor | None, open_
 
 
 def check_settings(block_size: int | None, sub_block_size: int | None, rule: str, threshold: float,
-                   entropy_bound: float, factor: float, top_k: int, max_per_step: int = 0) -> None:
+                   entropy_bound: float, factor: float, top_k: int, max_per_step: int = 0, verify: bool = False,
+                   adaptive: bool | None = None) -> None:
     """Refuse settings the decoder cannot use, naming the fix.
 
     A size of None (the model's block size, before a model is loaded) is not checked.
@@ -208,6 +221,12 @@ def check_settings(block_size: int | None, sub_block_size: int | None, rule: str
         raise DecoderError(f"top_k must be an integer >= 1 (slots committed per step), got {top_k!r}")
     if not isinstance(max_per_step, int) or isinstance(max_per_step, bool) or max_per_step < 0:
         raise DecoderError(f"max_per_step must be an integer >= 0 (0 = no cap; CD4LM uses 32), got {max_per_step!r}")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise DecoderError(f"adaptive must be true or false (write a block with AR steps where denoising does not "
+                           f"pay; unset: on with verify), got {adaptive!r}")
+    if adaptive and not verify:
+        raise DecoderError("adaptive needs verify=true: an unverified decode's output depends on its steps, so "
+                           "switching blocks to AR would change it")
 
 
 def filter_for(path: str | None, rule: str, block_size: int, sub_block_size: int, accept: float,
@@ -279,7 +298,7 @@ def block_diffusion(
     block_size: int | None = None, sub_block_size: int | None = None, rule: str = "threshold",
     threshold: float = 0.9, entropy_bound: float = 0.5, factor: float = 1.0, top_k: int = 1,
     sub_block_cache: bool = False, max_per_step: int = 0, unmask_filter: str | None = None, accept: float = 0.96,
-    eos_fill: bool = False, fuse_commit_pass: bool = True, verify: bool = False,
+    eos_fill: bool = False, fuse_commit_pass: bool = True, verify: bool = False, adaptive: bool | None = None,
 ) -> DecodeResult:
     """Greedy block-diffusion decoding of a converted model (see the module docstring).
 
@@ -293,7 +312,8 @@ def block_diffusion(
         raise DecoderError(str(err)) from err
     block_size = spec.block_size if block_size is None else block_size
     sub_block_size = block_size if sub_block_size is None else sub_block_size
-    check_settings(block_size, sub_block_size, rule, threshold, entropy_bound, factor, top_k, max_per_step)
+    check_settings(block_size, sub_block_size, rule, threshold, entropy_bound, factor, top_k, max_per_step, verify,
+                   adaptive)
     if verify and spec.clean_attention != "causal":
         raise DecoderError("verify checks a block against the model's causal (AR) predictions, and this model's "
                            f"clean attention is {spec.clean_attention!r}; decode it with verify=False")
@@ -326,6 +346,17 @@ def block_diffusion(
     forwards = 1
     guess = torch.full_like(first, spec.mask_token_id)  # [b] the next block's slot 0 per the last noisy logit
     fused = None  # (logits [b, B, v] of slots 0 .. B-1, hit [b]): this block's first step, run with the commit pass
+
+    chooser = None  # picks, per block, between denoising it (width block_size) and AR steps (width 1)
+    if (verify if adaptive is None else adaptive) and block_size > 1:
+        widths = sorted({1, sub_block_size, block_size, 2 * block_size})
+        context = sizing_context(engine, batch.width + max_new_tokens // 2, widths[-1])
+        # What each forward of the denoising path costs, in 1-token forwards: a block's spent time.
+        units = step_cost(engine.model, widths, batch_size=b, context=context, repeats=SIZING_REPEATS)
+        chooser = width_chooser(engine, ("block_diffusion", block_size, sub_block_size, rule, threshold,
+                                         entropy_bound, factor, top_k, max_per_step, unmask_filter, accept, eos_fill,
+                                         fuse_commit_pass), [block_size], b, context)
+        units = {k: u * chooser.cost[block_size] / units[block_size] for k, u in units.items()}  # on one scale
 
     def stopped_at(block: torch.Tensor, committed: torch.Tensor) -> torch.Tensor:
         """[b, B]: committed stop tokens with every slot before them committed (they end the row)."""
@@ -364,6 +395,30 @@ def block_diffusion(
         committed &= ~later
         return reopened
 
+    def ar_block(block: torch.Tensor, committed: torch.Tensor, start: int, positions: torch.Tensor) -> None:
+        """Write the block with 1-token forwards of the clean stream (``block``, ``committed`` [b, B]
+        change in place); they leave in the cache the clean K/V a commit pass would, and the last
+        one's logit is the next block's slot 0 (``first``)."""
+        nonlocal first, forwards
+        context = batch.width + start
+        last = min(block_size, max_new_tokens - start)  # slots past the budget are cut anyway
+        for j in range(last):
+            logits = engine.forward(block[:, j:j + 1], cache, positions[:, j:j + 1],
+                                    padding.upto(context + j + 1)).logits[:, -1]  # [b, v]
+            forwards += 1
+            row_forwards.add_(unfinished.long())
+            if j + 1 < block_size:
+                block[:, j + 1] = logits.argmax(-1)
+                committed[:, j + 1] = True
+            else:
+                first = logits.argmax(-1)
+            if j + 1 == last:
+                committed[:] = True
+            settle(block, committed, start)
+            if not unfinished.any():
+                return
+
+    width = chooser.choose() if chooser is not None else block_size
     for start in range(0, span, block_size):
         context = batch.width + start  # cached: the prompt and the finished blocks
         positions = batch.lengths[:, None] + start + slots  # [b, B]
@@ -371,6 +426,18 @@ def block_diffusion(
         block[:, 0] = first
         committed = slots[None].expand(b, -1) == 0  # [b, B]
         settle(block, committed, start)
+        if chooser is not None and width == 1 and unfinished.any():
+            fused = None  # a fused step run for this block is not needed, and its noisy K/V goes
+            crop_cache(cache, context)
+            ar_block(block, committed, start, positions)
+            tokens[:, start:start + block_size] = block
+            if not unfinished.any():
+                break
+            chooser.observe(1, 1.0)
+            width = chooser.choose()
+            continue
+        live = unfinished.clone()  # [b] rows this block writes for
+        spent = 0.0  # the block's forwards, in 1-token forwards (the fused commit pass counted whole)
         kept = carried = None  # DualCache: the sub-block whose block K/V is cached, and slot lo-1's logit
         while True:  # denoise the block; under ``verify``, again from a row's first wrong slot
             while True:
@@ -392,6 +459,7 @@ def block_diffusion(
                             kept, carried = lo, logits[:, :1].clone()
                     open_slots &= hit[:, None]
                 elif kept != lo:
+                    fed_width = block_size
                     crop_cache(cache, context)  # drop the noisy K/V of earlier steps
                     mask = engine.mask_for_new_tokens(visible[:, : context + block_size], bidirectional)  # [b, B, kv]
                     logits = forward(engine, block, cache, positions, custom_mask=mask, noisy_from=0,
@@ -399,6 +467,7 @@ def block_diffusion(
                     if sub_block_cache:
                         kept, carried = lo, logits[:, :1].clone()  # [b, 1, v] slot lo - 1 when lo >= 1
                 else:
+                    fed_width = sub_block_size
                     fed = sub_block_forward(engine, cache, block, positions, visible, context, lo, hi)  # [b, S, v]
                     logits = fed if lo == 0 else torch.cat([carried, fed], dim=1)  # from slot first_open - 1
                 if logits.shape[1] == block_size - first_open + 1:  # it reaches slot B-1, which predicts past the block
@@ -407,6 +476,7 @@ def block_diffusion(
                 if ran:
                     forwards += 1
                     row_forwards += unfinished
+                    spent += units[fed_width] if chooser is not None else 0.0
 
                 stats = commit_stats(shifted)  # [b, hi - first_open] each; one fused pass over the vocabulary
                 chosen = select_commits(stats.prob, stats.entropy, open_slots[:, first_open:hi], rule, **settings)
@@ -424,7 +494,8 @@ def block_diffusion(
             crop_cache(cache, context)  # drop the noisy K/V
             keep = block_size if verify else 1
             next_logits = None  # [b, B, v] the next block's first step, when fused
-            if fuse_commit_pass and block_size > 1 and start + block_size < span:
+            fuse = fuse_commit_pass and block_size > 1 and start + block_size < span
+            if fuse and (chooser is None or chooser.leaning_wide()):  # not when the next block is likely AR's
                 guessed = block.new_full((b, block_size), spec.mask_token_id)  # [b, B] the next block
                 guessed[:, 0] = guess
                 mask = engine.mask_for_new_tokens(visible[:, : context + 2 * block_size], fused_pattern)  # [b, 2B, kv]
@@ -442,6 +513,8 @@ def block_diffusion(
             first = clean_logits[:, -1].argmax(-1)  # [b]
             forwards += 1
             row_forwards += unfinished
+            if chooser is not None:
+                spent += units[2 * block_size if next_logits is not None else block_size]
             if next_logits is not None:
                 fused = next_logits, first == guess
             if verify and reopen_unverified(block, committed, clean_logits, start).any():
@@ -453,6 +526,10 @@ def block_diffusion(
         tokens[:, start:start + block_size] = block
         if not unfinished.any():
             break
+        if chooser is not None:  # the block's tokens per row, per unit of 1-token time, as a width-B yield
+            written = torch.where(unfinished, block_size, lengths - start)[live].float().mean()
+            chooser.observe(block_size, float(written) * chooser.cost[block_size] / spent)
+            width = chooser.choose()
 
     tokens = tokens[:, :max_new_tokens].masked_fill(
         torch.arange(max_new_tokens, device=device)[None] >= lengths[:, None], engine.pad_token_id

@@ -41,6 +41,19 @@ rejected guess tails (the guesses from the first mismatch on, as they were befor
 replaced them); a spawned block takes the tokens that followed its first token in the newest
 pooled tail holding it as its guesses, and ``init`` fills the rest.
 
+**Cost-aware widths** (``adaptive``, on by default when greedy). A forward that feeds k tokens
+costs more than a 1-token one (little on a GPU at batch 1, several times more on a CPU or at large
+batches), so each forward feeds only the first k - 1 guesses, k chosen by the engine's
+:class:`~leaplm.inference.cost.WidthChooser` from the measured cost of a k-token forward and the
+tokens that forwards of that width have been committing. The guesses not fed keep their values
+for a later forward, and k = 1 is a plain AR step. Acceptance is still the matched prefix of what
+was fed, so greedy output is unchanged whatever the widths. With ``init="lookup"`` every step also
+looks up the row's context (prompt and final tokens) and, where it finds a match, replaces the
+guesses by what followed it, as prompt-lookup decoding drafts; such steps are sized by a chooser of
+their own, so a decoder widens its steps when lookup has candidates and falls back to 1-token
+steps when it has none and Jacobi's own guesses do not pay. Trajectory collection always feeds
+every guess and never refreshes them.
+
 **Sampling** (``jacobi`` with ``temperature > 0``) uses the Speculative Jacobi Decoding rule: a
 guess x drawn from q (the previous forward's distribution at its index) is accepted with
 probability min(1, p(x)/q(x)) under the current distribution p; at the first rejection the final
@@ -96,6 +109,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from leaplm.inference.cost import WidthChooser, candidate_widths, width_chooser
 from leaplm.inference.engine import (
     DecoderError,
     DecodeResult,
@@ -124,7 +138,7 @@ def _positive_int(name: str, value: Any, meaning: str) -> None:
 
 
 def check_settings(jacobi_block_size: int, init: str, n_blocks: int = 1, spawn_ratio: float = 1.0,
-                   pool_size: int = 1, recycle: bool = False) -> None:
+                   pool_size: int = 1, recycle: bool = False, adaptive: bool | None = None) -> None:
     """Refuse settings the Jacobi decoders cannot use, naming the fix."""
     _positive_int("jacobi_block_size", jacobi_block_size, "tokens guessed per Jacobi block; the reference uses 16")
     _positive_int("n_blocks", n_blocks, "blocks guessed at once; the reference uses 2")
@@ -138,6 +152,23 @@ def check_settings(jacobi_block_size: int, init: str, n_blocks: int = 1, spawn_r
         )
     if not isinstance(recycle, bool):
         raise DecoderError(f"recycle must be true or false (keep an n-gram pool of rejected tails), got {recycle!r}")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise DecoderError(f"adaptive must be true or false (size each forward by its measured cost; unset: on "
+                           f"when greedy), got {adaptive!r}")
+
+
+def choosers_for(engine: Engine, batch: PromptBatch, max_new_tokens: int, adaptive: bool, key: tuple,
+                 max_width: int, init: str) -> tuple[WidthChooser | None, WidthChooser | None]:
+    """The engine's width choosers for these settings: one for steps that feed the guesses as they
+    are, and (``init="lookup"``) one for steps whose guesses prompt lookup has just replaced; None
+    when the widths are fixed."""
+    if not adaptive:
+        return None, None
+    context = batch.width + max_new_tokens // 2
+    widths = candidate_widths(max_width)
+    plain = width_chooser(engine, key + ("plain",), widths, batch.size, context)
+    looked_up = width_chooser(engine, key + ("lookup",), widths, batch.size, context) if init == "lookup" else None
+    return plain, looked_up
 
 
 # ----- Guesses ------------------------------------------------------------------------------
@@ -283,8 +314,11 @@ Observer = Callable[[JacobiState], None]
 
 def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, jacobi_block_size: int, init: str,
                   seed: int, pick: TokenPicker, n_blocks: int = 1, spawn_ratio: float = 1.0,
-                  pool_size: int = 0, observer: Observer | None = None) -> DecodeResult:
-    """The loop behind both decoders (see the module docstring); ``pool_size=0`` turns recycling off."""
+                  pool_size: int = 0, observer: Observer | None = None,
+                  chooser: WidthChooser | None = None, lookup_chooser: WidthChooser | None = None) -> DecodeResult:
+    """The loop behind both decoders (see the module docstring); ``pool_size=0`` turns recycling off;
+    ``chooser`` caps each forward's width and ``lookup_chooser`` (with ``init="lookup"``) sizes the
+    steps on which prompt lookup replaced the guesses (see "Cost-aware widths")."""
     b, device, n = batch.size, engine.device, jacobi_block_size
     rule = GreedyRule() if pick.greedy else SpeculativeRule(pick)
     generator = pick.generator if pick.generator is not None else torch.Generator(device=device).manual_seed(seed)
@@ -338,6 +372,21 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, ja
         drawn.scatter_(1, slots, drawn.gather(1, slots) & ~grow[:, None])
         ends.copy_(torch.where(grow, (ends + n).clamp(max=max_new_tokens), ends))
 
+    def refresh_from_lookup() -> bool:
+        """Replace each unfinished row's guesses by what prompt lookup finds after its final tokens
+        (within the guessed span); whether any row found something."""
+        found = False
+        for row in unfinished.nonzero().squeeze(1).tolist():
+            start, stop = int(final[row]), int(ends[row])
+            if stop <= start:
+                continue
+            seeded = lookup_continuation(prompts[row] + tokens[row, :start].tolist(), stop - start)
+            if seeded:
+                tokens[row, start:start + len(seeded)] = torch.tensor(seeded, dtype=torch.long, device=device)
+                drawn[row, start:start + len(seeded)] = False  # chosen without the model: point masses
+                found = True
+        return found
+
     cache = new_cache()
     out = engine.forward(batch.input_ids, cache, batch.position_ids,
                          batch.attention_mask if batch.has_padding else None, logits_to_keep=1)
@@ -354,6 +403,12 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, ja
         # logits then predicts new-token index final + j.
         context = cache.get_seq_length()
         w = int((ends - final + 1)[unfinished].max())
+        step_chooser = chooser
+        if lookup_chooser is not None and refresh_from_lookup():
+            step_chooser = lookup_chooser
+        if step_chooser is not None:
+            arm = step_chooser.choose()
+            w = min(w, arm)
         offsets = torch.arange(w, device=device)  # [w]
         index = final[:, None] + offsets  # [b, w] the index each column predicts
         fed = tokens.gather(1, index - 1)  # [b, w]
@@ -384,6 +439,11 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, ja
         write = unfinished[:, None] & (index <= ends[:, None])  # [b, w]
         tokens.scatter_(1, index, torch.where(write, new_tokens, guesses))
         drawn.scatter_(1, index, index > frontier[:, None])
+        if chooser is not None:
+            # Guesses past the fed columns were drawn from an older forward, whose distribution is
+            # gone: verify them as point masses, which is exact for any guess (module docstring).
+            drawn &= columns[None] <= index[:, -1:]
+            step_chooser.observe(arm, float((frontier + 1 - final)[unfinished].float().mean()))
         # Keep the K/V of the fed tokens that were final (the newest final one and the accepted
         # guesses), then right-align the rows again.
         kept = torch.where(unfinished, frontier + 1 - final, 0)  # [b]
@@ -407,7 +467,7 @@ def jacobi_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, ja
 @register_decoder("jacobi", checks=(check_settings, check_sampling), renamed=RENAMED)
 def jacobi(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
-    jacobi_block_size: int = 16, init: str = "prompt", seed: int = 0,
+    jacobi_block_size: int = 16, init: str = "prompt", seed: int = 0, adaptive: bool | None = None,
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, observer: Observer | None = None,
 ) -> DecodeResult:
     """Jacobi decoding, one block of ``jacobi_block_size`` guesses at a time (see the module docstring).
@@ -416,28 +476,39 @@ def jacobi(
     ``temperature > 0`` it samples by the Speculative Jacobi Decoding rule, distributed like
     ``ar`` with the same settings. ``seed`` seeds the ``"prompt"`` initial guesses and sampling.
     ``observer`` (for :func:`collect_jacobi_trajectories`) sees the state after every forward.
+    ``adaptive`` sizes each forward by its measured cost (module docstring); false feeds every
+    guess. Unset, it is on when greedy and off when sampling, where the widths, which depend on
+    timings, would change which draws a seed makes (the distribution stays exact either way).
     """
-    check_settings(jacobi_block_size, init)
+    check_settings(jacobi_block_size, init, adaptive=adaptive)
     pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
+    chooser, lookup_chooser = choosers_for(engine, batch, max_new_tokens, pick.greedy if adaptive is None else adaptive,
+                                           ("jacobi", jacobi_block_size, init, temperature, top_k, top_p),
+                                           jacobi_block_size + 1, init)
     return jacobi_decode(engine, batch, max_new_tokens, jacobi_block_size=jacobi_block_size, init=init, seed=seed,
-                         pick=pick, observer=observer)
+                         pick=pick, observer=observer, chooser=chooser, lookup_chooser=lookup_chooser)
 
 
 @register_decoder("jacobi_multiblock", checks=(check_settings,), renamed=RENAMED)
 def jacobi_multiblock(
     engine: Engine, batch: PromptBatch, max_new_tokens: int, *,
     jacobi_block_size: int = 16, n_blocks: int = 2, spawn_ratio: float = 0.85, recycle: bool = True,
-    pool_size: int = 4, init: str = "prompt", seed: int = 0,
+    pool_size: int = 4, init: str = "prompt", seed: int = 0, adaptive: bool | None = None,
 ) -> DecodeResult:
     """Greedy Jacobi decoding with up to ``n_blocks`` blocks in flight and rejection recycling.
 
     Equals ``ar`` and ``model.generate`` token for token. ``n_blocks=1, recycle=False`` is greedy
-    ``jacobi``.
+    ``jacobi``; ``adaptive`` as ``jacobi``'s.
     """
-    check_settings(jacobi_block_size, init, n_blocks, spawn_ratio, pool_size, recycle)
+    check_settings(jacobi_block_size, init, n_blocks, spawn_ratio, pool_size, recycle, adaptive)
     pick = TokenPicker(engine.device)
+    chooser, lookup_chooser = choosers_for(
+        engine, batch, max_new_tokens, adaptive is not False,
+        ("jacobi_multiblock", jacobi_block_size, init, n_blocks, spawn_ratio, recycle, pool_size),
+        n_blocks * jacobi_block_size + 1, init)
     return jacobi_decode(engine, batch, max_new_tokens, jacobi_block_size=jacobi_block_size, init=init, seed=seed,
-                         pick=pick, n_blocks=n_blocks, spawn_ratio=spawn_ratio, pool_size=pool_size if recycle else 0)
+                         pick=pick, n_blocks=n_blocks, spawn_ratio=spawn_ratio, pool_size=pool_size if recycle else 0,
+                         chooser=chooser, lookup_chooser=lookup_chooser)
 
 
 # ----- Trajectory collection ---------------------------------------------------------------
@@ -520,7 +591,8 @@ def collect_jacobi_trajectories(
         indices = order[first:first + batch_size]
         chunk = [prompts[i] for i in indices]
         recorder = TrajectoryRecorder(jacobi_block_size)
+        # Fixed widths: a trajectory is the full Jacobi iteration of every block (what the recipes train on).
         out = engine.generate(chunk, "jacobi", max_new_tokens, jacobi_block_size=jacobi_block_size, init=init,
-                              seed=seed, observer=recorder)
+                              seed=seed, adaptive=False, observer=recorder)
         rows += recorder.rows(chunk, out.sequences, indices)
     return sorted(rows, key=lambda row: (row["prompt_index"], row["block_index"]))

@@ -29,6 +29,16 @@ It is verified in the same forward and competes with the heads' nodes for the de
 path, so greedy decoding stays lossless; a row without a match fills the chain with its root
 token, which verification rejects unless it is right.
 
+**Tree size by cost** (``adaptive``, on with greedy acceptance). A step that feeds N nodes costs
+more than a 1-token step (barely on a GPU at batch 1, several times on a CPU or at large
+batches), so each step uses the best-scoring part of the tree that pays: the nodes of an
+``"auto"`` tree are grown in order of their score, so its first s nodes are themselves a tree, and
+the engine's :class:`~leaplm.inference.cost.WidthChooser` picks s (1 to ``tree_size``; 1 is a
+plain AR step) from the measured cost of an s-token forward and the tokens such steps have been
+committing. With ``lookup``, the chain joins a step only when prompt lookup found a match for some
+row, and such steps are sized by a chooser of their own. Greedy output is unchanged whatever the
+size. An explicit ``tree`` list is always used whole.
+
 **Hydra++** heads carry a prefix decoder layer over the base's hidden states; it runs over the
 same tree nodes with the same mask and its own cache, which keeps the same accepted path.
 
@@ -54,6 +64,7 @@ from typing import Any
 
 import torch
 
+from leaplm.inference.cost import candidate_widths, width_chooser
 from leaplm.inference.decoders.jacobi import lookup_continuation
 from leaplm.inference.engine import (
     DecoderError,
@@ -233,15 +244,20 @@ def default_accuracy(num_heads: int, ranks: int) -> torch.Tensor:
     return top1[:, None] * 0.5 ** torch.arange(ranks)[None]
 
 
+def auto_paths(heads: DraftHeads, tree_size: int) -> list[tuple[int, ...]]:
+    """The ``"auto"`` tree's non-root paths, best first (so every prefix of them is a tree)."""
+    if not isinstance(tree_size, int) or tree_size < 2:
+        raise DecoderError(f"tree_size must be an integer >= 2 (root plus drafted nodes), got {tree_size!r}")
+    accuracy = heads.accuracy.float().cpu()
+    if not bool(accuracy.any()):
+        accuracy = default_accuracy(heads.config.num_heads, accuracy.shape[1])
+    return grow_tree(accuracy, tree_size)
+
+
 def choose_tree(heads: DraftHeads, tree: Any, tree_size: int, lookup: int = 0) -> Tree:
     k = heads.config.num_heads
     if tree == "auto":
-        if not isinstance(tree_size, int) or tree_size < 2:
-            raise DecoderError(f"tree_size must be an integer >= 2 (root plus drafted nodes), got {tree_size!r}")
-        accuracy = heads.accuracy.float().cpu()
-        if not bool(accuracy.any()):
-            accuracy = default_accuracy(k, accuracy.shape[1])
-        return make_tree(grow_tree(accuracy, tree_size), k, lookup)
+        return make_tree(auto_paths(heads, tree_size), k, lookup)
     if not isinstance(tree, (list, tuple)) or not tree or not all(isinstance(p, (list, tuple)) for p in tree):
         raise DecoderError(f"tree must be 'auto' or a list of rank paths such as [[0], [0, 0], [1]], got {tree!r}")
     return make_tree(tree, k, lookup)
@@ -255,6 +271,8 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
     the lookup chain's columns are left holding the root, for :func:`lookup_chain` to fill."""
     b, n, h = root.shape[0], tree.size, tree.heads_size
     tokens = root[:, None].expand(b, n).clone()  # [b, N]
+    if h == 1:  # no heads' node: the root (and the lookup chain)
+        return tokens
     max_rank = int(tree.rank[:h].max()) + 1
     if heads.kind == "medusa":
         top = torch.stack([heads.head(k, hidden).topk(max_rank, dim=-1).indices
@@ -269,27 +287,68 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
     return tokens
 
 
-def lookup_chain(contexts: list[list[int]], live: torch.Tensor, root: torch.Tensor, count: int) -> torch.Tensor:
+def lookup_chain(contexts: list[list[int]], live: torch.Tensor, root: torch.Tensor,
+                 count: int) -> tuple[torch.Tensor, bool]:
     """Prompt-lookup tokens [b, count] for the chain: per live row, what followed the latest earlier
-    occurrence of its context's newest n-gram. Slots without a match keep the row's root token;
-    verification rejects them unless they happen to be right, so what fills them never matters."""
+    occurrence of its context's newest n-gram; and whether any row found one. Slots without a match
+    keep the row's root token; verification rejects them unless they happen to be right, so what
+    fills them never matters."""
     chain = [[token] * count for token in root.tolist()]
+    found_any = False
     for row in live.nonzero().squeeze(1).tolist():  # finished rows' chains are never committed
         found = lookup_continuation(contexts[row], count)
         chain[row][:len(found)] = found
-    return torch.tensor(chain, dtype=torch.long, device=root.device)
+        found_any = found_any or bool(found)
+    return torch.tensor(chain, dtype=torch.long, device=root.device), found_any
+
+
+@dataclass
+class TreeSizes:
+    """The trees a step may use, by forward width, and the engine's choosers between them: ``plain``
+    for steps without the lookup chain, ``looked_up`` for steps where lookup found candidates."""
+
+    plain: dict[int, Tree]
+    looked_up: dict[int, Tree]
+    plain_chooser: Any = None  # WidthChooser
+    lookup_chooser: Any = None
+
+    @property
+    def largest(self) -> Tree:
+        return max([*self.plain.values(), *self.looked_up.values()], key=lambda t: t.max_depth)
+
+
+def fixed_sizes(tree: Tree) -> TreeSizes:
+    """Always the whole tree (``adaptive`` off, or an explicit tree)."""
+    return TreeSizes({tree.size: tree}, {tree.size: tree})
+
+
+def tree_sizes(engine: Engine, batch: PromptBatch, max_new_tokens: int, key: tuple, paths: list[tuple[int, ...]],
+               num_heads: int, lookup: int) -> TreeSizes:
+    """Nested trees of an auto tree's first s nodes, s = 1 (the root alone: an AR step), 2, 4, ...,
+    up to all of them; with ``lookup``, the same trees plus the chain, and the root alone."""
+    by_size = {s: make_tree(paths[:s - 1], num_heads) if s > 1 else make_tree([], num_heads)
+               for s in candidate_widths(len(paths) + 1)}
+    plain = {t.size: t for t in by_size.values()}
+    context = batch.width + max_new_tokens // 2
+    sizes = TreeSizes(plain, {}, width_chooser(engine, key + ("plain",), list(plain), batch.size, context))
+    if lookup:
+        with_chain = [make_tree(t.paths[1:], num_heads, lookup) for t in by_size.values()]
+        sizes.looked_up = {1: by_size[1], **{t.size: t for t in with_chain}}
+        sizes.lookup_chooser = width_chooser(engine, key + ("lookup",), list(sizes.looked_up), batch.size, context)
+    return sizes
 
 
 # ----- The decoding loop -------------------------------------------------------------------
 
 
-def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: DraftHeads, tree: Tree,
+def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: DraftHeads, sizes: TreeSizes,
                 pick: TokenPicker, typical: bool) -> DecodeResult:
     device, b = engine.device, batch.size
-    tree = tree.to(device)
-    n = tree.size
+    plain = {w: t.to(device) for w, t in sizes.plain.items()}
+    looked_up = {w: t.to(device) for w, t in sizes.looked_up.items()}
+    lookup = max((t.lookup for t in looked_up.values()), default=0)
     embed = engine.model.get_input_embeddings()
-    answers = Answers(engine, batch, max_new_tokens, spare=tree.max_depth + 2)
+    answers = Answers(engine, batch, max_new_tokens, spare=sizes.largest.max_depth + 2)
     cache = new_cache()
     prefix_cache = new_cache() if heads.prefix is not None else None
     caches = [cache] + ([prefix_cache] if prefix_cache is not None else [])
@@ -306,16 +365,23 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     root = pick(out.logits[:, -1])  # [b]
     answers.commit(root[:, None], torch.ones_like(root))
     cached = batch.lengths.clone()  # [b] real tokens in the cache
-    pattern = tree.ancestors  # [N, N]
-    if tree.lookup:  # per row: prompt and committed tokens, the root last, kept in Python for the lookup
+    if lookup:  # per row: prompt and committed tokens, the root last, kept in Python for the lookup
         contexts = [row[batch.width - int(n):].tolist() + [int(r)]
                     for row, n, r in zip(batch.input_ids, batch.lengths, root)]
 
     while answers.unfinished.any():
         context = cache.get_seq_length()
+        trees, chooser, chain = plain, sizes.plain_chooser, None
+        if lookup:
+            chain, found = lookup_chain(contexts, answers.unfinished, root, lookup)  # [b, L]
+            if found or sizes.plain_chooser is None:  # fixed sizes: the whole tree, chain included
+                trees, chooser = looked_up, sizes.lookup_chooser
+        width = chooser.choose() if chooser is not None else next(iter(trees))
+        tree = trees[width]
+        n, pattern = tree.size, tree.ancestors  # pattern [N, N]
         tokens = propose(heads, embed, tree, hidden, root)  # [b, N]
         if tree.lookup:
-            tokens[:, tree.heads_size:] = lookup_chain(contexts, answers.unfinished, root, tree.lookup)  # [b, L]
+            tokens[:, tree.heads_size:] = chain
         positions = batch.lengths[:, None] + answers.count[:, None] - 1 + tree.depth[None]  # [b, N]
         real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
         allowed = Engine.mask_for_new_tokens(real, pattern)  # [b, N, context + N]
@@ -340,6 +406,8 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         on_path = ((~correct).float() @ pattern.T.float()) == 0  # [b, N] every node from the root on accepted
         best = (on_path * (tree.depth[None] + 1)).argmax(-1)  # [b] deepest such node (first in order on ties)
         accepted = tree.depth[best]  # [b] drafted tokens accepted
+        if chooser is not None:
+            chooser.observe(width, float((accepted + 1)[answers.unfinished].float().mean()))
         path = tree.path_nodes[best]  # [b, D + 1]
         rows = torch.arange(b, device=device)
         bonus = pick(logits[rows, best])  # [b]
@@ -351,7 +419,7 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
         keep_new_slots(caches, context, path, counts)
         cached += counts
-        if tree.lookup:
+        if lookup:
             for row, (row_new, count) in enumerate(zip(new.tolist(), counts.tolist())):
                 contexts[row] += row_new[:count]  # the accepted path's tokens, then the bonus (the next root)
         root, hidden = bonus, node_hidden[rows, best]
@@ -375,25 +443,37 @@ def check_lookup(lookup: int = 0) -> None:
                            f"got {lookup!r}")
 
 
+def check_adaptive(adaptive: bool | None = None) -> None:
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise DecoderError(f"adaptive must be true or false (size each step's tree by its measured cost; unset: on "
+                           f"with greedy acceptance), got {adaptive!r}")
+
+
 def tree_decoder(kind: str, description: str):
     """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
     heads they read (``models/heads.py``); tree, acceptance and sampling are shared."""
 
     def decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
                acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0, lookup: int = 0) -> DecodeResult:
+               seed: int = 0, lookup: int = 0, adaptive: bool | None = None) -> DecodeResult:
         heads = heads_of(engine.model, (kind,))
         check_acceptance(acceptance, temperature)
         check_lookup(lookup)
+        check_adaptive(adaptive)
         pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
-        return tree_decode(engine, batch, max_new_tokens, heads, choose_tree(heads, tree, tree_size, lookup), pick,
-                           typical=acceptance == "typical")
+        if tree == "auto" and (acceptance == "greedy" if adaptive is None else adaptive):
+            key = (kind, id(heads), tree_size, acceptance, temperature, top_k, top_p, lookup)
+            sizes = tree_sizes(engine, batch, max_new_tokens, key, auto_paths(heads, tree_size),
+                               heads.config.num_heads, lookup)
+        else:
+            sizes = fixed_sizes(choose_tree(heads, tree, tree_size, lookup))
+        return tree_decode(engine, batch, max_new_tokens, heads, sizes, pick, typical=acceptance == "typical")
 
     decode.__name__ = decode.__qualname__ = kind
     decode.__doc__ = (f"{description} tree decoding with the model's {kind} heads (see the module docstring);\n"
                       "``lookup=L`` adds a chain of L prompt-lookup tokens to every step's tree.\n\n"
                       "Greedy (the default) equals ``ar`` and ``model.generate`` token for token.")
-    return register_decoder(kind, checks=(check_sampling, check_acceptance, check_lookup))(decode)
+    return register_decoder(kind, checks=(check_sampling, check_acceptance, check_lookup, check_adaptive))(decode)
 
 
 medusa = tree_decoder("medusa", "Medusa")
