@@ -177,6 +177,7 @@ class WidthChooser:
         if 1 not in cost or any(k < 1 or c <= 0 for k, c in cost.items()):
             raise ValueError(f"cost needs ratios > 0 for widths >= 1, width 1 among them; got {cost}")
         self.cost = dict(cost)
+        self.units = dict(cost)  # the relative cost of every width measured (width_chooser may add more)
         self.widths = sorted(cost)
         self.decay = decay
         self.base_gap = self.gap = gap
@@ -254,7 +255,7 @@ def sizing_context(engine, context: int, widest: int) -> int:
 
 
 def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int,
-                 draft: PreTrainedModel | None = None) -> WidthChooser:
+                 draft: PreTrainedModel | None = None, also: Sequence[int] = ()) -> WidthChooser:
     """The engine's :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder and its
     settings (``key``) at this batch size: made on first use, from :func:`step_cost` measured then
     over about ``context`` cached tokens (a fraction of a second to a few seconds), then kept with
@@ -263,7 +264,9 @@ def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, co
 
     With a ``draft`` model (speculative decoding), a width-k step is a verification of k - 1
     drafted tokens, so its cost also counts k - 1 of the draft's 1-token forwards, timed the same
-    way and expressed in the target's 1-token forwards."""
+    way and expressed in the target's 1-token forwards. Widths in ``also`` are measured in the same
+    run without being choices: the chooser's ``units`` holds the relative cost of every measured
+    width, for a decoder that also counts forwards of other widths."""
     widths = sorted({1, *widths})
     slot = (key, batch_size, tuple(widths))
     choosers = _choosers.setdefault(engine, {})
@@ -272,10 +275,13 @@ def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, co
         draft_limit = getattr(draft.config, "max_position_embeddings", None) if draft is not None else None
         if draft_limit is not None:
             context = max(1, min(context, draft_limit - 1))
-        seconds = step_seconds(engine.model, widths, batch_size=batch_size, context=context, repeats=SIZING_REPEATS)
-        cost = {k: t / seconds[1] for k, t in seconds.items()}
+        seconds = step_seconds(engine.model, sorted({*widths, *also}), batch_size=batch_size, context=context,
+                               repeats=SIZING_REPEATS)
+        units = {k: t / seconds[1] for k, t in seconds.items()}
+        cost = {k: units[k] for k in widths}
         if draft is not None:
             drafted = step_seconds(draft, [1], batch_size=batch_size, context=context, repeats=SIZING_REPEATS)[1]
             cost = {k: c + (k - 1) * drafted / seconds[1] for k, c in cost.items()}
         choosers[slot] = WidthChooser(cost)
+        choosers[slot].units = units
     return choosers[slot]

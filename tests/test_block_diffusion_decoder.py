@@ -365,6 +365,7 @@ class ScriptedBlocks:
     def __init__(self, block_size: int):
         self.cycle = [block_size, 1, 1, block_size, block_size, 1]
         self.cost = {1: 1.0, block_size: 2.0}
+        self.units = {1: 1.0, block_size // 2: 1.5, block_size: 2.0, 2 * block_size: 3.0}
         self.step, self.seen = 0, []
 
     def choose(self) -> int:
@@ -393,7 +394,7 @@ def test_blocks_written_by_ar_steps_never_change_verified_output(family, setting
     want = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
     choosers: list[ScriptedBlocks] = []
 
-    def scripted(engine, key, widths, batch_size, context):
+    def scripted(engine, key, widths, batch_size, context, also=()):
         choosers.append(ScriptedBlocks(4))
         return choosers[-1]
 

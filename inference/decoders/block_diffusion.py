@@ -111,7 +111,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from leaplm.inference.cost import SIZING_REPEATS, sizing_context, step_cost, width_chooser
+from leaplm.inference.cost import width_chooser
 from leaplm.inference.engine import (
     DecoderError,
     DecodeResult,
@@ -349,14 +349,12 @@ def block_diffusion(
 
     chooser = None  # picks, per block, between denoising it (width block_size) and AR steps (width 1)
     if (verify if adaptive is None else adaptive) and block_size > 1:
-        widths = sorted({1, sub_block_size, block_size, 2 * block_size})
-        context = sizing_context(engine, batch.width + max_new_tokens // 2, widths[-1])
-        # What each forward of the denoising path costs, in 1-token forwards: a block's spent time.
-        units = step_cost(engine.model, widths, batch_size=b, context=context, repeats=SIZING_REPEATS)
+        # Also measured: the other widths the denoising path feeds, to count a block's spent time.
         chooser = width_chooser(engine, ("block_diffusion", block_size, sub_block_size, rule, threshold,
                                          entropy_bound, factor, top_k, max_per_step, unmask_filter, accept, eos_fill,
-                                         fuse_commit_pass), [block_size], b, context)
-        units = {k: u * chooser.cost[block_size] / units[block_size] for k, u in units.items()}  # on one scale
+                                         fuse_commit_pass), [block_size], b, batch.width + max_new_tokens // 2,
+                                also=[sub_block_size, 2 * block_size])
+        units = chooser.units  # what each forward costs, in 1-token forwards
 
     def stopped_at(block: torch.Tensor, committed: torch.Tensor) -> torch.Tensor:
         """[b, B]: committed stop tokens with every slot before them committed (they end the row)."""
