@@ -159,41 +159,71 @@ def _measure(model: PreTrainedModel, widths: list[int], batch_size: int, context
 
 class WidthChooser:
     """Chooses the width of each step of a parallel decoder: the forward width k (new tokens per
-    row) with the highest expected yield per unit of time, ``yield(k) / cost(k)``.
+    row) with the most tokens per second, ``yield(k) / seconds(k)``.
 
-    ``cost`` holds :func:`step_cost` ratios for the candidate widths (1 among them). ``yield(k)`` is
-    the decoder's running mean of the tokens a forward of width k committed per row (an
-    exponential moving average with weight ``decay`` on the past); a 1-token step always commits
-    exactly one, so its rate is 1 and a width is chosen only while it beats plain AR. A width not
-    tried yet counts as fully accepted (k tokens), so the decoder starts wide and narrows to what
-    pays. Once 1 token wins, a wider step is tried again only in bursts of ``burst`` forwards
+    A step is whatever the decoder does between :meth:`choose` and :meth:`observe`: one forward
+    for most decoders, a whole block for block diffusion. ``yield(k)`` is the running mean of the
+    tokens per row such a step committed, ``seconds(k)`` the running mean of its time (exponential
+    moving averages with weight ``decay`` on the past). A ``timed`` chooser takes each step's time
+    from the clock, from :meth:`choose` to :meth:`observe`, so everything the step costs counts: its
+    forward and the decoder's own work around it (masks, acceptance, cache upkeep), which on a
+    small model or a large batch can outweigh the forward. Until a width has been seen, or when
+    the chooser is not timed, its seconds are the prior ``cost[k] * unit_seconds`` (``cost`` holds
+    :func:`step_cost` ratios, 1 among them; ``unit_seconds`` the measured time of a 1-token
+    forward). A timed chooser times one 1-token step right after its first wide one, so that AR,
+    the step every width must beat, is also priced by the clock.
+
+    A 1-token step commits one token, so the decoder widens only while a width beats plain AR. A
+    width not tried yet counts as fully accepted (k tokens), so the decoder starts wide and narrows
+    to what pays. Once 1 token wins, a wider step is tried again only in bursts of ``burst`` steps
     (parallel decoders such as Jacobi need a forward or two before their guesses converge), after
-    ``gap`` 1-token steps; the gap doubles after every burst that did not pay and returns to
-    ``gap`` after one that did, so a decoder on which no width pays ends up within a few percent of
-    AR. The chooser only picks widths: what a decoder feeds within one never changes its output.
+    ``gap`` 1-token steps, and not before those steps took ``gap`` times the burst's expected extra
+    time over 1-token steps (a burst of whole denoised blocks can cost several AR blocks); the gap
+    doubles after every burst that did not pay and returns to ``gap`` after one that did, so a
+    decoder on which no width pays ends up within a few percent of AR. The chooser only picks
+    widths: what a decoder feeds within one never changes its output.
     """
 
-    def __init__(self, cost: dict[int, float], decay: float = 0.8, gap: int = 16, burst: int = 2):
+    def __init__(self, cost: dict[int, float], decay: float = 0.8, gap: int = 16, burst: int = 2,
+                 unit_seconds: float = 1.0, timed: bool = False):
         if 1 not in cost or any(k < 1 or c <= 0 for k, c in cost.items()):
             raise ValueError(f"cost needs ratios > 0 for widths >= 1, width 1 among them; got {cost}")
+        if unit_seconds <= 0:
+            raise ValueError(f"unit_seconds must be > 0, got {unit_seconds}")
         self.cost = dict(cost)
-        self.units = dict(cost)  # the relative cost of every width measured (width_chooser may add more)
+        self.unit_seconds = unit_seconds
+        self.timed = timed
         self.widths = sorted(cost)
         self.decay = decay
         self.base_gap = self.gap = gap
         self.burst = burst
-        self.yields: dict[int, float] = {1: 1.0}
+        self.yields: dict[int, float] = {}  # width -> running tokens per row of its steps
+        self.spent: dict[int, float] = {}  # width -> running seconds of its steps (timed)
+        self.chosen_at = 0.0  # clock at the last choice
         self.since_wide = 0  # 1-token steps since the last wider one
+        self.idle = 0.0  # their seconds
         self.probe: int | None = None  # the width a running burst tries
         self.probe_left = 0
-        self.probe_tokens = 0.0
+        self.probe_tokens = self.probe_seconds = 0.0
+
+    def seconds(self, k: int) -> float:
+        """Expected seconds of a width-k step."""
+        return self.spent.get(k, self.cost[k] * self.unit_seconds)
 
     def rate(self, k: int) -> float:
-        """Expected tokens per unit of 1-token-step time at width k."""
-        return self.yields.get(k, float(k)) / self.cost[k]
+        """Expected tokens per second at width k."""
+        return self.yields.get(k, float(k)) / self.seconds(k)
 
     def best(self) -> int:
         return max(self.widths, key=lambda k: (self.rate(k), -k))  # ties to the narrower, cheaper step
+
+    def overdue(self, k: int, steps: int = 1) -> bool:
+        """Whether the step chosen last has already taken longer than a width-k step is expected to,
+        counting ``steps`` width-k forwards while width k has not been timed (its prior is one
+        forward's; an observed step may be several, as a block diffusion decoder's AR block is):
+        a decoder whose wide step runs long can finish it by narrower means."""
+        expected = self.spent[k] if k in self.spent else steps * self.seconds(k)
+        return self.timed and time.perf_counter() - self.chosen_at > expected
 
     def leaning_wide(self) -> bool:
         """Whether the next choice will likely be wider than 1 token, for work that must start
@@ -201,39 +231,57 @@ class WidthChooser:
         return self.probe is not None or self.best() > 1
 
     def choose(self) -> int:
-        """The width of the next forward."""
+        """The width of the next step."""
+        self.chosen_at = time.perf_counter()
         if self.probe is not None:
             return self.probe
+        if self.timed and 1 not in self.spent and self.spent:
+            return 1  # once a wide step is timed, time a 1-token one: its prior leaves out the decoder's own work
         best = self.best()
         if best > 1:
             return best
         self.since_wide += 1
         if self.since_wide < self.gap or len(self.widths) == 1:
             return 1
-        self.probe = max(self.widths[1:], key=lambda k: (self.rate(k), -k))
-        self.probe_left, self.probe_tokens = self.burst, 0.0
+        probe = max(self.widths[1:], key=lambda k: (self.rate(k), -k))
+        if self.idle < self.gap * self.burst * (self.seconds(probe) - self.seconds(1)):
+            return 1
+        self.probe = probe
+        self.probe_left, self.probe_tokens, self.probe_seconds = self.burst, 0.0, 0.0
         return self.probe
 
     def observe(self, k: int, tokens: float) -> None:
-        """Record that a forward of width ``k`` committed ``tokens`` tokens per row (a mean over rows)."""
+        """Record that a step of width ``k`` committed ``tokens`` tokens per row (a mean over rows),
+        and, when timed, that it took the time since the last :meth:`choose`."""
         if k not in self.cost:
             raise ValueError(f"width {k} is not among the chooser's widths {self.widths}")
+        seconds = time.perf_counter() - self.chosen_at if self.timed else self.seconds(k)
+        self._average(self.yields, k, tokens)
+        if self.timed:
+            self._average(self.spent, k, seconds)
         if k > 1:
-            previous = self.yields.get(k)
-            self.yields[k] = tokens if previous is None else self.decay * previous + (1 - self.decay) * tokens
-            self.since_wide = 0
+            self.since_wide, self.idle = 0, 0.0
+        else:
+            self.idle += seconds
         if self.probe is None:
             return
         self.probe_tokens += tokens
+        self.probe_seconds += seconds
         self.probe_left -= 1
         if self.probe_left > 0:
             return
-        paid = self.probe_tokens / self.burst / self.cost[self.probe] > 1.0
-        # A burst's mean, not one forward's, is what the width showed: Jacobi's first forward over
+        paid = self.probe_tokens / self.probe_seconds > self.rate(1)
+        # A burst's mean, not one step's, is what the width showed: Jacobi's first forward over
         # fresh guesses commits about one token whatever the model.
         self.yields[self.probe] = self.probe_tokens / self.burst
+        if self.timed:
+            self.spent[self.probe] = self.probe_seconds / self.burst
         self.gap = self.base_gap if paid else 2 * self.gap
         self.probe = None
+
+    def _average(self, means: dict[int, float], k: int, value: float) -> None:
+        previous = means.get(k)
+        means[k] = value if previous is None else self.decay * previous + (1 - self.decay) * value
 
 
 # engine -> {(decoder key, batch size, context bucket): WidthChooser}; weak, so a freed engine's go with it
@@ -255,18 +303,17 @@ def sizing_context(engine, context: int, widest: int) -> int:
 
 
 def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, context: int,
-                 draft: PreTrainedModel | None = None, also: Sequence[int] = ()) -> WidthChooser:
-    """The engine's :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder and its
-    settings (``key``) at this batch size: made on first use, from :func:`step_cost` measured then
-    over about ``context`` cached tokens (a fraction of a second to a few seconds), then kept with
-    the engine for every later call, whatever its context (the ratios move little with it), so the
-    running yields carry over from one call to the next and nothing is measured twice.
+                 draft: PreTrainedModel | None = None, burst: int = 2) -> WidthChooser:
+    """The engine's timed :class:`WidthChooser` over ``widths`` (1 is always added) for one decoder
+    and its settings (``key``) at this batch size: made on first use, its prior from
+    :func:`step_seconds` measured then over about ``context`` cached tokens (a fraction of a second
+    to a few seconds), then kept with the engine for every later call, whatever its context, so
+    the running yields and step times carry over from one call to the next and nothing is
+    measured twice.
 
     With a ``draft`` model (speculative decoding), a width-k step is a verification of k - 1
-    drafted tokens, so its cost also counts k - 1 of the draft's 1-token forwards, timed the same
-    way and expressed in the target's 1-token forwards. Widths in ``also`` are measured in the same
-    run without being choices: the chooser's ``units`` holds the relative cost of every measured
-    width, for a decoder that also counts forwards of other widths."""
+    drafted tokens, so its prior also counts k - 1 of the draft's 1-token forwards, timed the same
+    way. ``burst``: the chooser's steps per retry of a wider width."""
     widths = sorted({1, *widths})
     slot = (key, batch_size, tuple(widths))
     choosers = _choosers.setdefault(engine, {})
@@ -275,13 +322,10 @@ def width_chooser(engine, key: tuple, widths: Sequence[int], batch_size: int, co
         draft_limit = getattr(draft.config, "max_position_embeddings", None) if draft is not None else None
         if draft_limit is not None:
             context = max(1, min(context, draft_limit - 1))
-        seconds = step_seconds(engine.model, sorted({*widths, *also}), batch_size=batch_size, context=context,
-                               repeats=SIZING_REPEATS)
-        units = {k: t / seconds[1] for k, t in seconds.items()}
-        cost = {k: units[k] for k in widths}
+        seconds = step_seconds(engine.model, widths, batch_size=batch_size, context=context, repeats=SIZING_REPEATS)
         if draft is not None:
             drafted = step_seconds(draft, [1], batch_size=batch_size, context=context, repeats=SIZING_REPEATS)[1]
-            cost = {k: c + (k - 1) * drafted / seconds[1] for k, c in cost.items()}
-        choosers[slot] = WidthChooser(cost)
-        choosers[slot].units = units
+            seconds = {k: t + (k - 1) * drafted for k, t in seconds.items()}
+        choosers[slot] = WidthChooser({k: t / seconds[1] for k, t in seconds.items()}, burst=burst,
+                                      unit_seconds=seconds[1], timed=True)
     return choosers[slot]

@@ -365,8 +365,8 @@ class ScriptedBlocks:
     def __init__(self, block_size: int):
         self.cycle = [block_size, 1, 1, block_size, block_size, 1]
         self.cost = {1: 1.0, block_size: 2.0}
-        self.units = {1: 1.0, block_size // 2: 1.5, block_size: 2.0, 2 * block_size: 3.0}
-        self.step, self.seen = 0, []
+        self.step, self.seen, self.bailed = 0, [], 0
+        self.asked = self.asked_in = 0  # overdue() calls in block step
 
     def choose(self) -> int:
         self.step += 1
@@ -374,6 +374,15 @@ class ScriptedBlocks:
 
     def leaning_wide(self) -> bool:
         return True  # so a fused step also runs ahead of blocks that then go AR
+
+    def overdue(self, k: int, steps: int = 1) -> bool:
+        # Every other denoised block is finished by AR steps after its second denoising step, when
+        # it holds committed but unverified tokens.
+        self.asked = self.asked + 1 if self.asked_in == self.step else 1
+        self.asked_in = self.step
+        late = self.step % 2 == 1 and self.asked > 2
+        self.bailed += late
+        return late
 
     def observe(self, k: int, tokens: float) -> None:
         self.seen.append((k, tokens))
@@ -394,7 +403,7 @@ def test_blocks_written_by_ar_steps_never_change_verified_output(family, setting
     want = engine.generate(prompts, "hf_generate", MAX_NEW).sequences
     choosers: list[ScriptedBlocks] = []
 
-    def scripted(engine, key, widths, batch_size, context, also=()):
+    def scripted(engine, key, widths, batch_size, context, burst=2):
         choosers.append(ScriptedBlocks(4))
         return choosers[-1]
 
@@ -405,6 +414,7 @@ def test_blocks_written_by_ar_steps_never_change_verified_output(family, setting
         assert out.sequences == expected, settings
         assert {k for k, _ in choosers[-1].seen} == {1, 4}, "a kind of block went untried"
         assert all(tokens > 0 for k, tokens in choosers[-1].seen if k == 4)
+    assert sum(c.bailed for c in choosers) > 0, "no denoised block was finished by AR steps"
 
 
 def test_verified_decoding_of_the_shipped_model_stops_where_generate_does():

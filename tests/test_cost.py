@@ -111,6 +111,61 @@ def test_chooser_recovers_when_a_burst_pays():
     assert chosen[-50:] == [4] * 50 and chooser.gap == 4
 
 
+def test_a_timed_chooser_prices_steps_by_their_measured_time(monkeypatch):
+    """The prior says a width-4 step costs 1.2 forwards and it commits 3 tokens, so it should pay;
+    but the decoder's steps at width 4 take 5x a 1-token step (its own work around the forward:
+    masks, acceptance). Timed, the chooser learns that from the clock and settles on 1 token; the
+    same steps timed at the prior's cost keep it at 4."""
+    import leaplm.inference.cost as cost_module
+
+    def run(step_seconds: dict[int, float]) -> list[int]:
+        clock = [0.0]
+        monkeypatch.setattr(cost_module.time, "perf_counter", lambda: clock[0])
+        chooser = WidthChooser({1: 1.0, 4: 1.2}, unit_seconds=0.01, timed=True)
+        chosen = []
+        for _ in range(40):
+            k = chooser.choose()
+            clock[0] += step_seconds[k]
+            chooser.observe(k, 1.0 if k == 1 else 3.0)
+            chosen.append(k)
+        return chosen
+
+    assert run({1: 0.01, 4: 0.05})[-10:] == [1] * 10
+    assert run({1: 0.01, 4: 0.012})[-10:] == [4] * 10
+
+
+def test_a_step_is_overdue_once_it_outlasts_the_narrow_one(monkeypatch):
+    import leaplm.inference.cost as cost_module
+
+    clock = [0.0]
+    monkeypatch.setattr(cost_module.time, "perf_counter", lambda: clock[0])
+    chooser = WidthChooser({1: 1.0, 16: 3.0}, unit_seconds=0.01, timed=True)
+    chooser.choose()
+    clock[0] += 0.15
+    assert not chooser.overdue(1, steps=16)  # untimed: 16 one-token forwards of the prior, 0.16 s
+    clock[0] += 0.02
+    assert chooser.overdue(1, steps=16)
+    chooser.observe(16, 16.0)
+    assert chooser.choose() == 1
+    clock[0] += 0.05  # an AR block, timed: 0.05 s
+    chooser.observe(1, 16.0)
+    chooser.choose()
+    clock[0] += 0.06
+    assert chooser.overdue(1, steps=16) and not WidthChooser({1: 1.0}).overdue(1)  # untimed: never
+
+
+def test_an_expensive_burst_waits_longer():
+    """A denoised block costs 3 AR blocks and writes 1.2x as much: a burst of 2 wastes about 4 AR
+    blocks' time, so the chooser waits until the 1-token steps since the last burst took 16 times
+    that (64 steps), not merely 16 steps."""
+    chooser = WidthChooser({1: 1.0, 16: 3.0}, gap=16, burst=2)
+    chosen = run_chooser(chooser, lambda k: 1.2, 300)
+    wide = [i for i, k in enumerate(chosen) if k > 1]
+    # The untried width first; a burst after 64 AR steps, the next after 128 (the gap doubled), the
+    # next would be after 256: past 300.
+    assert wide == [0, 65, 66, 195, 196]
+
+
 def test_chooser_refuses_costs_without_the_one_token_step():
     with pytest.raises(ValueError, match="width 1 among them"):
         WidthChooser({2: 1.0, 4: 1.5})

@@ -62,10 +62,13 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
    token than AR. So before each block the engine's
    :class:`~leaplm.inference.cost.WidthChooser` picks between denoising it and writing it
    with plain 1-token AR forwards of the clean stream (which leave the same clean K/V as a
-   commit pass), from the measured cost of each forward width and the tokens per unit of
-   1-token time that denoised blocks have been committing. Verified output is the model's
-   greedy AR output either way; unverified decoding is never switched, since its output
-   depends on its steps.
+   commit pass), by the tokens per second each kind of block has been writing: each block is
+   timed whole, so the denoising path's masks and commit rules count as well as its forwards
+   (before either kind has run, the measured cost of the forward widths stands in). A block
+   whose denoising has already taken longer than an AR block would is finished with AR steps,
+   so one bad block costs at most about two. Verified
+   output is the model's greedy AR output either way; unverified decoding is never switched,
+   since its output depends on its steps.
 
 Caches. The *block cache* holds only clean K/V: the prompt and the commit passes of finished
 blocks, never a denoising step's. ``sub_block_cache=True`` adds Fast-dLLM's *DualCache*: the
@@ -349,12 +352,10 @@ def block_diffusion(
 
     chooser = None  # picks, per block, between denoising it (width block_size) and AR steps (width 1)
     if (verify if adaptive is None else adaptive) and block_size > 1:
-        # Also measured: the other widths the denoising path feeds, to count a block's spent time.
         chooser = width_chooser(engine, ("block_diffusion", block_size, sub_block_size, rule, threshold,
                                          entropy_bound, factor, top_k, max_per_step, unmask_filter, accept, eos_fill,
                                          fuse_commit_pass), [block_size], b, batch.width + max_new_tokens // 2,
-                                also=[sub_block_size, 2 * block_size])
-        units = chooser.units  # what each forward costs, in 1-token forwards
+                                burst=1)  # a block shows what denoising pays
 
     def stopped_at(block: torch.Tensor, committed: torch.Tensor) -> torch.Tensor:
         """[b, B]: committed stop tokens with every slot before them committed (they end the row)."""
@@ -416,6 +417,12 @@ def block_diffusion(
             if not unfinished.any():
                 return
 
+    def written(live: torch.Tensor, start: int) -> float:
+        """Tokens per row the block at ``start`` wrote for the rows ``live`` [b] when it began."""
+        return float(torch.where(unfinished, block_size, lengths - start)[live].float().mean())
+
+    # The chooser times each block from its choice to its observation: the block's whole cost,
+    # masks and bookkeeping included, against AR's.
     width = chooser.choose() if chooser is not None else block_size
     for start in range(0, span, block_size):
         context = batch.width + start  # cached: the prompt and the finished blocks
@@ -424,6 +431,7 @@ def block_diffusion(
         block[:, 0] = first
         committed = slots[None].expand(b, -1) == 0  # [b, B]
         settle(block, committed, start)
+        live = unfinished.clone()  # [b] rows this block writes for
         if chooser is not None and width == 1 and unfinished.any():
             fused = None  # a fused step run for this block is not needed, and its noisy K/V goes
             crop_cache(cache, context)
@@ -431,17 +439,19 @@ def block_diffusion(
             tokens[:, start:start + block_size] = block
             if not unfinished.any():
                 break
-            chooser.observe(1, 1.0)
+            chooser.observe(1, written(live, start))
             width = chooser.choose()
             continue
-        live = unfinished.clone()  # [b] rows this block writes for
-        spent = 0.0  # the block's forwards, in 1-token forwards (the fused commit pass counted whole)
         kept = carried = None  # DualCache: the sub-block whose block K/V is cached, and slot lo-1's logit
+        overdue = False  # denoising has taken longer than writing the block with AR steps would have
         while True:  # denoise the block; under ``verify``, again from a row's first wrong slot
             while True:
                 open_slots = ~committed & unfinished[:, None] & ~stopped_at(block, committed).any(-1, keepdim=True)
                 active = open_slots.any(0)  # [B]
                 if not active.any():
+                    break
+                if chooser is not None and chooser.overdue(1, steps=block_size):
+                    overdue = True
                     break
                 lo = int(active.nonzero()[0]) // sub_block_size * sub_block_size  # the active sub-block [lo, hi)
                 hi = lo + sub_block_size
@@ -457,7 +467,6 @@ def block_diffusion(
                             kept, carried = lo, logits[:, :1].clone()
                     open_slots &= hit[:, None]
                 elif kept != lo:
-                    fed_width = block_size
                     crop_cache(cache, context)  # drop the noisy K/V of earlier steps
                     mask = engine.mask_for_new_tokens(visible[:, : context + block_size], bidirectional)  # [b, B, kv]
                     logits = forward(engine, block, cache, positions, custom_mask=mask, noisy_from=0,
@@ -465,7 +474,6 @@ def block_diffusion(
                     if sub_block_cache:
                         kept, carried = lo, logits[:, :1].clone()  # [b, 1, v] slot lo - 1 when lo >= 1
                 else:
-                    fed_width = sub_block_size
                     fed = sub_block_forward(engine, cache, block, positions, visible, context, lo, hi)  # [b, S, v]
                     logits = fed if lo == 0 else torch.cat([carried, fed], dim=1)  # from slot first_open - 1
                 if logits.shape[1] == block_size - first_open + 1:  # it reaches slot B-1, which predicts past the block
@@ -474,7 +482,6 @@ def block_diffusion(
                 if ran:
                     forwards += 1
                     row_forwards += unfinished
-                    spent += units[fed_width] if chooser is not None else 0.0
 
                 stats = commit_stats(shifted)  # [b, hi - first_open] each; one fused pass over the vocabulary
                 chosen = select_commits(stats.prob, stats.entropy, open_slots[:, first_open:hi], rule, **settings)
@@ -485,6 +492,16 @@ def block_diffusion(
                 if not verify:
                     settle(block, committed, start)
 
+            if overdue:
+                # Write the block with AR steps instead (from slot 0: verified slots come out as they
+                # are) rather than risk as many denoising rounds again; at large batches some row's
+                # block is almost always reopened. Its output is the same, as it is verified.
+                fused = kept = None
+                crop_cache(cache, context)
+                block[:, 1:] = spec.mask_token_id  # unverified slots, whose stops must not end a row
+                committed[:, 1:] = False
+                ar_block(block, committed, start, positions)
+                break
             if not unfinished.any():
                 break
             # Commit pass: the finished block's clean K/V, and its logits (the last gives the next
@@ -511,8 +528,6 @@ def block_diffusion(
             first = clean_logits[:, -1].argmax(-1)  # [b]
             forwards += 1
             row_forwards += unfinished
-            if chooser is not None:
-                spent += units[2 * block_size if next_logits is not None else block_size]
             if next_logits is not None:
                 fused = next_logits, first == guess
             if verify and reopen_unverified(block, committed, clean_logits, start).any():
@@ -524,9 +539,8 @@ def block_diffusion(
         tokens[:, start:start + block_size] = block
         if not unfinished.any():
             break
-        if chooser is not None:  # the block's tokens per row, per unit of 1-token time, as a width-B yield
-            written = torch.where(unfinished, block_size, lengths - start)[live].float().mean()
-            chooser.observe(block_size, float(written) * chooser.cost[block_size] / spent)
+        if chooser is not None:
+            chooser.observe(block_size, written(live, start))
             width = chooser.choose()
 
     tokens = tokens[:, :max_new_tokens].masked_fill(
