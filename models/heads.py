@@ -108,27 +108,35 @@ class HydraInput(nn.Module):
         return self.proj(x) + F.silu(self.linear(x))
 
 
+def llama_layer_config(base_config):
+    """A Llama config for one decoder layer sized like ``base_config``'s (a draft's own layer: the
+    Hydra++ prefix layer, EAGLE-3's draft layer), with the base's rotary embedding."""
+    from transformers import LlamaConfig
+
+    heads = base_config.num_attention_heads
+    rope = getattr(base_config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (Gemma3): take the global one
+        rope = rope["full_attention"]
+    config = LlamaConfig(
+        hidden_size=base_config.hidden_size, intermediate_size=base_config.intermediate_size,
+        num_attention_heads=heads, num_key_value_heads=getattr(base_config, "num_key_value_heads", heads),
+        head_dim=getattr(base_config, "head_dim", None) or base_config.hidden_size // heads,
+        rms_norm_eps=getattr(base_config, "rms_norm_eps", 1e-6),
+        max_position_embeddings=base_config.max_position_embeddings,
+        rope_parameters=rope,
+    )
+    config._attn_implementation = "sdpa"  # our own layers: the bool masks they take are sdpa's form
+    return config
+
+
 class PrefixLayer(nn.Module):
     """One Llama decoder layer over hidden states [b, s, H], with rotary positions and its own cache."""
 
     def __init__(self, base_config):
         super().__init__()
-        from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-        heads = base_config.num_attention_heads
-        rope = getattr(base_config, "rope_parameters", None)
-        if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (Gemma3): take the global one
-            rope = rope["full_attention"]
-        config = LlamaConfig(
-            hidden_size=base_config.hidden_size, intermediate_size=base_config.intermediate_size,
-            num_attention_heads=heads, num_key_value_heads=getattr(base_config, "num_key_value_heads", heads),
-            head_dim=getattr(base_config, "head_dim", None) or base_config.hidden_size // heads,
-            rms_norm_eps=getattr(base_config, "rms_norm_eps", 1e-6),
-            max_position_embeddings=base_config.max_position_embeddings,
-            rope_parameters=rope,
-        )
-        config._attn_implementation = "sdpa"  # our own layer: the bool masks below are sdpa's form
+        config = llama_layer_config(base_config)
         self.layer = LlamaDecoderLayer(config, layer_idx=0)
         self.rotary = LlamaRotaryEmbedding(config)
 

@@ -80,16 +80,16 @@ from leaplm.models.heads import (
     unwrap_heads,
 )
 from leaplm.models.zoo import load_model
+from leaplm.train.rank_accuracy import rank_hits, record_accuracy
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
     CURRENT_FILE,
     GREEDY_DECODERS,
     SETTINGS_FILE,
-    answer_samples,
+    answer_dataset,
     check_rollout_sections,
     collect_run_greedy_answers,
     current_rollouts,
-    load_rollouts,
     model_fingerprint,
     rollout_key,
     rollouts_dir,
@@ -184,12 +184,8 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
-    """One sample per answered prompt: prompt + answer, labels on the answer, and its ``index`` in
-    this list (where offline training finds its cached hidden states)."""
-    samples = answer_samples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
-    return [{"input_ids": s["prompt_ids"] + s["answer_ids"],
-             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"], "index": i}
-            for i, s in enumerate(samples)]
+    """One sample per answered prompt (:func:`~leaplm.train.rollouts.answer_dataset`)."""
+    return answer_dataset(cfg)
 
 
 def build_collator(cfg: Config, tokenizer):
@@ -359,33 +355,6 @@ def head_inputs(heads: DraftHeads, embedded: torch.Tensor | None, hidden: torch.
     return hidden[:, :t][counted], torch.stack([embedded[:, 1 + j:1 + j + t][counted] for j in range(k + 1)], dim=1)
 
 
-def rank_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[R + 1]: how many targets [n] were each head's rank-r prediction (logits [n, V]), then n."""
-    with torch.no_grad():
-        top = logits.topk(ACCURACY_TOP_K, dim=-1).indices  # [n, R]
-        hits = (top == targets[:, None]).sum(0)  # [R]
-        return torch.cat([hits, hits.new_tensor([len(targets)])]).double()
-
-
-def record_accuracy(heads: DraftHeads, counts: torch.Tensor) -> dict[str, float]:
-    """Update every head's running rank accuracies from this micro-batch's ``counts`` [K, R + 1]
-    (:func:`rank_hits` per head, zeros for heads the batch was too short for); their top-1 metrics.
-
-    The counts are summed over processes first, so the accuracies (which shape the decoding tree)
-    are those of the global micro-batch, the same on every process and for any process count.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)  # every process calls this once per micro-batch
-    metrics = {}
-    for k, row in enumerate(counts):
-        if row[-1] > 0:
-            hits = (row[:-1] / row[-1]).to(heads.accuracy.dtype)  # [R]
-            seen = heads.accuracy[k].any()
-            heads.accuracy[k] = torch.where(seen, 0.95 * heads.accuracy[k] + 0.05 * hits, hits)
-            metrics[f"head{k}_top1"] = float(hits[0])
-    return metrics
-
-
 def loss(model, batch, cfg: Config):
     m: DraftHeadsMethodConfig = cfg.method
     inner, heads = unwrap_heads(model)
@@ -433,7 +402,7 @@ def loss(model, batch, cfg: Config):
         else:
             total = total + weight * m.decay ** (k + 1) * ce_sum
         counts[k] = rank_hits(logits, targets)
-    metrics.update(record_accuracy(heads, counts))
+    metrics.update(record_accuracy(heads.accuracy, counts, "head"))
     if joint:
         predicted = answer[:, 1:]  # [b, T-1] positions whose next token is an answer token
         student = base_logits[:, :-1].float()

@@ -30,6 +30,7 @@ RECIPE_MODULES = {
     "cd4lm": "leaplm.train.cd4lm",
     "learn2pd": "leaplm.train.learn2pd",
     "draft_heads": "leaplm.train.draft_heads",
+    "eagle3": "leaplm.train.eagle3",
     "acceptance_head": "leaplm.train.acceptance_head",
 }
 

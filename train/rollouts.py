@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from leaplm.config import Config, ConfigError, DataConfig
-from leaplm.data.sft import load_source, prompt_ids, to_messages
+from leaplm.data.sft import IGNORE_INDEX, load_source, prompt_ids, to_messages
 from leaplm.data.tasks import TASKS, get_task
 from leaplm.inference.decoders.jacobi import collect_jacobi_trajectories
 from leaplm.inference.engine import Engine, GenerationOutput
@@ -496,6 +496,16 @@ def answer_samples(ds: datasets.Dataset) -> list[dict[str, list[int]]]:
     for index, prompt, block in zip(ds["prompt_index"], ds["prompt_ids"], ds["fixed_point"]):
         answers.setdefault(index, (prompt, []))[1].extend(block)  # a prompt's blocks are stored in order
     return [{"prompt_ids": prompt, "answer_ids": answer} for _, (prompt, answer) in sorted(answers.items())]
+
+
+def answer_dataset(cfg: Config) -> list[dict[str, list[int]]]:
+    """The run's current greedy answers as training samples, one per answered prompt: prompt +
+    answer, labels on the answer (the rest ``IGNORE_INDEX``), and its ``index`` in this list
+    (where offline training finds its cached hidden states)."""
+    samples = answer_samples(load_rollouts(current_rollouts(rollouts_dir(cfg)), cfg.rollout.drop_wrong))
+    return [{"input_ids": s["prompt_ids"] + s["answer_ids"],
+             "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"], "index": i}
+            for i, s in enumerate(samples)]
 
 
 # ----- The rollout step of a run -------------------------------------------------------------

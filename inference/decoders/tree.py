@@ -244,20 +244,22 @@ def default_accuracy(num_heads: int, ranks: int) -> torch.Tensor:
     return top1[:, None] * 0.5 ** torch.arange(ranks)[None]
 
 
-def auto_paths(heads: DraftHeads, tree_size: int) -> list[tuple[int, ...]]:
-    """The ``"auto"`` tree's non-root paths, best first (so every prefix of them is a tree)."""
+def auto_paths(accuracy: torch.Tensor, tree_size: int) -> list[tuple[int, ...]]:
+    """The ``"auto"`` tree's non-root paths, best first (so every prefix of them is a tree), from a
+    drafter's measured rank ``accuracy`` [depths, ranks] (all zeros: none recorded)."""
     if not isinstance(tree_size, int) or tree_size < 2:
         raise DecoderError(f"tree_size must be an integer >= 2 (root plus drafted nodes), got {tree_size!r}")
-    accuracy = heads.accuracy.float().cpu()
+    accuracy = accuracy.float().cpu()
     if not bool(accuracy.any()):
-        accuracy = default_accuracy(heads.config.num_heads, accuracy.shape[1])
+        accuracy = default_accuracy(*accuracy.shape)
     return grow_tree(accuracy, tree_size)
 
 
-def choose_tree(heads: DraftHeads, tree: Any, tree_size: int, lookup: int = 0) -> Tree:
-    k = heads.config.num_heads
+def choose_tree(accuracy: torch.Tensor, tree: Any, tree_size: int, lookup: int = 0) -> Tree:
+    """The tree a step uses: ``"auto"`` grown from ``accuracy`` [depths, ranks], or a list of rank paths."""
+    k = accuracy.shape[0]
     if tree == "auto":
-        return make_tree(auto_paths(heads, tree_size), k, lookup)
+        return make_tree(auto_paths(accuracy, tree_size), k, lookup)
     if not isinstance(tree, (list, tuple)) or not tree or not all(isinstance(p, (list, tuple)) for p in tree):
         raise DecoderError(f"tree must be 'auto' or a list of rank paths such as [[0], [0, 0], [1]], got {tree!r}")
     return make_tree(tree, k, lookup)
@@ -463,10 +465,10 @@ def tree_decoder(kind: str, description: str):
         pick = TokenPicker(engine.device, temperature, top_k, top_p, seed)
         if tree == "auto" and (acceptance == "greedy" if adaptive is None else adaptive):
             key = (kind, id(heads), tree_size, acceptance, temperature, top_k, top_p, lookup)
-            sizes = tree_sizes(engine, batch, max_new_tokens, key, auto_paths(heads, tree_size),
+            sizes = tree_sizes(engine, batch, max_new_tokens, key, auto_paths(heads.accuracy, tree_size),
                                heads.config.num_heads, lookup)
         else:
-            sizes = fixed_sizes(choose_tree(heads, tree, tree_size, lookup))
+            sizes = fixed_sizes(choose_tree(heads.accuracy, tree, tree_size, lookup))
         return tree_decode(engine, batch, max_new_tokens, heads, sizes, pick, typical=acceptance == "typical")
 
     decode.__name__ = decode.__qualname__ = kind

@@ -1,0 +1,208 @@
+"""``eagle3``: tree decoding with an EAGLE-3 draft (``models/eagle3.py``).
+
+**One step.** The *root* is the token the target predicted last (committed, not yet in the
+target's cache). The draft's cache holds its first-step keys and values for every committed
+position before the root, each computed from the target's own fused features there. A step:
+
+1. *Catch up*: the draft runs over the positions the last verification accepted (their target
+   features, each with the token that followed it), in one forward; its output at the newest
+   gives the root's children (depth 1).
+2. *Draft*: for depth d = 2 .. D, the draft runs once over the nodes of depth d - 1 that have
+   children, each reading its own token and its parent's output hidden state at position
+   root + d - 2 (as in training, a step drafts one position on), attending to the draft's cache and to its ancestors (a tree mask); their
+   logits' ranked tokens are the depth-d nodes. The tree's shape is the ``"auto"`` tree grown
+   from the draft's measured rank accuracy per depth (as the Medusa and Hydra decoders grow
+   theirs), or an explicit list of rank paths.
+3. *Verify*: the target runs the root and every node in one forward with the tree mask, as the
+   ``medusa``/``hydra`` decoders do (``tree.py``); the deepest node whose whole path is the
+   target's greedy choice wins, its path is committed, and the target's token after it (the
+   bonus) becomes the next root. The hidden states of that forward give the accepted
+   positions' features for the next catch-up.
+
+Greedy decoding is lossless: every committed token is the target's greedy token, so the output
+equals ``generate`` whatever the draft proposes (tests check it on several families, padded
+batches included).
+
+Where we differ from EAGLE-2's dynamic tree (``eagle/model/cnets.py:topK_genrate``, top-k of every
+frontier node re-ranked by cumulative log-probability per row): the tree's shape is fixed per
+step and shared by the rows (EAGLE-1's static tree, grown from measured accuracies), so a batch
+verifies with one tree mask. With ``adaptive`` (on by default, greedy) the engine's
+:class:`~leaplm.inference.cost.WidthChooser` takes the best-scoring part of the tree that pays, 1 (a
+plain AR step, no drafting) to ``tree_size`` nodes, timing each step whole: drafting included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from leaplm.inference.cost import candidate_widths, width_chooser
+from leaplm.inference.decoders.tree import (
+    Answers,
+    Tree,
+    auto_paths,
+    check_adaptive,
+    choose_tree,
+    keep_new_slots,
+    make_tree,
+    real_slots,
+)
+from leaplm.inference.engine import (
+    DecoderError,
+    DecodeResult,
+    Engine,
+    PromptBatch,
+    crop_cache,
+    new_cache,
+    register_decoder,
+)
+from leaplm.models.eagle3 import Eagle3Draft, eagle3_of
+
+
+def draft_forward(draft: Eagle3Draft, cache, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  allowed: torch.Tensor) -> torch.Tensor:
+    """One draft forward of ``tokens`` [b, s] with ``hidden`` [b, s, H] after ``cache``; its new keys
+    and values join the cache. ``allowed`` [b, s, cache + s]. Returns the output states [b, s, H]."""
+    layer = cache.layers[0] if cache.get_seq_length() else None
+    out, (k, v) = draft.layer_forward(tokens, hidden, positions, allowed,
+                                      None if layer is None else (layer.keys, layer.values))
+    cache.update(k, v, 0)
+    return out
+
+
+def propose(draft: Eagle3Draft, cache, cached: torch.Tensor, tree: Tree, root: torch.Tensor, root_out: torch.Tensor,
+            root_pos: torch.Tensor) -> torch.Tensor:
+    """Tokens [b, N] of the tree's nodes (column 0 the root), drafted depth by depth from the draft's
+    output ``root_out`` [b, H] at the position before the root (``root_pos`` [b]). ``cached`` [b]:
+    real tokens in the draft's cache, which is left as it was."""
+    b, n = root.shape[0], tree.size
+    tokens = root[:, None].expand(b, n).clone()  # [b, N]
+    if n == 1:
+        return tokens
+    context = cache.get_seq_length()
+    max_rank = int(tree.rank.max()) + 1
+    outputs = root_out.new_zeros(b, n, root_out.shape[-1])  # [b, N, H] each drafted node's output
+    outputs[:, 0] = root_out
+    appended: list[torch.Tensor] = []  # nodes whose keys joined the draft's cache, in order
+    for d, (nodes, parents, slot) in enumerate(tree.levels, 1):
+        if d > 1:  # run the parents (depth d - 1): their outputs rank this depth's tokens
+            appended.append(parents)
+            keyed = torch.cat(appended)  # [a]
+            allowed = torch.cat([real_slots(cached, context)[:, None].expand(-1, len(parents), -1),
+                                 tree.ancestors[parents][:, keyed][None].expand(b, -1, -1)], -1)  # [b, P, ctx + a]
+            positions = (root_pos[:, None] + d - 2).expand(-1, len(parents))  # [b, P] depth e drafts at root + e - 1
+            outputs[:, parents] = draft_forward(draft, cache, tokens[:, parents], outputs[:, tree.parent[parents]],
+                                                positions, allowed)
+        logits = draft.logits(outputs[:, parents])  # [b, P, D_vocab]
+        top = draft.to_target(logits.topk(max_rank, dim=-1).indices)  # [b, P, R] target ids
+        tokens[:, nodes] = top[:, slot, tree.rank[nodes]]
+    crop_cache(cache, context)
+    return tokens
+
+
+def catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: torch.Tensor, next_tokens: torch.Tensor,
+             positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Run the draft over the first ``counts[b]`` of ``features`` [b, w, H] (fused target features),
+    each with the token after it (``next_tokens`` [b, w]) at ``positions`` [b, w]; keep their keys
+    and values in the cache (right-aligned, ``cached`` [b] grows in place). Returns the draft's
+    output at each row's last one [b, H]."""
+    b, w = next_tokens.shape
+    context = cache.get_seq_length()
+    new = torch.arange(w, device=counts.device)[None] < counts[:, None]  # [b, w] real new slots
+    causal = torch.ones(w, w, dtype=torch.bool, device=counts.device).tril()
+    allowed = torch.cat([real_slots(cached, context)[:, None].expand(-1, w, -1),
+                         causal[None] & new[:, None, :]], -1)  # [b, w, ctx + w]
+    allowed[:, :, context:] |= torch.eye(w, dtype=torch.bool, device=counts.device)[None]  # padding sees itself
+    out = draft_forward(draft, cache, next_tokens, features, positions, allowed)  # [b, w, H]
+    keep_new_slots([cache], context, torch.arange(w, device=counts.device)[None].expand(b, -1), counts)
+    cached += counts
+    return out[torch.arange(b, device=counts.device), (counts - 1).clamp(min=0)]
+
+
+def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft: Eagle3Draft, trees: dict[int, Tree],
+                  chooser) -> DecodeResult:
+    device, b = engine.device, batch.size
+    trees = {w: t.to(device) for w, t in trees.items()}
+    answers = Answers(engine, batch, max_new_tokens, spare=max(t.max_depth for t in trees.values()) + 2)
+    cache, draft_cache = new_cache(), new_cache()
+    rows = torch.arange(b, device=device)
+
+    out = engine.forward(batch.input_ids, cache, batch.position_ids, batch.attention_mask if batch.has_padding else None,
+                         output_hidden_states=True)
+    root = out.logits[:, -1].argmax(-1)  # [b]
+    answers.commit(root[:, None], torch.ones_like(root))
+    cached = batch.lengths.clone()  # [b] real tokens in the target's cache
+    # The draft's first catch-up: every prompt position, each with the token after it (the root last).
+    # Left padding becomes right-aligned real slots: a row's real positions are its last lengths[b].
+    order = (torch.arange(batch.width, device=device)[None] + batch.width - batch.lengths[:, None]) % batch.width
+    features = draft.features(out.hidden_states).gather(1, order[..., None].expand(-1, -1, draft.config.hidden_size))
+    following = torch.cat([batch.input_ids[:, 1:], root[:, None]], 1).gather(1, order)  # [b, p]
+    draft_cached = torch.zeros_like(cached)
+    root_out = catch_up(draft, draft_cache, draft_cached, features, following,
+                        batch.position_ids.gather(1, order), batch.lengths)
+
+    while answers.unfinished.any():
+        context = cache.get_seq_length()
+        width = chooser.choose() if chooser is not None else next(iter(trees))
+        tree = trees[width]
+        n = tree.size
+        root_pos = batch.lengths + answers.count - 1  # [b] the root's position
+        tokens = propose(draft, draft_cache, draft_cached, tree, root, root_out, root_pos)  # [b, N]
+        positions = root_pos[:, None] + tree.depth[None]  # [b, N]
+        real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
+        allowed = Engine.mask_for_new_tokens(real, tree.ancestors)  # [b, N, context + N]
+        out = engine.forward(tokens, cache, positions, custom_mask=allowed, offsets=tree.depth,
+                             output_hidden_states=True)
+        answers.stepped()
+        correct = tokens == out.logits[:, tree.parent].argmax(-1)  # [b, N] each node is its parent's greedy token
+        correct[:, 0] = True  # the root is committed already
+        on_path = ((~correct).float() @ tree.ancestors.T.float()) == 0  # [b, N] every node from the root on right
+        best = (on_path * (tree.depth[None] + 1)).argmax(-1)  # [b] deepest such node
+        accepted = tree.depth[best]  # [b]
+        if chooser is not None:
+            chooser.observe(width, float((accepted + 1)[answers.unfinished].float().mean()))
+        path = tree.path_nodes[best]  # [b, D + 1]
+        bonus = out.logits[rows, best].argmax(-1)  # [b]
+        new = torch.cat([tokens.gather(1, path[:, 1:]), bonus[:, None]], 1)  # [b, D + 1]
+        new.scatter_(1, accepted[:, None], bonus[:, None])  # the bonus right after the accepted path
+        live = answers.unfinished.clone()
+        answers.commit(new, accepted + 1)
+        counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
+        keep_new_slots([cache], context, path, counts)
+        cached += counts
+        if not answers.unfinished.any():
+            break
+        # The accepted positions' target features, each with the token that followed it (the next
+        # accepted token, then the bonus), for the draft's cache.
+        fused = draft.features(out.hidden_states)  # [b, N, H]
+        path_features = fused.gather(1, path[..., None].expand(-1, -1, fused.shape[-1]))  # [b, D + 1, H]
+        root_out = catch_up(draft, draft_cache, draft_cached, path_features, new, positions.gather(1, path),
+                            torch.where(answers.unfinished, accepted + 1, 0))
+        root = bonus
+    return answers.result()
+
+
+def tree_widths(draft: Eagle3Draft, tree_size: int) -> dict[int, Tree]:
+    """Nested trees of the auto tree's first s nodes, s = 1 (a plain AR step), 2, 4, ... up to all."""
+    paths = auto_paths(draft.accuracy, tree_size)
+    depth = draft.accuracy.shape[0]
+    return {s: make_tree(paths[:s - 1], depth) for s in candidate_widths(len(paths) + 1)}
+
+
+@register_decoder("eagle3", checks=(check_adaptive,))
+def eagle3(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
+           adaptive: bool | None = None) -> DecodeResult:
+    """Greedy tree decoding with the model's EAGLE-3 draft (see the module docstring); equals
+    ``generate`` token for token."""
+    draft = eagle3_of(engine.model)
+    if tree == "auto" and adaptive is not False:
+        trees = tree_widths(draft, tree_size)
+        chooser = width_chooser(engine, ("eagle3", id(draft), tree_size), list(trees), batch.size,
+                                batch.width + max_new_tokens // 2)
+    else:
+        if adaptive:
+            raise DecoderError("adaptive sizes the 'auto' tree: set tree='auto', or adaptive=false")
+        fixed = choose_tree(draft.accuracy, tree, tree_size)
+        trees, chooser = {fixed.size: fixed}, None
+    return eagle3_decode(engine, batch, max_new_tokens, draft, trees, chooser)
