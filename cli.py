@@ -8,6 +8,7 @@
     leaplm quickstart
     leaplm export RUN_OR_CHECKPOINT --out DIR [--push REPO_ID] [--merge-lora | --no-merge-lora] [--bench-n N]
     leaplm export EXPORT_DIR --push REPO_ID      (push an export as it is)
+    leaplm export-speculators MODEL_DIR --out DIR  (an EAGLE-3 draft in the format vLLM serves)
     leaplm lm-eval --model leaplm --model_args pretrained=DIR[,decoder=NAME,setting=value] --tasks ...
 
 Maintainers' benchmarks (bench/):
@@ -54,6 +55,8 @@ COMMANDS = {
                           "leaplm.bench.commands:run_quickstart"),
     "export": Command("write a run's model in the Hub layout with its model card; optionally push it",
                       "leaplm.cli:add_export_arguments", "leaplm.cli:run_export"),
+    "export-speculators": Command("write a model's EAGLE-3 draft in the speculators format vLLM serves",
+                                  "leaplm.ship.speculators:add_arguments", "leaplm.ship.speculators:run_command"),
     "lm-eval": Command("lm-evaluation-harness with the `leaplm` model registered; every argument goes to lm_eval, "
                        "e.g. --model leaplm --model_args pretrained=DIR --tasks NAME", "", "leaplm.cli:run_lm_eval"),
     "bench-report": Command("regenerate the performance report in docs/benchmarks.md",

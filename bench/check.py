@@ -57,6 +57,7 @@ from leaplm.inference.evaluate import (
     read_prompts,
 )
 from leaplm.models.block_diffusion import convert
+from leaplm.models.eagle3 import EAGLE3_ATTR, Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers
 from leaplm.models.heads import HEADS_ATTR, DraftHeads, HeadsConfig, PrefixLayer, attach_heads
 from leaplm.models.two_stream import CLEAN, NOISY, StreamLayout, StreamRule, layout_attention
 from leaplm.models.zoo import DTYPES, TINY_SIZE, UnsupportedModelError, final_hidden_states
@@ -116,6 +117,26 @@ def random_heads(kind: str, prefix_layer: bool = False) -> Setup:
     return setup
 
 
+@contextlib.contextmanager
+def random_eagle3(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[dict, Any]]:
+    """An untrained EAGLE-3 draft on the model for the decoder's run; the model's own comes back after."""
+    text = model.config.get_text_config()
+    config = Eagle3Config(hidden_size=text.hidden_size, vocab_size=text.vocab_size, ttt_steps=HEADS,
+                          aux_layers=default_aux_layers(text.num_hidden_layers))
+    try:
+        draft = Eagle3Draft(config, model)
+    except Exception as err:  # its layer is sized from the config, which may lack a field
+        raise Unavailable(f"an EAGLE-3 draft cannot be built for this model ({type(err).__name__}: {err})") from err
+    own = getattr(model, EAGLE3_ATTR, None)
+    attach_eagle3(model, draft)
+    try:
+        yield {}, tokenizer
+    finally:
+        delattr(model, EAGLE3_ATTR)
+        if own is not None:
+            setattr(model, EAGLE3_ATTR, own)
+
+
 def random_draft(model: PreTrainedModel) -> PreTrainedModel:
     """A random tiny Llama with the model's vocabulary and positions: a draft whose guesses are
     mostly rejected, so speculative decoding's rejection path is what gets checked."""
@@ -169,6 +190,7 @@ CASES = (
     Case("medusa", "medusa", setup=random_heads("medusa")),
     Case("hydra", "hydra", setup=random_heads("hydra")),
     Case("hydra++", "hydra", setup=random_heads("hydra", prefix_layer=True)),
+    Case("eagle3", "eagle3", setup=random_eagle3),
     Case("speculative", "speculative", {"draft_tokens": 4}, a_draft(adaptive=False)),
     Case("speculative adaptive", "speculative", {"stop_threshold": 0.5, "min_draft": 1, "max_draft": 6},
          a_draft(adaptive=True)),
@@ -382,6 +404,7 @@ RECIPE_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "cd4lm": (("block_diffusion_model", "two_stream"), ("lora_targets",)),
     "learn2pd": (("block_diffusion_model", "two_stream"), ()),
     "draft_heads": (("jacobi_rollouts", "hidden_states"), ("prefix_layer", "lora_targets")),
+    "eagle3": (("jacobi_rollouts", "hidden_states"), ()),
     "acceptance_head": (("hidden_states",), ()),
 }
 

@@ -267,8 +267,10 @@ def looks_like_export(path: Path) -> bool:
             and not any((path / marker).exists() for marker in RUN_MARKERS))
 
 
-def check_replaceable(out: Path, keep: list[Path]) -> None:
-    """Refuse an ``out`` whose replacement would delete anything but an earlier export."""
+def check_replaceable(out: Path, keep: list[Path], ours: Callable[[Path], bool] | None = None,
+                      kind: str = "") -> None:
+    """Refuse an ``out`` whose replacement would delete anything but an earlier export (one ``ours``
+    recognises, ``kind`` in the message; by default a leaplm export)."""
     where = "pass another --out (or export.dir in a training config)"
     target = out.resolve()
     for path in keep:
@@ -279,9 +281,9 @@ def check_replaceable(out: Path, keep: list[Path]) -> None:
         return
     if not out.is_dir():
         raise ExportError(f"{out} is a file, not an export directory; {where}")
-    if any(out.iterdir()) and not looks_like_export(out):
-        raise ExportError(f"{out} is not empty and not a leaplm export (one has config.json and {RUN_CONFIG}, and "
-                          f"no {' or '.join(RUN_MARKERS)}); an export replaces its directory whole, so {where}, "
+    kind = kind or f"a leaplm export (one has config.json and {RUN_CONFIG}, and no {' or '.join(RUN_MARKERS)})"
+    if any(out.iterdir()) and not (ours or looks_like_export)(out):
+        raise ExportError(f"{out} is not empty and not {kind}; an export replaces its directory whole, so {where}, "
                           f"or empty {out} yourself")
 
 
@@ -320,15 +322,17 @@ def verify_export(path: Path) -> None:
 
 
 @contextmanager
-def _replacing(out: Path, keep: list[Path]) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to write an export into; verified, then swapped in for ``out`` whole.
+def replacing(out: Path, keep: list[Path], verify: Callable[[Path], None] = verify_export,
+              ours: Callable[[Path], bool] | None = None, kind: str = "") -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write an export into; checked by ``verify``, then swapped in
+    for ``out`` whole (an ``out`` that is not empty must be an earlier export: :func:`check_replaceable`).
 
     ``keep``: paths the export reads from, which must survive the replacement. The swap is two
     renames on one filesystem (old away, new in), so a crash before it leaves the earlier export
     under ``out``, and whatever fails removes the temporary directory. Only a kill leaves a
     ``.OUT.tmp-PID`` sibling behind, which can be deleted.
     """
-    check_replaceable(out, keep)
+    check_replaceable(out, keep, ours, kind)
     target = out.resolve()  # through a symlink: replace the directory it points to, keep the link
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -338,7 +342,7 @@ def _replacing(out: Path, keep: list[Path]) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        verify_export(tmp)
+        verify(tmp)
         if target.exists():
             target.rename(old)
         tmp.rename(target)
@@ -359,7 +363,7 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     """Write ``model`` (plain or peft LoRA) with its tokenizer, settings and card to ``out_dir``.
 
     ``out_dir`` is replaced whole (it must be new, empty or an earlier export, and may not hold
-    ``cfg.output_dir`` nor any of ``keep``; see :func:`_replacing`). ``export_settings``: the
+    ``cfg.output_dir`` nor any of ``keep``; see :func:`replacing`). ``export_settings``: the
     recipe's hook (``Recipe.export_settings``). ``merge_lora`` (default ``cfg.export.merge_lora``):
     merge a LoRA adapter into standalone weights, or keep the base weights and write the adapter to
     ``adapter/``. ``bench``: measure the model into the export, whose rows and plot the card then
@@ -370,7 +374,7 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
     card, which leaves out what is not given.
     """
     out = Path(out_dir)
-    with _replacing(out, [Path(cfg.output_dir), *keep]) as tmp:
+    with replacing(out, [Path(cfg.output_dir), *keep]) as tmp:
         plot = None
         if bench is not None:
             rows, plot = bench(model, tokenizer, cfg, tmp), "bench.png"
@@ -382,7 +386,7 @@ def export_model(model, tokenizer, cfg, out_dir: str | Path, rows: list[dict[str
 def _write_export(model, tokenizer, cfg, out: Path, rows: list[dict[str, Any]] | None, command: str | None,
                   export_settings: ExportSettings | None, *, merge_lora: bool | None, plot: str | None,
                   name: str, steps: int | None, samples: int | None, trained: str | None) -> None:
-    """Write the export's files into ``out``, a fresh directory that :func:`_replacing` swaps in."""
+    """Write the export's files into ``out``, a fresh directory that :func:`replacing` swaps in."""
     merge_lora = cfg.export.merge_lora if merge_lora is None else merge_lora
     adapter = hasattr(model, "merge_and_unload") and not merge_lora
     if adapter:

@@ -142,4 +142,7 @@ RECIPE_SMOKE = {
     "draft_heads": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
                     "method.num_heads=2", "rollout.max_new_tokens=32", "rollout.batch_size=4",
                     "train.micro_batch_size=2"],
+    "eagle3": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
+               "method.ttt_steps=2", "method.draft_vocab_size=128", "rollout.max_new_tokens=32",
+               "rollout.batch_size=4", "train.micro_batch_size=2"],
 }

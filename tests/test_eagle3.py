@@ -5,6 +5,7 @@ loading back."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -178,3 +179,44 @@ def test_errors(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         cfg = load_config(CONFIG, [f"output_dir={tmp_path}", override])
         recipe.build_model(cfg)
+
+
+def test_speculators_export_holds_the_draft_under_the_formats_names(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    from leaplm.models.eagle3 import save_attached_eagle3
+    from leaplm.ship.export import ExportError
+    from leaplm.ship.speculators import export_speculators
+
+    model, tokenizer = tiny("qwen2")
+    source = tmp_path / "model"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    try:
+        draft = random_draft(model, steps=3, draft_vocab=100)
+        save_attached_eagle3(model, source)
+    finally:
+        del model.eagle3
+    out = export_speculators(source, tmp_path / "spec", verifier="Qwen/Qwen2-tiny")
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 100
+    assert config["eagle_aux_hidden_state_layer_ids"] == draft.config.aux_layers
+    assert config["norm_before_residual"] is False  # our residual is the un-normed state, as EAGLE-3's
+    assert config["transformer_layer_config"]["vocab_size"] == model.config.vocab_size
+    assert config["speculators_config"]["verifier"] == {"name_or_path": "Qwen/Qwen2-tiny",
+                                                        "architectures": ["Qwen2ForCausalLM"]}
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    weights = load_file(str(out / "model.safetensors"))
+    state = draft.state_dict()
+    assert set(weights) == set(state) - {"accuracy"}
+    assert {"fc.weight", "layers.0.hidden_norm.weight", "layers.0.self_attn.q_proj.weight", "norm.weight",
+            "lm_head.weight", "d2t", "t2d"} <= set(weights)
+    assert all(torch.equal(weights[k], state[k]) for k in weights)
+    assert weights["d2t"].dtype == torch.long and weights["t2d"].dtype == torch.bool
+    assert weights["fc.weight"].shape == (model.config.hidden_size, 3 * model.config.hidden_size)
+    export_speculators(source, out)  # an earlier speculators export is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a speculators export"):
+        export_speculators(source, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
