@@ -180,9 +180,13 @@ class Eagle3Draft(nn.Module):
             head = self.target.get_output_embeddings().weight
             self.lm_head.weight.copy_(head[target_ids.to(head.device)])
 
+    def aux_states(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The fused layers' states [b, T, 3H] of a target forward's ``hidden_states`` (layer i's input at i)."""
+        return torch.cat([hidden_states[i] for i in self.config.aux_layers], dim=-1)
+
     def features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The fused features g [b, T, H] from a target forward's ``hidden_states`` (input of layer i at i)."""
-        return self.fc(torch.cat([hidden_states[i] for i in self.config.aux_layers], dim=-1))
+        """The fused features g [b, T, H] of a target forward's ``hidden_states``."""
+        return self.fc(self.aux_states(hidden_states))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.target.get_input_embeddings()(tokens)

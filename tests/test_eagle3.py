@@ -220,3 +220,13 @@ def test_speculators_export_holds_the_draft_under_the_formats_names(tmp_path, ti
     with pytest.raises(ExportError, match="not a speculators export"):
         export_speculators(source, tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_offline_training_is_the_online_run(tmp_path):
+    """With the target's states cached once, training reads them instead of running the target, and
+    follows the same loss curve."""
+    common = [*SMALL, "train.max_steps=3", "export.dir=null", "method.ttt_steps=2", "method.draft_vocab_size=128"]
+    online = train(load_config(CONFIG, [*common, f"output_dir={tmp_path / 'online'}"]))
+    offline = train(load_config(CONFIG, [*common, f"output_dir={tmp_path / 'offline'}", "method.offline=true"]))
+    assert list((tmp_path / "offline" / "features").glob("*/shard-00000.safetensors"))
+    assert offline.losses == pytest.approx(online.losses, rel=1e-5)

@@ -18,12 +18,14 @@ from leaplm.data.tasks import make_split
 from leaplm.inference.engine import Engine
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.zoo import load_model
-from leaplm.train import draft_heads
+from leaplm.train import draft_heads, features
 from leaplm.train.recipes import load_config
 from leaplm.train.rollouts import SETTINGS_FILE, rollout_key
 from leaplm.train.trainer import train
 
 from conftest import SMALL_ROLLOUT_RUN
+
+WHAT = "final hidden states"  # what the draft-heads recipe caches
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "draft_heads"
 SMALL = [*SMALL_ROLLOUT_RUN, "rollout.max_prompts=6", "method.rollout_block_size=8", "train.micro_batch_size=4"]
@@ -87,8 +89,8 @@ def test_an_offline_step_gives_the_online_loss_and_gradients_without_the_base(co
 
 def test_the_cache_is_reused_resumed_and_keyed_by_samples_and_base(tmp_path):
     cfg, model, tokenizer = offline_run(tmp_path)
-    path = draft_heads.current_features(cfg)
-    shard = draft_heads.shard_file(path, 0)
+    path = features.current_features(cfg)
+    shard = features.shard_file(path, 0)
     stamp = shard.stat().st_mtime_ns
     assert draft_heads.extract_features(cfg, model, tokenizer, Accelerator(cpu=True)) == path
     assert shard.stat().st_mtime_ns == stamp
@@ -98,10 +100,10 @@ def test_the_cache_is_reused_resumed_and_keyed_by_samples_and_base(tmp_path):
     assert draft_heads.extract_features(cfg, model, tokenizer, Accelerator(cpu=True)) == path
     assert shard.stat().st_mtime_ns == stamp and (path / SETTINGS_FILE).is_file()
     samples = draft_heads.build_dataset(cfg, tokenizer)
-    key = rollout_key(draft_heads.feature_settings(cfg, samples))
-    assert path.name == key != rollout_key(draft_heads.feature_settings(cfg, samples[1:]))
+    key = rollout_key(features.feature_settings(cfg, samples, WHAT))
+    assert path.name == key != rollout_key(features.feature_settings(cfg, samples[1:], WHAT))
     other_base = load_config(CONFIGS / "tiny_teacher.yaml", [*SMALL, f"output_dir={tmp_path}", "model.dtype=bfloat16"])
-    assert rollout_key(draft_heads.feature_settings(other_base, samples)) != key
+    assert rollout_key(features.feature_settings(other_base, samples, WHAT)) != key
 
 
 class OneOfTwo:
@@ -120,9 +122,9 @@ class OneOfTwo:
 
 
 def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(draft_heads, "SHARD_SAMPLES", 2)  # 6 samples: shards 0, 2 on rank 0 and 1 on rank 1
+    monkeypatch.setattr(features, "SHARD_SAMPLES", 2)  # 6 samples: shards 0, 2 on rank 0 and 1 on rank 1
     cfg, model, tokenizer = offline_run(tmp_path / "one")
-    one = draft_heads.current_features(cfg)
+    one = features.current_features(cfg)
     two_cfg = load_config(CONFIGS / "tiny_teacher.yaml", [*SMALL, f"output_dir={tmp_path / 'two'}", "method.offline=true"])
     shutil.copytree(tmp_path / "one" / "rollouts", tmp_path / "two" / "rollouts")
     for rank in (1, 0):  # rank 0 finishes the cache once every rank wrote its shards
@@ -130,8 +132,8 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
     assert one.name == two.name
     samples = draft_heads.build_dataset(cfg, tokenizer)
     assert len(samples) > 4
-    for a, b in zip(draft_heads.FeatureCollator(0, one)(samples)["hidden"],
-                    draft_heads.FeatureCollator(0, two)(samples)["hidden"]):
+    for a, b in zip(features.FeatureCollator(0, one)(samples)["hidden"],
+                    features.FeatureCollator(0, two)(samples)["hidden"]):
         assert torch.equal(a, b)
 
 

@@ -33,8 +33,8 @@ frozen base's LM head instead of their own copies of it.
 
 **Offline** (``offline``, frozen-base variants; as Hydra's ``hydra/data/build_hidden_states.py`` and
 SpecForge's offline training): after the rollouts, the base's final hidden states (after its final
-norm) of every training sample are computed once into ``OUTPUT_DIR/features/<key>/`` and the heads
-train from them without running the base. Hydra's drafted-token embeddings come from the base's
+norm) of every training sample are computed once into ``OUTPUT_DIR/features/<key>/``
+(``train/features.py``) and the heads train from them without running the base. Hydra's drafted-token embeddings come from the base's
 input embedding and Hydra++'s teacher distribution from its LM head, both on the cached states.
 See :func:`extract_features`.
 
@@ -53,20 +53,14 @@ dropout.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from leaplm.config import Config, ConfigError
 from leaplm.data.sft import IGNORE_INDEX, PadCollator
@@ -80,19 +74,14 @@ from leaplm.models.heads import (
     unwrap_heads,
 )
 from leaplm.models.zoo import load_model
+from leaplm.train import features
 from leaplm.train.rank_accuracy import rank_hits, record_accuracy
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import (
-    CURRENT_FILE,
     GREEDY_DECODERS,
-    SETTINGS_FILE,
     answer_dataset,
     check_rollout_sections,
     collect_run_greedy_answers,
-    current_rollouts,
-    model_fingerprint,
-    rollout_key,
-    rollouts_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -190,27 +179,16 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
 
 def build_collator(cfg: Config, tokenizer):
     if cfg.method.offline:
-        return FeatureCollator(tokenizer.pad_token_id, current_features(cfg))
+        return features.FeatureCollator(tokenizer.pad_token_id, features.current_features(cfg))
     return PadCollator(tokenizer.pad_token_id)
 
 
 # ----- Offline features -------------------------------------------------------------------
 
 
-FEATURES_FORMAT = 1  # bump when what a shard holds changes: older caches are then recomputed
-SHARD_SAMPLES = 256  # samples per shard file, the unit a process computes and writes at once
-
-
-def features_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "features"
-
-
-def shard_file(directory: Path, shard: int) -> Path:
-    return directory / f"shard-{shard:05d}.safetensors"
-
-
 def base_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The frozen base's final hidden states [b, T, H] (after its final norm), the heads' input.
+    """The frozen base's final hidden states [b, T, H] (after its final norm), the heads' input (and what
+    :mod:`leaplm.train.features` caches for offline training).
 
     One call for online training and feature extraction alike, so a cached state is what the
     online step computes. The logits of the last position only: nothing here reads them.
@@ -221,124 +199,10 @@ def base_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.hidden_states[-1]
 
 
-def feature_settings(cfg: Config, samples: list[dict]) -> dict:
-    """What the cached hidden states depend on: the base's weights and how it runs, and the samples
-    (so the rollouts they come from, and ``rollout.drop_wrong``)."""
-    ids = hashlib.sha256(json.dumps([s["input_ids"] for s in samples]).encode()).hexdigest()
-    return {"format": FEATURES_FORMAT, "model": model_fingerprint(cfg.model.name_or_path), "dtype": cfg.model.dtype,
-            "attn_implementation": cfg.model.attn_implementation, "mixed_precision": cfg.train.mixed_precision,
-            "rollouts": current_rollouts(rollouts_dir(cfg)).name, "samples": len(samples), "samples_sha256": ids,
-            "shard_samples": SHARD_SAMPLES}
-
-
 def extract_features(cfg: Config, model, tokenizer, accelerator) -> Path:
-    """Compute (or reuse) the base's final hidden states of every training sample; the directory.
-
-    Stored in the dtype the base computes them in (the model's, or float32 under autocast): the
-    cache then holds exactly what online training feeds the heads, so offline training is the
-    same run, only faster; bf16 would halve the disk of a float32 base but change its losses.
-    Samples are cut into shards of :data:`SHARD_SAMPLES` in dataset order and batched within a
-    shard by ``train.micro_batch_size``, so each shard is the same whatever the process count
-    (another batching moves the states by float rounding only, so the key leaves it out);
-    process r computes shards r, r + P, ... (each written atomically, so a rerun after a crash keeps
-    the finished ones), and training looks a sample's states up by its dataset index.
-    """
-    acc = accelerator
-    samples = build_dataset(cfg, tokenizer)
-    settings = feature_settings(cfg, samples)
-    root = features_dir(cfg)
-    key = rollout_key(settings)
-    final, partial = root / key, root / f"{key}.partial"
-    if (final / SETTINGS_FILE).is_file():
-        log.info("features: reusing %s (same base, rollouts and settings)", final)
-    else:
-        batch = cfg.train.micro_batch_size
-        shards = list(range(acc.process_index, math.ceil(len(samples) / SHARD_SAMPLES), acc.num_processes))
-        tokens = sum(len(s["input_ids"]) for s in samples)
-        if acc.is_main_process:
-            size = tokens * model.config.hidden_size * model.dtype.itemsize
-            log.info("features: the base's final hidden states of %d samples (%d tokens, about %.1f MB as %s), "
-                     "%d shards of %d over %d processes, batches of %d -> %s", len(samples), tokens, size / 1e6,
-                     str(model.dtype).removeprefix("torch."), math.ceil(len(samples) / SHARD_SAMPLES), SHARD_SAMPLES,
-                     acc.num_processes, batch, final)
-        partial.mkdir(parents=True, exist_ok=True)
-        collate = PadCollator(tokenizer.pad_token_id)
-        mine = [i for j in shards for i in range(j * SHARD_SAMPLES, min((j + 1) * SHARD_SAMPLES, len(samples)))]
-        bar = tqdm(total=sum(len(samples[i]["input_ids"]) for i in mine), desc="features", unit="tok",
-                   disable=not (cfg.logging.progress_bar and acc.is_main_process))
-        model.eval()
-        for j in shards:
-            part = samples[j * SHARD_SAMPLES:(j + 1) * SHARD_SAMPLES]
-            if shard_file(partial, j).is_file():  # written by an interrupted run with the same settings
-                bar.update(sum(len(s["input_ids"]) for s in part))
-                continue
-            tmp = shard_file(partial, j).with_suffix(".tmp")
-            save_file(shard_states(model, part, collate, batch, acc, bar), str(tmp))
-            os.replace(tmp, shard_file(partial, j))
-        bar.close()
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-            partial.rename(final)
-            log.info("features: %d shards -> %s", math.ceil(len(samples) / SHARD_SAMPLES), final)
-    if acc.is_main_process:
-        (root / CURRENT_FILE).write_text(key + "\n")
-    acc.wait_for_everyone()
-    return final
-
-
-def shard_states(model, part: list[dict], collate: PadCollator, batch: int, acc, bar) -> dict[str, torch.Tensor]:
-    """The hidden states [T_i, H] of the samples ``part``, ``batch`` at a time, keyed by sample index."""
-    states: dict[str, torch.Tensor] = {}
-    for first in range(0, len(part), batch):
-        rows = part[first:first + batch]
-        padded = collate(rows)
-        with acc.autocast():  # as the prepared model runs the online step
-            hidden = base_hidden_states(model, padded["input_ids"].to(acc.device),
-                                        padded["attention_mask"].to(acc.device))  # [b, T, H]
-        for row, h in zip(rows, hidden):
-            states[str(row["index"])] = h[:len(row["input_ids"])].cpu().contiguous()
-        bar.update(sum(len(r["input_ids"]) for r in rows))
-    return states
-
-
-def current_features(cfg: Config) -> Path:
-    """The feature directory the last :func:`extract_features` into this run's output_dir made or reused."""
-    pointer = features_dir(cfg) / CURRENT_FILE
-    if not pointer.is_file():
-        raise ConfigError(f"method.offline trains from cached hidden states, and {features_dir(cfg)} has none: "
-                          "the recipe's rollout step computes them before training")
-    return features_dir(cfg) / pointer.read_text().strip()
-
-
-class FeatureCollator:
-    """:class:`PadCollator`'s batch plus ``hidden`` [b, T, H]: each sample's cached hidden states,
-    read by its ``index`` from the shards in ``directory`` and zero-padded like its tokens."""
-
-    def __init__(self, pad_token_id: int, directory: Path):
-        self.pad = PadCollator(pad_token_id)
-        self.directory = directory
-        self.shard_samples = json.loads((directory / SETTINGS_FILE).read_text())["shard_samples"]
-        self._shards: dict[int, Any] = {}  # memory-mapped: a shard is read only where its samples are used
-
-    def states(self, index: int) -> torch.Tensor:
-        shard = index // self.shard_samples
-        if shard not in self._shards:
-            self._shards[shard] = safe_open(str(shard_file(self.directory, shard)), framework="pt")
-        return self._shards[shard].get_tensor(str(index))
-
-    def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        batch = self.pad(samples)
-        states = [self.states(s["index"]) for s in samples]
-        hidden = states[0].new_zeros(*batch["input_ids"].shape, states[0].shape[-1])  # [b, T, H]
-        for row, (sample, h) in enumerate(zip(samples, states)):
-            if len(h) != len(sample["input_ids"]):
-                raise ValueError(f"the cached hidden states of sample {sample['index']} in {self.directory} cover "
-                                 f"{len(h)} tokens, the sample has {len(sample['input_ids'])}: the cache is stale. "
-                                 f"Delete {self.directory} and rerun to compute it again")
-            hidden[row, :len(h)] = h
-        batch["hidden"] = hidden
-        return batch
+    """The base's final hidden states of every training sample, computed once (or reused)."""
+    return features.extract_features(cfg, model, answer_dataset(cfg), base_hidden_states, accelerator,
+                                     what="final hidden states", pad_token_id=tokenizer.pad_token_id)
 
 
 # ----- Loss ---------------------------------------------------------------------------------

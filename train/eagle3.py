@@ -12,7 +12,10 @@ target's vocabulary, the draft predicts the most frequent answer tokens (EAGLE-3
 the lowest unseen ids).
 
 Loss (EAGLE-3, arXiv 2503.01840; SafeAILab/EAGLE ``eagle/traineagle3/cnets.py``): the target runs
-once (frozen, no gradient) for its hidden states and logits. The draft is unrolled for
+once (frozen, no gradient) for the states of the fused layers and its final hidden state, whose
+logits give its distribution. With ``offline`` (as EAGLE-3's and SpecForge's offline training),
+these states are computed once after the rollouts (``train/features.py``) and training reads them
+instead of running the target. The draft is unrolled for
 ``ttt_steps`` steps ("training-time test"); at step k, index t reads the token x_{t+1+k} and, as h,
 the fused target features g_t (k = 0) or its own step k-1 output at t, at position t + k, and
 predicts x_{t+2+k}. Its attention sees the step-0 keys of indices <= t (causal) and the keys of its
@@ -42,8 +45,9 @@ import torch.nn.functional as F
 from leaplm.config import Config, ConfigError
 from leaplm.data.sft import IGNORE_INDEX, PadCollator
 from leaplm.models.eagle3 import EAGLE3_ATTR, Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers, eagle3_of
-from leaplm.models.heads import ACCURACY_TOP_K
+from leaplm.models.heads import ACCURACY_TOP_K, lm_logits
 from leaplm.models.zoo import load_model
+from leaplm.train import features
 from leaplm.train.rank_accuracy import rank_hits, record_accuracy
 from leaplm.train.recipes import Recipe
 from leaplm.train.rollouts import GREEDY_DECODERS, answer_dataset, check_rollout_sections, collect_run_greedy_answers
@@ -56,6 +60,7 @@ class Eagle3MethodConfig:
     draft_vocab_size: int = 0  # tokens the draft predicts; 0 = the target's whole vocabulary (EAGLE-3: 32000)
     aux_layers: list[int] = field(default_factory=list)  # target layers fused; [] = 2, L/2, L-3
     rollout_block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
+    offline: bool = False  # cache the frozen target's states once, then train without running the target
 
     def __post_init__(self):
         if self.ttt_steps < 1:
@@ -108,13 +113,35 @@ def frequent_tokens(samples: list[dict], vocab_size: int, size: int) -> torch.Te
     return torch.tensor(sorted(ranked))
 
 
+def target_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What the loss reads of the frozen target [b, T, 4H]: the fused layers' states (3H) and the
+    final hidden state (after the final norm; the target's distribution comes from it). One call for
+    online training and feature extraction alike, so a cached state is what the online step computes."""
+    draft = eagle3_of(model)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=1)
+    return torch.cat([draft.aux_states(out.hidden_states), out.hidden_states[-1]], dim=-1)
+
+
 def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
-    """The target's greedy answers (collected once, reused on a rerun); then the draft vocabulary."""
+    """The target's greedy answers (collected once, reused on a rerun); the draft vocabulary; with
+    ``method.offline``, then the target's states of every training sample (``train/features.py``)."""
     collect_run_greedy_answers(cfg, model, tokenizer, accelerator, jacobi_block_size=cfg.method.rollout_block_size)
     draft = eagle3_of(model)
+    samples = answer_dataset(cfg)
     if draft.config.draft_vocab_size < draft.config.vocab_size:  # the same on every process: same samples
-        draft.set_vocabulary(frequent_tokens(answer_dataset(cfg), draft.config.vocab_size,
-                                             draft.config.draft_vocab_size))
+        draft.set_vocabulary(frequent_tokens(samples, draft.config.vocab_size, draft.config.draft_vocab_size))
+    if cfg.method.offline:
+        features.extract_features(cfg, model, samples, target_states, accelerator,
+                                  what=f"EAGLE-3 states: layers {draft.config.aux_layers} and final",
+                                  pad_token_id=tokenizer.pad_token_id)
+
+
+def build_collator(cfg: Config, tokenizer):
+    if cfg.method.offline:
+        return features.FeatureCollator(tokenizer.pad_token_id, features.current_features(cfg))
+    return PadCollator(tokenizer.pad_token_id)
 
 
 def build_dataset(cfg: Config, tokenizer) -> list[dict]:
@@ -163,10 +190,9 @@ def loss(model, batch, cfg: Config):
     b, T = input_ids.shape
     if T < 3:
         return draft.fc.weight.sum() * 0.0, {}
-    with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], output_hidden_states=True,
-                    use_cache=False)
-    features = draft.features(out.hidden_states)  # [b, T, H]
+    states = batch["hidden"] if m.offline else target_states(model, input_ids, batch["attention_mask"])  # [b, T, 4H]
+    fused, final = states.split([3 * draft.config.hidden_size, draft.config.hidden_size], dim=-1)
+    features = draft.fc(fused)  # [b, T, H]
     draft_ids = draft.draft_ids()  # [D]
     answer = labels != IGNORE_INDEX  # [b, T]
     total = torch.zeros((), device=input_ids.device)
@@ -180,8 +206,9 @@ def loss(model, batch, cfg: Config):
         counted = answer[:, ahead.clamp(max=T - 1)] & inside[None] & draft.t2d[target_tokens]  # [b, n]
         if not counted.any():
             continue
-        with torch.no_grad():
-            teacher = F.softmax(out.logits[:, (index + 1 + k).clamp(max=T - 1)][counted][:, draft_ids].float(), -1)
+        with torch.no_grad():  # the target's distribution of each counted token, on the draft vocabulary
+            before = final[:, (index + 1 + k).clamp(max=T - 1)][counted]  # [c, H]
+            teacher = F.softmax(lm_logits(model, before)[:, draft_ids].float(), -1)  # [c, D]
         logits = draft.logits(hidden[counted]).float()  # [c, D]
         total = total + m.step_decay ** k * -(teacher * F.log_softmax(logits, -1)).sum()
         counts[k] = rank_hits(logits, teacher.argmax(-1))
@@ -194,7 +221,7 @@ RECIPE = Recipe(
     method_config=Eagle3MethodConfig,
     build_model=build_model,
     build_dataset=build_dataset,
-    build_collator=lambda cfg, tokenizer: PadCollator(tokenizer.pad_token_id),
+    build_collator=build_collator,
     loss=loss,
     decoder=lambda cfg: ("eagle3", {}),
     rollout=rollout,
