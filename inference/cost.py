@@ -170,8 +170,9 @@ class WidthChooser:
     small model or a large batch can outweigh the forward. Until a width has been seen, or when
     the chooser is not timed, its seconds are the prior ``cost[k] * unit_seconds`` (``cost`` holds
     :func:`step_cost` ratios, 1 among them; ``unit_seconds`` the measured time of a 1-token
-    forward). A timed chooser times one 1-token step right after its first wide one, so that AR,
-    the step every width must beat, is also priced by the clock.
+    forward). A timed chooser times one 1-token step right after its first wide one, and another
+    after every ``gap`` wide steps, so that AR, the step every width must beat, is priced by the
+    clock too, and by a recent one.
 
     A 1-token step commits one token, so the decoder widens only while a width beats plain AR. A
     width not tried yet counts as fully accepted (k tokens), so the decoder starts wide and narrows
@@ -202,6 +203,7 @@ class WidthChooser:
         self.chosen_at = 0.0  # clock at the last choice
         self.since_wide = 0  # 1-token steps since the last wider one
         self.idle = 0.0  # their seconds
+        self.since_narrow = 0  # wide steps since the last 1-token one
         self.probe: int | None = None  # the width a running burst tries
         self.probe_left = 0
         self.probe_tokens = self.probe_seconds = 0.0
@@ -239,6 +241,10 @@ class WidthChooser:
             return 1  # once a wide step is timed, time a 1-token one: its prior leaves out the decoder's own work
         best = self.best()
         if best > 1:
+            self.since_narrow += 1
+            if self.timed and self.since_narrow > self.gap:
+                self.since_narrow = 0
+                return 1  # re-time AR now and then: a width wins only against what AR costs now
             return best
         self.since_wide += 1
         if self.since_wide < self.gap or len(self.widths) == 1:
