@@ -176,12 +176,15 @@ class WidthChooser:
 
     A 1-token step commits one token, so the decoder widens only while a width beats plain AR. A
     width not tried yet counts as fully accepted (k tokens), so the decoder starts wide and narrows
-    to what pays. Once 1 token wins, a wider step is tried again only in bursts of ``burst`` steps
-    (parallel decoders such as Jacobi need a forward or two before their guesses converge), after
-    ``gap`` 1-token steps, and not before those steps took ``gap`` times the burst's expected extra
-    time over 1-token steps (a burst of whole denoised blocks can cost several AR blocks); the gap
-    doubles after every burst that did not pay and returns to ``gap`` after one that did, so a
-    decoder on which no width pays ends up within a few percent of AR. The chooser only picks
+    to what pays. Other widths are tried again in bursts of ``burst`` steps (parallel decoders such
+    as Jacobi need a forward or two before their guesses converge) after ``gap`` steps at the best
+    width, and not before those steps took ``gap`` times the burst's expected extra time over them
+    (a burst of whole denoised blocks can cost several AR blocks): when 1 token wins, the most
+    promising wider width; when a width wins, the other width seen longest ago, whose estimate may
+    be stale (a hard stretch of text lowers a wide width's yield, and nothing else would raise it
+    again). The gap doubles after every burst that did not beat the best width and returns to
+    ``gap`` after one that did, so a decoder on which no width pays ends up within a few percent
+    of AR. The chooser only picks
     widths: what a decoder feeds within one never changes its output.
     """
 
@@ -201,10 +204,13 @@ class WidthChooser:
         self.yields: dict[int, float] = {}  # width -> running tokens per row of its steps
         self.spent: dict[int, float] = {}  # width -> running seconds of its steps (timed)
         self.chosen_at = 0.0  # clock at the last choice
-        self.since_wide = 0  # 1-token steps since the last wider one
+        self.since_probe = 0  # steps since the last burst
         self.idle = 0.0  # their seconds
         self.since_narrow = 0  # wide steps since the last 1-token one
+        self.steps = 0  # steps observed
+        self.seen: dict[int, int] = {}  # width -> the step it was last observed at
         self.probe: int | None = None  # the width a running burst tries
+        self.probe_against = 1  # the best width when the burst began: what it must beat
         self.probe_left = 0
         self.probe_tokens = self.probe_seconds = 0.0
 
@@ -245,14 +251,17 @@ class WidthChooser:
             if self.timed and self.since_narrow > self.gap:
                 self.since_narrow = 0
                 return 1  # re-time AR now and then: a width wins only against what AR costs now
+        self.since_probe += 1
+        others = [k for k in self.widths[1:] if k != best]
+        if self.since_probe < self.gap or not others:
             return best
-        self.since_wide += 1
-        if self.since_wide < self.gap or len(self.widths) == 1:
-            return 1
-        probe = max(self.widths[1:], key=lambda k: (self.rate(k), -k))
-        if self.idle < self.gap * self.burst * (self.seconds(probe) - self.seconds(1)):
-            return 1
-        self.probe = probe
+        if best == 1:  # does any width pay now? try the most promising
+            probe = max(others, key=lambda k: (self.rate(k), -k))
+        else:  # is another width's estimate stale (a hard stretch lowered it)? try the one seen longest ago
+            probe = min(others, key=lambda k: (self.seen.get(k, -1), -k))
+        if self.idle < self.gap * self.burst * (self.seconds(probe) - self.seconds(best)):
+            return best
+        self.probe, self.probe_against = probe, best
         self.probe_left, self.probe_tokens, self.probe_seconds = self.burst, 0.0, 0.0
         return self.probe
 
@@ -265,25 +274,24 @@ class WidthChooser:
         self._average(self.yields, k, tokens)
         if self.timed:
             self._average(self.spent, k, seconds)
-        if k > 1:
-            self.since_wide, self.idle = 0, 0.0
-        else:
-            self.idle += seconds
+        self.steps += 1
+        self.seen[k] = self.steps
         if self.probe is None:
+            self.idle += seconds
             return
         self.probe_tokens += tokens
         self.probe_seconds += seconds
         self.probe_left -= 1
         if self.probe_left > 0:
             return
-        paid = self.probe_tokens / self.probe_seconds > self.rate(1)
+        paid = self.probe_tokens / self.probe_seconds > self.rate(self.probe_against)
         # A burst's mean, not one step's, is what the width showed: Jacobi's first forward over
         # fresh guesses commits about one token whatever the model.
         self.yields[self.probe] = self.probe_tokens / self.burst
         if self.timed:
             self.spent[self.probe] = self.probe_seconds / self.burst
         self.gap = self.base_gap if paid else 2 * self.gap
-        self.probe = None
+        self.probe, self.since_probe, self.idle = None, 0, 0.0
 
     def _average(self, means: dict[int, float], k: int, value: float) -> None:
         previous = means.get(k)

@@ -89,7 +89,7 @@ def test_chooser_falls_back_to_one_token_when_no_width_pays():
     chosen = run_chooser(chooser, lambda k: 1.06, 500)
     assert chosen[:5] == [17, 16, 8, 4, 2]  # widest first: an untried width counts as fully accepted
     wide = [i for i, k in enumerate(chosen) if k > 1][5:]
-    assert len(wide) == 2 * 4  # bursts after gaps of 16, 32, 64, 128 one-token steps (then 256: past 500)
+    assert wide[::2] == [15, 48, 113, 242, 499]  # bursts of 2 after 16, 32, 64, 128, 256 steps
     assert sum(cost[k] for k in chosen) / len(chosen) < 1.05  # within 5% of AR's time per forward
 
 
@@ -163,9 +163,20 @@ def test_an_expensive_burst_waits_longer():
     chooser = WidthChooser({1: 1.0, 16: 3.0}, gap=16, burst=2)
     chosen = run_chooser(chooser, lambda k: 1.2, 300)
     wide = [i for i, k in enumerate(chosen) if k > 1]
-    # The untried width first; a burst after 64 AR steps, the next after 128 (the gap doubled), the
-    # next would be after 256: past 300.
-    assert wide == [0, 65, 66, 195, 196]
+    # The untried width first; a burst once the steps since took 64 AR steps' time (that first
+    # denoised block's 3 and 61 AR steps), the next after 128 (the gap doubled), then 256: past 300.
+    assert wide == [0, 62, 63, 192, 193]
+
+
+def test_a_width_whose_yield_a_hard_stretch_lowered_is_tried_again():
+    """A hard stretch (width 8 commits 1.5 tokens) makes width 2 the best; once width 8 commits 5
+    again, a burst at the width seen longest ago finds it, and the chooser goes back to 8."""
+    cost = {1: 1.0, 2: 1.05, 8: 1.3}
+    chooser = WidthChooser(cost, gap=8, burst=2)
+    run_chooser(chooser, {2: 1.9, 8: 1.5}.get, 30)
+    assert chooser.best() == 2
+    chosen = run_chooser(chooser, {2: 1.9, 8: 5.0}.get, 60)
+    assert chosen[-20:].count(8) >= 16  # the rest: bursts back at 2, at doubling gaps
 
 
 def test_chooser_refuses_costs_without_the_one_token_step():
