@@ -1,7 +1,8 @@
 """Add-ons: parts a recipe adds to a causal LM that ``save_pretrained`` leaves out, each saved in its
 own files beside the weights: draft or acceptance heads (``heads.py``), an EAGLE-3 draft
-(``eagle3.py``) and separate noisy weights (``noisy_weights.py``). Declared once here; checkpoints, exports and the zoo's loader save and
-attach every add-on through :func:`save_addons` and :func:`attach_addons`.
+(``eagle3.py``) and separate noisy weights (``noisy_weights.py``). Declared once here;
+checkpoints, exports and the zoo's loader save and attach every add-on through
+:func:`save_addons` and :func:`attach_addons`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Export an EAGLE-3 draft in the ``speculators`` format, the draft checkpoint vLLM serves.
 
     leaplm export-speculators runs/eagle3_smollm2/model --out runs/eagle3_smollm2/speculators
-    vllm serve <verifier> --speculative-config '{"method": "eagle3", "model": "runs/eagle3_smollm2/speculators", "num_speculative_tokens": 3}'
+    vllm serve VERIFIER --speculative-config \
+        '{"method": "eagle3", "model": "runs/eagle3_smollm2/speculators", "num_speculative_tokens": 3}'
 
 The format (vllm-project/speculators, ``src/speculators/models/eagle3``; checked against
 ``speculators`` 0.9.0, which loads it with ``SpeculatorModel.from_pretrained``, and vLLM 0.32): a

@@ -34,9 +34,9 @@ frozen base's LM head instead of their own copies of it.
 **Offline** (``offline``, frozen-base variants; as Hydra's ``hydra/data/build_hidden_states.py`` and
 SpecForge's offline training): after the rollouts, the base's final hidden states (after its final
 norm) of every training sample are computed once into ``OUTPUT_DIR/features/<key>/``
-(``train/features.py``) and the heads train from them without running the base. Hydra's drafted-token embeddings come from the base's
-input embedding and Hydra++'s teacher distribution from its LM head, both on the cached states.
-See :func:`extract_features`.
+(``train/features.py``) and the heads train from them without running the base. Hydra's
+drafted-token embeddings come from the base's input embedding and Hydra++'s teacher
+distribution from its LM head, both on the cached states. See :func:`extract_features`.
 
 ``sched`` is ``constant``, ``linear`` (step/max), ``sine`` (sin(step/max · π/2)) or ``sine_<r>`` (a sine
 warm-up over the first fraction r of training), as in the Medusa fork. The heads' rank

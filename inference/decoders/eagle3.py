@@ -9,10 +9,10 @@ position before the root, each computed from the target's own fused features the
    gives the root's children (depth 1).
 2. *Draft*: for depth d = 2 .. D, the draft runs once over the nodes of depth d - 1 that have
    children, each reading its own token and its parent's output hidden state at position
-   root + d - 2 (as in training, a step drafts one position on), attending to the draft's cache and to its ancestors (a tree mask); their
-   logits' ranked tokens are the depth-d nodes. The tree's shape is the ``"auto"`` tree grown
-   from the draft's measured rank accuracy per depth (as the Medusa and Hydra decoders grow
-   theirs), or an explicit list of rank paths.
+   root + d - 2 (as in training, a step drafts one position on), attending to the draft's cache
+   and to its ancestors (a tree mask); their logits' ranked tokens are the depth-d nodes. The
+   tree's shape is the ``"auto"`` tree grown from the draft's measured rank accuracy per depth (as
+   the Medusa and Hydra decoders grow theirs), or an explicit list of rank paths.
 3. *Verify*: the target runs the root and every node in one forward with the tree mask, as the
    ``medusa``/``hydra`` decoders do (``tree.py``); the deepest node whose whole path is the
    target's greedy choice wins, its path is committed, and the target's token after it (the
@@ -128,8 +128,8 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
     cache, draft_cache = new_cache(), new_cache()
     rows = torch.arange(b, device=device)
 
-    out = engine.forward(batch.input_ids, cache, batch.position_ids, batch.attention_mask if batch.has_padding else None,
-                         output_hidden_states=True)
+    padding = batch.attention_mask if batch.has_padding else None
+    out = engine.forward(batch.input_ids, cache, batch.position_ids, padding, output_hidden_states=True)
     root = out.logits[:, -1].argmax(-1)  # [b]
     answers.commit(root[:, None], torch.ones_like(root))
     cached = batch.lengths.clone()  # [b] real tokens in the target's cache
