@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from leaplm.models.heads import ACCURACY_TOP_K, llama_layer_config
+from leaplm.models.heads import ACCURACY_TOP_K, attach_drafter, llama_layer_config
 
 EAGLE3_ATTR = "eagle3"
 WEIGHTS_FILE = "eagle3.safetensors"
@@ -212,12 +212,7 @@ class Eagle3Draft(nn.Module):
 
 def attach_eagle3(model, draft: Eagle3Draft) -> Eagle3Draft:
     """Put ``draft`` on ``model`` as ``model.eagle3`` (same device and dtype), out of its saved files."""
-    draft.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
-    draft.accuracy.data = draft.accuracy.data.float()
-    setattr(model, EAGLE3_ATTR, draft)
-    ignored = set(model._keys_to_ignore_on_save or ())
-    model._keys_to_ignore_on_save = ignored | {f"{EAGLE3_ATTR}.{k}" for k in draft.state_dict()}
-    return draft
+    return attach_drafter(model, EAGLE3_ATTR, draft)
 
 
 def eagle3_of(model) -> Eagle3Draft:

@@ -229,14 +229,20 @@ def lm_logits(base, hidden: torch.Tensor) -> torch.Tensor:
 # ----- Attach, save, load --------------------------------------------------------------------
 
 
+def attach_drafter(model, name: str, drafter: nn.Module) -> nn.Module:
+    """Put ``drafter`` (heads or an EAGLE-3 draft) on ``model`` as ``model.<name>``, in the model's
+    device and dtype, out of its saved files; its rank ``accuracy`` stays float32."""
+    drafter.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    drafter.accuracy.data = drafter.accuracy.data.float()
+    setattr(model, name, drafter)
+    ignored = set(model._keys_to_ignore_on_save or ())
+    model._keys_to_ignore_on_save = ignored | {f"{name}.{k}" for k in drafter.state_dict()}
+    return drafter
+
+
 def attach_heads(model, heads: DraftHeads) -> DraftHeads:
     """Put ``heads`` on ``model`` as ``model.draft_heads`` (same device and dtype), out of its saved files."""
-    heads.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
-    heads.accuracy.data = heads.accuracy.data.float()
-    setattr(model, HEADS_ATTR, heads)
-    ignored = set(model._keys_to_ignore_on_save or ())
-    model._keys_to_ignore_on_save = ignored | {f"{HEADS_ATTR}.{k}" for k in heads.state_dict()}
-    return heads
+    return attach_drafter(model, HEADS_ATTR, heads)
 
 
 def heads_of(model, kind: tuple[str, ...] = ("medusa", "hydra")) -> DraftHeads:
