@@ -10,7 +10,8 @@ prompts file) one at a time and as one left-padded batch, and its tokens are com
 Face ``generate``'s on the same layout (``hf_generate``, as ``leaplm bench`` compares them).
 
 Decoders that need more than the model get untrained stand-ins, since exactness does not depend
-on their quality: random Medusa, Hydra and Hydra++ heads, a random tiny Llama draft with the
+on their quality: random Medusa, Hydra and Hydra++ heads, an untrained EAGLE-3 draft and Kangaroo
+adapter, a random tiny Llama draft with the
 model's vocabulary (and, for adaptive drafting, a random acceptance head), and for block
 diffusion the model converted in place (a mask token added, ``models/block_diffusion.py``), whose
 clean stream is still the AR model, so verified decoding must reproduce its greedy output too.
@@ -58,7 +59,9 @@ from leaplm.inference.evaluate import (
 )
 from leaplm.models.block_diffusion import convert
 from leaplm.models.eagle3 import EAGLE3_ATTR, Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers
+from leaplm.models.early_exit import decoder_layers, first_layers, later_layers
 from leaplm.models.heads import HEADS_ATTR, DraftHeads, HeadsConfig, PrefixLayer, attach_heads
+from leaplm.models.kangaroo import KANGAROO_ATTR, KangarooAdapter, KangarooConfig, attach_kangaroo
 from leaplm.models.two_stream import CLEAN, NOISY, StreamLayout, StreamRule, layout_attention
 from leaplm.models.zoo import DTYPES, TINY_SIZE, UnsupportedModelError, final_hidden_states
 from leaplm.train.recipes import RECIPE_MODULES
@@ -137,6 +140,27 @@ def random_eagle3(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
             setattr(model, EAGLE3_ATTR, own)
 
 
+@contextlib.contextmanager
+def untrained_kangaroo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[dict, Any]]:
+    """An untrained Kangaroo adapter (exiting after layer 2, or 1 on two layers) on the model for the
+    decoder's run; the model's own comes back after."""
+    text = model.config.get_text_config()
+    try:
+        config = KangarooConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+                                exit_layer=max(1, min(2, len(decoder_layers(model)) - 1)))
+        adapter = KangarooAdapter(config, model)
+    except Exception as err:  # no `.layers` to split, or an attention sized from a config that lacks a field
+        raise Unavailable(f"a Kangaroo adapter cannot be built for this model ({type(err).__name__}: {err})") from err
+    own = getattr(model, KANGAROO_ATTR, None)
+    attach_kangaroo(model, adapter)
+    try:
+        yield {}, tokenizer
+    finally:
+        delattr(model, KANGAROO_ATTR)
+        if own is not None:
+            setattr(model, KANGAROO_ATTR, own)
+
+
 def random_draft(model: PreTrainedModel) -> PreTrainedModel:
     """A random tiny Llama with the model's vocabulary and positions: a draft whose guesses are
     mostly rejected, so speculative decoding's rejection path is what gets checked."""
@@ -191,6 +215,7 @@ CASES = (
     Case("hydra", "hydra", setup=random_heads("hydra")),
     Case("hydra++", "hydra", setup=random_heads("hydra", prefix_layer=True)),
     Case("eagle3", "eagle3", setup=random_eagle3),
+    Case("kangaroo", "kangaroo", setup=untrained_kangaroo),
     Case("speculative", "speculative", {"draft_tokens": 4}, a_draft(adaptive=False)),
     Case("speculative adaptive", "speculative", {"stop_threshold": 0.5, "min_draft": 1, "max_draft": 6},
          a_draft(adaptive=True)),
@@ -334,6 +359,27 @@ def probe_prefix_layer(model: PreTrainedModel, tokens: list[int], results: dict)
     return "a Llama decoder layer sized from the config"
 
 
+def probe_decoder_layers(model: PreTrainedModel, tokens: list[int], results: dict) -> str:
+    """The decoder split after its first layer (``models/early_exit.py``): the first part must give the
+    forward's hidden state there, the rest its logits."""
+    try:
+        layers = decoder_layers(model)
+    except ValueError as err:
+        raise Unavailable(str(err)) from err
+    if len(layers) < 2:
+        raise Unavailable("one decoder layer: nothing to split")
+    ids = torch.tensor([tokens], device=model.device)
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True)
+        exited = first_layers(model, 1, lambda: model(input_ids=ids))
+        with later_layers(model, 1, exited):
+            logits = model(input_ids=ids).logits
+    off = max(_relative_difference(exited, full.hidden_states[1]), _relative_difference(logits, full.logits))
+    if off > _tolerance(model):
+        raise Unavailable(f"running the layers in two parts is off the whole forward by {off:.2g}")
+    return f"{len(layers)} layers in `.layers`, the split after the first is exact"
+
+
 def probe_fused_loss(model: PreTrainedModel, tokens: list[int], results: dict) -> str:
     try:
         with torch.no_grad():
@@ -385,6 +431,8 @@ PIECES = {piece.name: piece for piece in (
     Piece("hidden_states", "final hidden states and a linear LM head (draft_heads, acceptance_head)",
           probe_hidden_states),
     Piece("prefix_layer", "Hydra++'s prefix layer (draft_heads method.variant=hydra_pp)", probe_prefix_layer),
+    Piece("decoder_layers", "decoder layers run in two parts: the first n, then the rest on their output (kangaroo)",
+          probe_decoder_layers),
     Piece("fused_loss", "logits computable from the last hidden state (train.fused_loss=true)", probe_fused_loss),
     Piece("lora_targets", "LoRA's default target modules (model.lora.r > 0)", probe_lora_targets),
     Piece("jacobi_rollouts", "greedy rollouts through the jacobi decoder (cllm, jacobi_forcing, draft_heads)",
@@ -405,6 +453,7 @@ RECIPE_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "learn2pd": (("block_diffusion_model", "two_stream"), ()),
     "draft_heads": (("jacobi_rollouts", "hidden_states"), ("prefix_layer", "lora_targets")),
     "eagle3": (("jacobi_rollouts", "hidden_states"), ()),
+    "kangaroo": (("jacobi_rollouts", "hidden_states", "decoder_layers"), ()),
     "acceptance_head": (("hidden_states",), ()),
 }
 

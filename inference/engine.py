@@ -443,6 +443,7 @@ class Engine:
         *,
         custom_mask: torch.Tensor | None = None,
         offsets: torch.Tensor | None = None,
+        past_length: int | None = None,
         logits_to_keep: int = 0,
         **model_kwargs: Any,
     ):
@@ -454,14 +455,19 @@ class Engine:
         blocks; see :meth:`mask_for_new_tokens`. With a custom mask fed out of position order,
         ``offsets`` [s] says where new token j belongs: sliding windows take it as sitting in
         slot ``cache + offsets[j]`` rather than its own ``cache + j`` (a tree node at its depth).
+        ``past_length`` is the number of cached tokens a custom mask's keys begin with, where the
+        layers that run hold fewer than the cache's first layer (which ``cache.get_seq_length()``
+        reads): a forward of the later layers only, whose first layers cached the new tokens
+        already (``models/early_exit.py``); default the cache's length.
         ``logits_to_keep=k`` computes logits for the last k tokens only (0 = all).
         """
         if custom_mask is not None:
             if attention_mask is not None:
                 raise ValueError("pass either attention_mask (padding) or custom_mask, not both")
-            attention_mask = self._model_mask(custom_mask, cache.get_seq_length(), offsets)
-        elif offsets is not None:
-            raise ValueError("offsets place the new tokens for a custom_mask's sliding window; pass custom_mask too")
+            past = cache.get_seq_length() if past_length is None else past_length
+            attention_mask = self._model_mask(custom_mask, past, offsets)
+        elif offsets is not None or past_length is not None:
+            raise ValueError("offsets and past_length place the new tokens of a custom_mask; pass custom_mask too")
         return self.model(
             input_ids=input_ids,
             **{cache_argument(self.model): cache},

@@ -1,8 +1,8 @@
 """Add-ons: parts a recipe adds to a causal LM that ``save_pretrained`` leaves out, each saved in its
 own files beside the weights: draft or acceptance heads (``heads.py``), an EAGLE-3 draft
-(``eagle3.py``) and separate noisy weights (``noisy_weights.py``). Declared once here;
-checkpoints, exports and the zoo's loader save and attach every add-on through
-:func:`save_addons` and :func:`attach_addons`.
+(``eagle3.py``), a Kangaroo adapter (``kangaroo.py``) and separate noisy weights
+(``noisy_weights.py``). Declared once here; checkpoints, exports and the zoo's loader save and
+attach every add-on through :func:`save_addons` and :func:`attach_addons`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from leaplm.models.eagle3 import attach_saved_eagle3, save_attached_eagle3
 from leaplm.models.heads import attach_saved_heads, save_attached_heads
+from leaplm.models.kangaroo import attach_saved_kangaroo, save_attached_kangaroo
 from leaplm.models.noisy_weights import attach_saved_noisy_weights, save_noisy_weights
 
 
@@ -32,6 +33,7 @@ ADDONS = (
     # heads stay in their training dtype: they are small, and the tree decoders read their accuracies
     AddOn("heads", lambda model, directory, dtype: save_attached_heads(model, directory), attach_saved_heads),
     AddOn("eagle3", lambda model, directory, dtype: save_attached_eagle3(model, directory), attach_saved_eagle3),
+    AddOn("kangaroo", lambda model, directory, dtype: save_attached_kangaroo(model, directory), attach_saved_kangaroo),
     AddOn("noisy_weights", save_noisy_weights, attach_saved_noisy_weights),
 )
 

@@ -89,22 +89,24 @@ class RMSNorm(nn.Module):
 
 
 class Eagle3Attention(nn.Module):
-    """Attention whose q/k/v read the 2H input; keys and values are returned for a cache or the next TTT step."""
+    """Attention whose q/k/v read the 2H input (or ``inputs`` features: Kangaroo's adapter reads H);
+    keys and values are returned for a cache or the next TTT step."""
 
-    def __init__(self, config):
+    def __init__(self, config, inputs: int | None = None):
         super().__init__()
         h, self.heads, self.kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(2 * h, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * h, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * h, self.kv_heads * self.head_dim, bias=False)
+        width = 2 * h if inputs is None else inputs
+        self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """``x`` [b, s, 2H]; ``allowed`` [b, s, p + s] (True = may attend) over the ``p`` keys of
-        ``past`` (k, v [b, kv_heads, p, d]), then the s new ones. Returns the output [b, s, H] and the
-        new keys and values [b, kv_heads, s, d] (rotated)."""
+        """``x`` [b, s, 2H] (or [b, s, inputs]); ``allowed`` [b, s, p + s] (True = may attend) over the
+        ``p`` keys of ``past`` (k, v [b, kv_heads, p, d]), then the s new ones. Returns the output
+        [b, s, H] and the new keys and values [b, kv_heads, s, d] (rotated)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, s, _ = x.shape

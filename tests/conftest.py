@@ -145,4 +145,6 @@ RECIPE_SMOKE = {
     "eagle3": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
                "method.ttt_steps=2", "method.draft_vocab_size=128", "rollout.max_new_tokens=32",
                "rollout.batch_size=4", "train.micro_batch_size=2"],
+    "kangaroo": [*_SMOKE_COMMON, "data.tasks=[copy,sort]", "data.train_per_task=4", "rollout.max_prompts=4",
+                 "rollout.max_new_tokens=32", "rollout.batch_size=4", "train.micro_batch_size=2"],
 }

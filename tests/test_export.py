@@ -26,6 +26,7 @@ from leaplm.inference.evaluate import task_prompts
 from leaplm.models.block_diffusion import spec_of
 from leaplm.models.eagle3 import EAGLE3_ATTR
 from leaplm.models.heads import HEADS_ATTR
+from leaplm.models.kangaroo import KANGAROO_ATTR
 from leaplm.models.noisy_weights import NOISY_WEIGHTS_FILE
 from leaplm.models.unmask_filter import UnmaskFilter
 from leaplm.models.zoo import load_model
@@ -81,6 +82,9 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
         assert {"draft_heads.safetensors", "draft_heads.json"} <= set(section["files"])
     if recipe == "eagle3":
         assert {"eagle3.safetensors", "eagle3.json"} <= set(section["files"])
+    if recipe == "kangaroo":
+        assert {"kangaroo.safetensors", "kangaroo.json"} <= set(section["files"])
+        assert section["kangaroo"]["exit_layer"] == cfg.method.exit_layer
     fast = leaplm.ship.load(out)
     assert fast.decoder == cfg.eval.decoder and fast.decoder_settings == cfg.eval.decoder_settings
     assert fast.generate(prompts(tokenizer), max_new_tokens=24).sequences == before
@@ -90,8 +94,9 @@ def test_export_round_trip_decodes_the_same_tokens(tmp_path, recipe):
     # A LoRA run (dparallel's default) exports its adapter merged into the weights.
     weights = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
     for name, tensor in weights.state_dict().items():
-        if name.startswith((f"{HEADS_ATTR}.", f"{EAGLE3_ATTR}.")):  # add-ons ride in their own files, attached
-            continue                                                # by leaplm's loader
+        # add-ons ride in their own files, attached by leaplm's loader
+        if name.startswith((f"{HEADS_ATTR}.", f"{EAGLE3_ATTR}.", f"{KANGAROO_ATTR}.")):
+            continue
         torch.testing.assert_close(plain.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
     # Text prompts are chat formatted, as the task prompts above.

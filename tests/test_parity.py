@@ -59,6 +59,8 @@ VARIANTS = {
     "hydra_pp_offline": ("configs/draft_heads/tiny_teacher_hydra_pp.yaml",
                          [*RECIPE_SMOKE["draft_heads"], "method.offline=true"], 1),
     "eagle3": ("configs/eagle3/tiny_teacher.yaml", RECIPE_SMOKE["eagle3"], 1),
+    "kangaroo": ("configs/kangaroo/tiny_teacher.yaml", RECIPE_SMOKE["kangaroo"], 1),
+    "kangaroo_offline": ("configs/kangaroo/tiny_teacher.yaml", [*RECIPE_SMOKE["kangaroo"], "method.offline=true"], 1),
 }
 
 

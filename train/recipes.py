@@ -31,6 +31,7 @@ RECIPE_MODULES = {
     "learn2pd": "leaplm.train.learn2pd",
     "draft_heads": "leaplm.train.draft_heads",
     "eagle3": "leaplm.train.eagle3",
+    "kangaroo": "leaplm.train.kangaroo",
     "acceptance_head": "leaplm.train.acceptance_head",
 }
 
