@@ -102,11 +102,12 @@ def random_heads(kind: str, prefix_layer: bool = False) -> Setup:
     def setup(model, tokenizer):
         text = model.config.get_text_config()
         config = HeadsConfig(kind=kind, num_heads=HEADS, hidden_size=text.hidden_size, vocab_size=text.vocab_size,
-                             prefix_layer=prefix_layer)
+                             prefix_layer=prefix_layer, shared_lm_head=kind == "clover")
         try:
             heads = DraftHeads(config, model)
         except Exception as err:  # the prefix layer is sized from the config, which may lack a field
-            raise Unavailable(f"{'Hydra++' if prefix_layer else kind} heads cannot be built for this model "
+            name = {"clover": "Clover-2"}.get(kind, "Hydra++" if prefix_layer else kind)
+            raise Unavailable(f"{name} heads cannot be built for this model "
                               f"({type(err).__name__}: {err})") from err
         own = getattr(model, HEADS_ATTR, None)
         attach_heads(model, heads)
@@ -214,6 +215,7 @@ CASES = (
     Case("medusa", "medusa", setup=random_heads("medusa")),
     Case("hydra", "hydra", setup=random_heads("hydra")),
     Case("hydra++", "hydra", setup=random_heads("hydra", prefix_layer=True)),
+    Case("clover", "clover", setup=random_heads("clover", prefix_layer=True)),
     Case("eagle3", "eagle3", setup=random_eagle3),
     Case("kangaroo", "kangaroo", setup=untrained_kangaroo),
     Case("speculative", "speculative", {"draft_tokens": 4}, a_draft(adaptive=False)),
@@ -430,7 +432,8 @@ PIECES = {piece.name: piece for piece in (
           "method.noisy_weights=separate)", probe_noisy_weights),
     Piece("hidden_states", "final hidden states and a linear LM head (draft_heads, acceptance_head)",
           probe_hidden_states),
-    Piece("prefix_layer", "Hydra++'s prefix layer (draft_heads method.variant=hydra_pp)", probe_prefix_layer),
+    Piece("prefix_layer", "Hydra++'s and Clover-2's prefix layer (draft_heads method.variant=hydra_pp or clover2)",
+          probe_prefix_layer),
     Piece("decoder_layers", "decoder layers run in two parts: the first n, then the rest on their output (kangaroo)",
           probe_decoder_layers),
     Piece("fused_loss", "logits computable from the last hidden state (train.fused_loss=true)", probe_fused_loss),

@@ -1,4 +1,4 @@
-"""Draft heads that ride on a causal LM's last hidden state: Medusa, Hydra and the Hydra++ prefix layer.
+"""Draft heads that ride on a causal LM's last hidden state: Medusa, Hydra, the Hydra++ prefix layer and Clover-2.
 
 **Medusa** (FasterDecoding/Medusa): head k (0-based) reads the base's last hidden state h_t and
 predicts token t+k+2 (the base's own LM head predicts t+1). A head is ``num_layers`` residual
@@ -13,6 +13,19 @@ linear residual projection; the rest are Medusa's blocks.
 (Hydra's ``prefix-mlp``), with its own KV cache at decode time. We build it as a Llama decoder
 layer sized like the base (as the reference does for its Llama bases) and, when the base is a
 Llama, start it from the base's last layer.
+
+**Clover-2** (XiaoBin1992/clover ``clover/model/clover2.py``; Xiao et al., arXiv 2405.00263): an
+*augmenting block* first mixes the next token's embedding into each base hidden state,
+``h_t + gate(h_t, E(x_{t+1}))``; the *attention decoder* (the prefix layer above, started from the
+base's last layer, then an RMSNorm) runs over those states with its own KV cache. The heads are
+*regressive*: head 0 is ``norm(Linear(H, H)(s_t))``; head k > 0 first folds the embedding of each
+earlier drafted token into the state with a second gate, ``s <- s + gate(s, E(x_{t+1+j}))`` for
+j = 1..k, then ``norm(Linear(2H, H)([s, E(x_{t+1+k})]))``; the base's own LM head gives the logits
+(shared, frozen). The gate (the reference's ``ResAttentionBlock``) is per attention head:
+``v(y) * cos(q(RMSNorm(x)), k(y))``. All heads k > 0 share one gate and one projection, as the
+reference's. Where we differ: one attention-decoder layer (the reference's scripts use two) and
+its input is the base's final hidden state after the base's norm (as our Hydra++ heads read it),
+so Clover-2 and Hydra++ share offline features.
 
 **Acceptance head** (SpecDec++): residual blocks and ``Linear(H, 2)`` on a draft model's last
 hidden state, predicting (reject, accept) of the token drafted from it.
@@ -53,18 +66,19 @@ from leaplm.models.cache import cache_argument
 HEADS_ATTR = "draft_heads"
 WEIGHTS_FILE = "draft_heads.safetensors"
 CONFIG_FILE = "draft_heads.json"
-KINDS = ("medusa", "hydra", "acceptance")
+KINDS = ("medusa", "hydra", "clover", "acceptance")
+TOKEN_READERS = ("hydra", "clover")  # kinds whose head k also reads the embeddings of the k+1 tokens before its target
 ACCURACY_TOP_K = 8  # ranks whose hit rate each head records, for growing trees
 
 
 @dataclass
 class HeadsConfig:
-    kind: str = "medusa"  # medusa | hydra | acceptance
+    kind: str = "medusa"  # medusa | hydra | clover | acceptance
     num_heads: int = 4  # draft heads (1 for an acceptance head)
     num_layers: int = 1  # residual blocks per head
     hidden_size: int = 0
     vocab_size: int = 0
-    prefix_layer: bool = False  # Hydra++: one decoder layer over the base's hidden states first
+    prefix_layer: bool = False  # Hydra++ and Clover-2: one decoder layer over the base's hidden states first
     base: str = ""  # the base model the heads were trained on, for the record
     shared_lm_head: bool = False  # heads project through the base's own LM head instead of their own copies
 
@@ -73,8 +87,12 @@ class HeadsConfig:
             raise ValueError(f"heads kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.num_heads < 1 or self.num_layers < 0:
             raise ValueError(f"heads need num_heads >= 1 and num_layers >= 0, got {self.num_heads}, {self.num_layers}")
-        if self.prefix_layer and self.kind != "hydra":
-            raise ValueError("the prefix layer is Hydra++'s: set kind='hydra' or prefix_layer=false")
+        if self.prefix_layer and self.kind not in TOKEN_READERS:
+            raise ValueError("the prefix layer is Hydra++'s and Clover-2's: set kind='hydra' or 'clover', or "
+                             "prefix_layer=false")
+        if self.kind == "clover" and not (self.prefix_layer and self.shared_lm_head):
+            raise ValueError("Clover-2 heads have an attention decoder (prefix_layer=true) and project through the "
+                             "base's LM head (shared_lm_head=true)")
         if self.shared_lm_head and self.kind == "acceptance":
             raise ValueError("an acceptance head predicts (reject, accept), not tokens: set shared_lm_head=false")
 
@@ -106,6 +124,35 @@ class HydraInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x) + F.silu(self.linear(x))
+
+
+class CosineGate(nn.Module):
+    """Clover-2's augmenting block: ``x + v(y) * cos(q(RMSNorm(x)), k(y))``, the cosine taken per
+    attention head (``heads`` slices of H), so each head's slice of v(y) is let through by how well
+    x's query matches y's key. Starts near ``x + 0``: q and k near the identity, v near zero."""
+
+    def __init__(self, hidden: int, heads: int, eps: float):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        if hidden % heads:
+            raise ValueError(f"the gate splits the hidden size {hidden} into {heads} heads: it must divide evenly")
+        self.heads, self.eps = heads, eps
+        self.norm = LlamaRMSNorm(hidden, eps)
+        self.q, self.k, self.v = (nn.Linear(hidden, hidden) for _ in range(3))
+        with torch.no_grad():  # the reference's init: eye + U(0, 0.01) for q and k, U(0, 0.01) for v, zero biases
+            for linear in (self.q, self.k, self.v):
+                nn.init.uniform_(linear.weight, 0.0, 0.01)
+                nn.init.zeros_(linear.bias)
+            for linear in (self.q, self.k):
+                linear.weight += torch.eye(hidden)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., H] gated by ``y`` [..., H] -> [..., H]."""
+        split = (*x.shape[:-1], self.heads, -1)
+        q, k = self.q(self.norm(x)).view(split), self.k(y).view(split)  # [..., heads, H/heads]
+        cos = F.cosine_similarity(q, k, dim=-1, eps=self.eps)  # [..., heads]
+        return x + (self.v(y).view(split) * cos[..., None]).flatten(-2)
 
 
 def llama_layer_config(base_config):
@@ -150,7 +197,7 @@ class PrefixLayer(nn.Module):
 
 
 class DraftHeads(nn.Module):
-    """Medusa or Hydra heads (or one acceptance head), see the module docstring."""
+    """Medusa, Hydra or Clover-2 heads (or one acceptance head), see the module docstring."""
 
     def __init__(self, config: HeadsConfig, base=None):
         super().__init__()
@@ -159,6 +206,8 @@ class DraftHeads(nn.Module):
         if config.kind == "acceptance":
             self.blocks = nn.ModuleList([nn.Sequential(*[ResBlock(h, zero_init=False) for _ in range(config.num_layers)],
                                                        nn.Linear(h, 2))])
+        elif config.kind == "clover":
+            self._build_clover(base)
         else:
             self.blocks = nn.ModuleList()
             for k in range(config.num_heads):
@@ -177,32 +226,83 @@ class DraftHeads(nn.Module):
             self.__dict__["base"] = base
         self.prefix = PrefixLayer(base.config) if config.prefix_layer and base is not None else None
         if config.prefix_layer and base is None:
-            raise ValueError("a Hydra++ prefix layer is sized from the base model: pass base=")
+            raise ValueError("a prefix layer (Hydra++, Clover-2) is sized from the base model: pass base=")
         # accuracy[k, r]: how often the target of head k was its rank-r prediction (training average)
         self.register_buffer("accuracy", torch.zeros(config.num_heads, ACCURACY_TOP_K))
         if base is not None and config.kind != "acceptance":
             self._init_from(base)
 
+    def _build_clover(self, base) -> None:
+        """Clover-2's parts (module docstring): the augmenting gate and the attention decoder's norm
+        around the prefix layer; head 0's projection, the later heads' shared gate and projection."""
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        if base is None:
+            raise ValueError("Clover-2 heads are sized from the base model: pass base=")
+        text = base.config.get_text_config()
+        h, eps = self.config.hidden_size, getattr(text, "rms_norm_eps", 1e-6)
+        self.augment = CosineGate(h, text.num_attention_heads, eps)
+        self.prefix_norm = LlamaRMSNorm(h, eps)
+        self.regress = CosineGate(h, text.num_attention_heads, eps)
+        self.blocks = nn.ModuleList([nn.Linear(h, h), nn.Linear(2 * h, h)])  # head 0's; the later heads' shared
+        self.head_norm = LlamaRMSNorm(h, eps)
+        self.lm_heads = None  # the base's head
+        with torch.no_grad():  # the reference's init: (the left block of) the identity + U(0, 0.01), zero biases
+            for linear in self.blocks:
+                nn.init.uniform_(linear.weight, 0.0, 0.01)
+                linear.weight[:, :h] += torch.eye(h)
+                nn.init.zeros_(linear.bias)
+
     def _init_from(self, base) -> None:
         with torch.no_grad():
             for head in self.lm_heads or ():
                 head.weight.copy_(base.get_output_embeddings().weight)
-            if self.prefix is not None and base.config.model_type == "llama":
-                self.prefix.layer.load_state_dict(base.model.layers[-1].state_dict())
+            if base.config.model_type == "llama":  # the base's own last layer and norm fit ours exactly
+                if self.prefix is not None:
+                    self.prefix.layer.load_state_dict(base.model.layers[-1].state_dict())
+                if self.kind == "clover":
+                    self.prefix_norm.weight.copy_(base.model.norm.weight)
+                    self.head_norm.weight.copy_(base.model.norm.weight)
 
     @property
     def kind(self) -> str:
         return self.config.kind
 
-    def head(self, k: int, hidden: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [..., V] of head k at hidden states [..., H]; a Hydra head also takes the embeddings
-        [..., k+1, H] of the k+1 tokens before its target (the base's next token first)."""
+    def run_prefix(self, hidden: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
+                   allowed: torch.Tensor, cache=None) -> torch.Tensor:
+        """The prefix layer over base hidden states ``hidden`` [b, s, H] whose next tokens have the
+        embeddings ``next_embeds`` [b, s, H] (Clover-2 mixes them in first and norms the output;
+        Hydra++ reads the hidden states alone). ``allowed`` and ``cache`` as :meth:`PrefixLayer.forward`."""
+        if self.kind != "clover":
+            return self.prefix(hidden, positions, allowed, cache)
+        return self.prefix_norm(self.prefix(self.augment(hidden, next_embeds.to(hidden.dtype)), positions, allowed,
+                                            cache))
+
+    def features(self, k: int, hidden: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Head k's output [..., H] before the vocabulary projection, at hidden states [..., H]; a
+        Hydra or Clover-2 head also takes the embeddings [..., k+1, H] of the k+1 tokens before its
+        target (the base's next token first)."""
+        if self.kind == "clover":
+            state = hidden
+            for j in range(1, k + 1):  # fold in the drafted tokens before the target, one at a time
+                state = self.regress(state, embeds[..., j, :])
+            if k == 0:
+                return self.head_norm(self.blocks[0](state))
+            return self.head_norm(self.blocks[1](torch.cat([state, embeds[..., k, :]], dim=-1)))
         x = hidden
         if self.kind == "hydra":
             x = torch.cat([hidden, embeds.flatten(-2)], dim=-1)  # [..., (k+2)H]
+        return self.blocks[k](x)
+
+    def head(self, k: int, hidden: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [..., V] of head k (arguments as :meth:`features`)."""
+        return self.head_logits(k, self.features(k, hidden, embeds))
+
+    def head_logits(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        """Head k's vocabulary projection of its :meth:`features` [..., H] -> [..., V]."""
         # Looked up on every call: under LoRA (Medusa-2) the base's head may be replaced by a wrapper.
         lm_head = self.base.get_output_embeddings() if self.lm_heads is None else self.lm_heads[k]
-        return lm_head(self.blocks[k](x))
+        return lm_head(features)
 
     def accept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Acceptance head: (reject, accept) logits [..., 2] at draft hidden states [..., H]."""

@@ -52,7 +52,8 @@ def test_check_finds_every_lossless_decoder_exact_and_writes_json(phi3_dir, tmp_
     assert [r["decoder"] for r in report["decoders"]] == [case.label for case in CASES]
     assert all(r["status"] == "exact" and r["batch_1"] and r["batch_n"] for r in report["decoders"])
     assert {r["decoder"] for r in report["decoders"]} >= {"ar", "jacobi", "jacobi_multiblock", "medusa", "hydra",
-                                                          "hydra++", "eagle3", "speculative", "speculative adaptive",
+                                                          "hydra++", "clover", "eagle3", "speculative",
+                                                          "speculative adaptive",
                                                           "block_diffusion verified",
                                                           "block_diffusion verified DualCache"}
     pieces = {r["piece"]: r for r in report["pieces"]}

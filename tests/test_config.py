@@ -226,7 +226,7 @@ def test_cross_field_rules_of_each_section(override, message):
     "overrides, message",
     [
         (["eval.decoder=nosuch"],
-         "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, eagle3, hf_generate, "),
+         "eval.decoder: unknown decoder 'nosuch'; available: ar, block_diffusion, clover, eagle3, "),
         (["eval.decoder_settings={threshold: 1.5}"],
          "eval.decoder_settings: decoder 'ar' has no setting 'threshold'; its settings: temperature, top_k, top_p, seed, "),
         (["eval.decoder=block_diffusion", "eval.decoder_settings={threshold: 1.5}"],

@@ -1,4 +1,4 @@
-"""Draft heads and their decoders: greedy ``medusa``/``hydra`` (with and without the prompt-lookup
+"""Draft heads and their decoders: greedy ``medusa``/``hydra``/``clover`` (with and without the prompt-lookup
 chain) and ``speculative`` equal generate on every tiny family, hand-built trees and cache
 bookkeeping, speculative sampling against the exact distribution, heads saved and loaded back."""
 
@@ -27,7 +27,7 @@ def prompts_of(tokenizer) -> list[list[int]]:
 
 def with_heads(model, kind: str, prefix: bool = False, num_heads: int = 3) -> DraftHeads:
     config = HeadsConfig(kind=kind, num_heads=num_heads, hidden_size=model.config.hidden_size,
-                         vocab_size=model.config.vocab_size, prefix_layer=prefix)
+                         vocab_size=model.config.vocab_size, prefix_layer=prefix, shared_lm_head=kind == "clover")
     return attach_heads(model, DraftHeads(config, model))
 
 
@@ -44,7 +44,8 @@ def test_greedy_tree_and_speculative_equal_generate(family, lively_tiny):
         # lookup=4 hangs a prompt-lookup chain deeper than the 3 heads from the root
         for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=[[0, 0, 0], [1], [0, 1]])),
                                        ("medusa", False, dict(lookup=4)), ("hydra", False, {}),
-                                       ("hydra", True, dict(tree_size=8)), ("hydra", True, dict(tree_size=8, lookup=4))):
+                                       ("hydra", True, dict(tree_size=8)), ("hydra", True, dict(tree_size=8, lookup=4)),
+                                       ("clover", True, dict(tree_size=8)), ("clover", True, dict(adaptive=False))):
             with_heads(model, kind, prefix)
             out = engine.generate(prompts, kind, MAX_NEW, **settings)
             assert out.sequences == reference, (kind, prefix, settings)
@@ -92,7 +93,8 @@ def test_tree_sizes_never_change_greedy_output(lively_tiny, monkeypatch):
     monkeypatch.setattr(tree_module, "width_chooser", cycled)
     try:
         for kind, prefix, settings in (("medusa", False, dict(tree_size=8)), ("hydra", True, dict(tree_size=8)),
-                                       ("hydra", True, dict(tree_size=6, lookup=4))):
+                                       ("hydra", True, dict(tree_size=6, lookup=4)),
+                                       ("clover", True, dict(tree_size=8))):
             with_heads(model, kind, prefix)
             choosers.clear()
             out = engine.generate(prompts, kind, MAX_NEW, adaptive=True, **settings)

@@ -1,5 +1,5 @@
-"""The draft_heads and acceptance_head recipes: head-loss schedule, the Medusa loss against a dense
-per-head reference, the weighted soft BCE by hand, each variant through the trainer with its
+"""The draft_heads and acceptance_head recipes: head-loss schedule, the Medusa, Hydra++ and Clover-2
+losses against dense per-position references, the weighted soft BCE by hand, each variant through the trainer with its
 export loading back, and the section errors."""
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ def test_medusa1_loss_matches_a_per_head_reference(tmp_path):
     assert set(metrics) == {"head0_top1", "head1_top1"}
 
 
-def test_hydra_pp_loss_matches_a_per_position_reference(tmp_path):
-    """Hydra++'s soft CE to the base's distribution, position by position: head k at t reads the
-    prefix layer's state at t and the embeddings of tokens t+1 .. t+k+1, and its teacher is the
-    base's distribution at t+k+1 (the batched loss computes that distribution once for all heads)."""
-    cfg = load_config(CONFIGS / "tiny_teacher_hydra_pp.yaml", [*SMALL, f"output_dir={tmp_path}", "method.num_heads=3"])
+@pytest.mark.parametrize("config", ["tiny_teacher_hydra_pp", "tiny_teacher_clover2"])
+def test_distilled_heads_loss_matches_a_per_position_reference(config, tmp_path):
+    """Hydra++'s and Clover-2's soft CE to the base's distribution, position by position: head k at
+    t reads the prefix layer's state at t (Clover-2's with token t+1 mixed in first) and the
+    embeddings of tokens t+1 .. t+k+1, and its teacher is the base's distribution at t+k+1 (the
+    batched loss computes that distribution once for all heads); Clover-2 adds 10 x SmoothL1 of the
+    head's output to the base's final hidden state at t+k+1, averaged over the hidden size."""
+    cfg = load_config(CONFIGS / f"{config}.yaml", [*SMALL, f"output_dir={tmp_path}", "method.num_heads=3"])
     model, tokenizer = draft_heads.build_model(cfg)
     heads = model.draft_heads
     with torch.no_grad():
@@ -89,15 +92,19 @@ def test_hydra_pp_loss_matches_a_per_position_reference(tmp_path):
         T = ids.shape[1]
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
-            base_logits = out.logits[0]  # [T, V]
-            hidden = heads.prefix(out.hidden_states[-1], torch.arange(T)[None],
-                                  torch.ones(T, T, dtype=torch.bool).tril()[None])[0]  # [T, H]
+            base_logits, base = out.logits[0], out.hidden_states[-1]  # [T, V], [1, T, H]
+            following = embed(torch.cat([ids[:, 1:], ids[:, -1:]], 1))  # [1, T, H]
+            hidden = heads.run_prefix(base, following, torch.arange(T)[None],
+                                      torch.ones(T, T, dtype=torch.bool).tril()[None])[0]  # [T, H]
             for k in range(3):
                 for t in range(T - k - 2):
                     if s["labels"][t + k + 2] != IGNORE_INDEX:
-                        logits = heads.head(k, hidden[t][None], embed(ids[0, t + 1:t + k + 2])[None])[0]  # [V]
+                        features = heads.features(k, hidden[t][None], embed(ids[0, t + 1:t + k + 2])[None])[0]  # [H]
+                        logits = heads.head_logits(k, features)  # [V]
                         teacher = base_logits[t + k + 1].softmax(-1)
                         expected += -(teacher * logits.log_softmax(-1)).sum()
+                        if config == "tiny_teacher_clover2":
+                            expected += 10 * F.smooth_l1_loss(features, base[0, t + k + 1])
     assert total.detach().item() == pytest.approx(float(expected), rel=1e-4)
 
 
@@ -119,7 +126,7 @@ def test_weighted_soft_bce_by_hand(tmp_path):
 
 @pytest.mark.parametrize("config", [pytest.param("tiny_teacher", marks=pytest.mark.slow),
                                     pytest.param("tiny_teacher_medusa2", marks=pytest.mark.slow),
-                                    "tiny_teacher_hydra_pp"])
+                                    "tiny_teacher_hydra_pp", "tiny_teacher_clover2"])
 def test_variants_train_export_and_decode_losslessly(config, tmp_path):
     out = tmp_path / "model"
     result = train(load_config(CONFIGS / f"{config}.yaml", [*SMALL, f"output_dir={tmp_path}", "train.max_steps=3",
@@ -127,7 +134,8 @@ def test_variants_train_export_and_decode_losslessly(config, tmp_path):
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     model, tokenizer = load_model(str(out))
     kind = model.draft_heads.kind
-    assert kind == ("hydra" if "hydra" in config else "medusa") and model.draft_heads.accuracy.any()
+    expected_kind = "hydra" if "hydra" in config else "clover" if "clover" in config else "medusa"
+    assert kind == expected_kind and model.draft_heads.accuracy.any()
     engine = Engine(model, tokenizer)
     prompts = task_prompts(tokenizer, make_split("copy", "test", 2) + make_split("sort", "test", 1))
     assert engine.generate(prompts, kind, 24).sequences == engine.generate(prompts, "hf_generate", 24).sequences

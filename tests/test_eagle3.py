@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from leaplm.config import ConfigError
 from leaplm.data.sft import IGNORE_INDEX
 from leaplm.data.tasks import make_split
-from leaplm.inference.decoders.eagle3 import catch_up, draft_forward
+from leaplm.inference.decoders.eagle3 import draft_catch_up, draft_forward
 from leaplm.inference.engine import Engine, new_cache
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.eagle3 import Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers
@@ -100,7 +100,7 @@ def test_drafting_reproduces_the_unrolled_training_steps(lively_tiny):
             unrolled = [h for _, h in recipe.unrolled_steps(draft, features, ids, torch.ones_like(ids), 4)]
             for t in (0, 5, 8):
                 cache, cached = new_cache(), torch.zeros(1, dtype=torch.long)
-                out = catch_up(draft, cache, cached, features[:, :t + 1], ids[:, 1:t + 2],
+                out = draft_catch_up(draft, cache, cached, features[:, :t + 1], ids[:, 1:t + 2],
                                torch.arange(t + 1)[None], torch.tensor([t + 1]))  # [1, H] index t
                 torch.testing.assert_close(out, unrolled[0][:, t], rtol=1e-4, atol=1e-5)
                 for k in range(1, 4):  # a chain: each step one position on, attending to all before it

@@ -58,6 +58,7 @@ VARIANTS = {
                         [*RECIPE_SMOKE["draft_heads"], "method.offline=true", "method.shared_lm_head=true"], 1),
     "hydra_pp_offline": ("configs/draft_heads/tiny_teacher_hydra_pp.yaml",
                          [*RECIPE_SMOKE["draft_heads"], "method.offline=true"], 1),
+    "clover2": ("configs/draft_heads/tiny_teacher_clover2.yaml", RECIPE_SMOKE["draft_heads"], 1),
     "eagle3": ("configs/eagle3/tiny_teacher.yaml", RECIPE_SMOKE["eagle3"], 1),
     "kangaroo": ("configs/kangaroo/tiny_teacher.yaml", RECIPE_SMOKE["kangaroo"], 1),
     "kangaroo_offline": ("configs/kangaroo/tiny_teacher.yaml", [*RECIPE_SMOKE["kangaroo"], "method.offline=true"], 1),

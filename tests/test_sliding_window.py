@@ -48,7 +48,7 @@ def test_tree_decoders_equal_generate_past_the_window(family, lively_tiny, monke
     branches = branch_nodes_kept(monkeypatch)
     try:
         for kind, prefix, settings in (("medusa", False, {}), ("medusa", False, dict(tree=WIDE)), ("hydra", False, {}),
-                                       ("hydra", True, dict(tree=WIDE, lookup=4))):
+                                       ("hydra", True, dict(tree=WIDE, lookup=4)), ("clover", True, dict(tree=WIDE))):
             with_heads(model, kind, prefix)
             assert engine.generate(prompts, kind, MAX_NEW, **settings).sequences == reference  # sized by cost
             branches[0] = 0

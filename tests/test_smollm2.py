@@ -27,6 +27,7 @@ LOSSLESS = [
     ("jacobi_multiblock", {"jacobi_block_size": 8}),
     ("medusa", {}),
     ("hydra", {"tree_size": 8}),
+    ("clover", {"tree_size": 8}),
 ]
 
 
@@ -43,7 +44,7 @@ def smollm2():
 
 def _with_heads(model, kind: str, prefix: bool) -> None:
     config = HeadsConfig(kind=kind, num_heads=3, hidden_size=model.config.hidden_size,
-                         vocab_size=model.config.vocab_size, prefix_layer=prefix)
+                         vocab_size=model.config.vocab_size, prefix_layer=prefix, shared_lm_head=kind == "clover")
     attach_heads(model, DraftHeads(config, model))
 
 
@@ -51,8 +52,8 @@ def _with_heads(model, kind: str, prefix: bool) -> None:
 def test_lossless_decoders_equal_generate(smollm2, name, settings):
     engine, prompts, reference = smollm2
     assert len({len(p) for p in prompts}) > 1, "the batch must need left padding"
-    if name in ("medusa", "hydra"):
-        _with_heads(engine.model, name, prefix=name == "hydra")
+    if name in ("medusa", "hydra", "clover"):
+        _with_heads(engine.model, name, prefix=name != "medusa")
     try:
         assert engine.generate(prompts, name, MAX_NEW, **settings).sequences == reference
         assert engine.generate(prompts[:1], name, MAX_NEW, **settings).sequences == reference[:1]

@@ -1,8 +1,9 @@
-"""Recipe: draft heads on a causal LM, Medusa-1, Medusa-2 or Hydra++ (``method.variant``).
+"""Recipe: draft heads on a causal LM, Medusa-1, Medusa-2, Hydra++ or Clover-2 (``method.variant``).
 
     leaplm train configs/draft_heads/tiny_teacher.yaml            # Medusa-1
     leaplm train configs/draft_heads/tiny_teacher_medusa2.yaml    # Medusa-2
     leaplm train configs/draft_heads/tiny_teacher_hydra_pp.yaml   # Hydra++
+    leaplm train configs/draft_heads/tiny_teacher_clover2.yaml    # Clover-2
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m leaplm.train configs/draft_heads/qwen2.5-1.5b.yaml
 
 Data (self-distillation): the base model answers the configured data's prompts through the
@@ -23,6 +24,11 @@ Heads (``models/heads.py``): head k at position t predicts token t+k+2.
 - ``hydra_pp``: Hydra heads (each sees the embeddings of the tokens before its target) over a
   prefix decoder layer, base frozen. Loss = Σ_k teacher_weight · softCE(head_k, base distribution
   of the same token) + lm_weight · CE_k (Hydra's ``_score_preds`` without the reconstruction term).
+- ``clover2``: Clover-2 heads (an augmenting gate and an attention decoder, then regressive heads
+  through the base's own LM head; ``models/heads.py``), base frozen. Loss = the Hydra++ terms +
+  Σ_k feature_weight · SmoothL1(head k's output before the LM head, the base's final hidden state
+  that predicts the same token), averaged over the hidden size (Clover-2's ``main_clover2.py``:
+  ``p_w = 1``, ``v_w = 10``).
 
 Only the positions whose target is an answer token reach the heads' vocabulary projections (a
 head is position-wise after the prefix layer, so this changes no loss term): at a real vocabulary
@@ -67,6 +73,7 @@ from leaplm.data.sft import IGNORE_INDEX, PadCollator
 from leaplm.models.heads import (
     ACCURACY_TOP_K,
     HEADS_ATTR,
+    TOKEN_READERS,
     DraftHeads,
     HeadsConfig,
     attach_heads,
@@ -86,21 +93,24 @@ from leaplm.train.rollouts import (
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("medusa1", "medusa2", "hydra_pp")
+VARIANTS = ("medusa1", "medusa2", "hydra_pp", "clover2")
+HEAD_KIND = {"medusa1": "medusa", "medusa2": "medusa", "hydra_pp": "hydra", "clover2": "clover"}  # and decoder
+DISTILLED = ("hydra_pp", "clover2")  # variants trained on the base's distribution (teacher_weight, lm_weight)
 
 
 @dataclass
 class DraftHeadsMethodConfig:
     RENAMED: ClassVar[dict[str, str]] = {"block_size": "rollout_block_size"}  # old key -> new (config.py::build)
-    variant: str = "medusa1"  # medusa1 (base frozen) | medusa2 (jointly with LoRA) | hydra_pp
+    variant: str = "medusa1"  # medusa1 (base frozen) | medusa2 (jointly with LoRA) | hydra_pp | clover2
     num_heads: int = 4  # heads; head k drafts the token k+2 ahead. Medusa uses 5, Hydra++ 4
-    num_layers: int = 1  # residual blocks per head; Medusa uses 1, Hydra++ 4
+    num_layers: int = 1  # residual blocks per head; Medusa uses 1, Hydra++ 4 (Clover-2's heads have none)
     heads_coefficient: float = 0.2  # Medusa: weight of the head losses (0.2 in stage 1, 0.01 in Zephyr's stage 2)
     decay: float = 0.8  # Medusa: head k (drafting t+k+2) weighted decay**(k+1), as the fork's head k+1
     schedule: str = "constant"  # Medusa: warm-up of the head weight: constant | linear | sine | sine_<r>
     self_distillation: bool = True  # Medusa-2: L_0 = KL to the adapter-disabled base instead of CE
-    teacher_weight: float = 1.0  # Hydra++: soft CE to the base's distribution
-    lm_weight: float = 0.0  # Hydra++: CE to the answer tokens (Hydra++ uses 0)
+    teacher_weight: float = 1.0  # Hydra++, Clover-2: soft CE to the base's distribution
+    lm_weight: float = 0.0  # Hydra++, Clover-2: CE to the answer tokens (both use 0)
+    feature_weight: float = 10.0  # Clover-2: SmoothL1 of each head's output to the base's hidden state
     rollout_block_size: int = 16  # Jacobi block of the rollout collection (speed only: the answers are greedy)
     shared_lm_head: bool = False  # heads project through the base's LM head (EAGLE) instead of their own copies
     offline: bool = False  # cache the frozen base's hidden states once, then train without running the base
@@ -113,8 +123,12 @@ class DraftHeadsMethodConfig:
                               f"{self.num_layers}")
         if self.offline and self.variant == "medusa2":
             raise ConfigError("method.offline caches the frozen base's hidden states, and medusa2 trains the base "
-                              "(LoRA), so they change every step: set method.offline=false, or variant medusa1 or "
-                              "hydra_pp")
+                              "(LoRA), so they change every step: set method.offline=false, or variant medusa1, "
+                              "hydra_pp or clover2")
+        if self.variant == "clover2" and not self.shared_lm_head:
+            raise ConfigError("Clover-2's heads project through the base's own LM head: set method.shared_lm_head=true")
+        if self.feature_weight < 0:
+            raise ConfigError(f"method.feature_weight must be >= 0, got {self.feature_weight}")
         schedule_weight(self.schedule, 0, 1)  # raises on an unknown schedule
 
 
@@ -155,9 +169,9 @@ def build_model(cfg: Config):
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.attn_implementation,
                                   cfg.model.tokenizer)
     model.requires_grad_(False)  # medusa2's LoRA adapter is added (and trained) by the trainer
-    config = HeadsConfig(kind="hydra" if m.variant == "hydra_pp" else "medusa", num_heads=m.num_heads,
+    config = HeadsConfig(kind=HEAD_KIND[m.variant], num_heads=m.num_heads,
                          num_layers=m.num_layers, hidden_size=model.config.hidden_size,
-                         vocab_size=model.config.vocab_size, prefix_layer=m.variant == "hydra_pp",
+                         vocab_size=model.config.vocab_size, prefix_layer=m.variant in DISTILLED,
                          base=cfg.model.name_or_path, shared_lm_head=m.shared_lm_head)
     attach_heads(model, DraftHeads(config, model))
     return model, tokenizer
@@ -211,10 +225,10 @@ def extract_features(cfg: Config, model, tokenizer, accelerator) -> Path:
 def head_inputs(heads: DraftHeads, embedded: torch.Tensor | None, hidden: torch.Tensor, counted: torch.Tensor,
                 k: int):
     """Head k's inputs at the positions t whose target t+k+2 is counted (``counted`` [b, T-k-2]):
-    hidden [n, H] and, for Hydra, the embeddings of tokens t+1 .. t+k+1 [n, k+1, H] (from
+    hidden [n, H] and, for Hydra and Clover-2, the embeddings of tokens t+1 .. t+k+1 [n, k+1, H] (from
     ``embedded`` [b, T, H], the base's input embeddings of the batch)."""
     t = counted.shape[1]
-    if heads.kind != "hydra":
+    if heads.kind not in TOKEN_READERS:
         return hidden[:, :t][counted], None
     return hidden[:, :t][counted], torch.stack([embedded[:, 1 + j:1 + j + t][counted] for j in range(k + 1)], dim=1)
 
@@ -232,23 +246,25 @@ def loss(model, batch, cfg: Config):
     else:
         base = batch["hidden"] if m.offline else base_hidden_states(model, input_ids, batch["attention_mask"])
     hidden = base
+    embedded = inner.get_input_embeddings()(input_ids) if heads.kind in TOKEN_READERS else None  # [b, T, H]
     if heads.prefix is not None:
         b, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None].expand(b, -1)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None]  # right padding: causal is enough
-        hidden = heads.prefix(base, positions, causal.expand(b, -1, -1))
-    embedded = inner.get_input_embeddings()(input_ids) if heads.kind == "hydra" else None  # [b, T, H]
+        following = torch.cat([embedded[:, 1:], embedded[:, -1:]], 1)  # [b, T, H] x_{t+1} (the last: never counted)
+        hidden = heads.run_prefix(base, following, positions, causal.expand(b, -1, -1))
     total = torch.zeros((), device=input_ids.device)
     metrics: dict[str, float] = {}
     weight = m.heads_coefficient * schedule_weight(m.schedule, batch["step"], cfg.train.max_steps)
     counts = torch.zeros(heads.config.num_heads, ACCURACY_TOP_K + 1, dtype=torch.float64, device=input_ids.device)
-    if m.variant == "hydra_pp":
+    if m.variant in DISTILLED:
         # The base's distribution of every answer token, once: head k's teacher for the token at t+k+2 is
         # the base's logits at t+k+1, so all heads read the same rows. At a real vocabulary this
         # projection costs as much as a head's, once per step instead of once per head.
         predicts = answer[:, 1:]  # [b, T-1] positions p whose next token is an answer token
+        predictor_states = base[:, :-1][predicts]  # [n_all, H] the base's final states before answer tokens
         with torch.no_grad():
-            teacher_all = F.softmax(lm_logits(inner, base[:, :-1][predicts]).float(), dim=-1)  # [n_all, V]
+            teacher_all = F.softmax(lm_logits(inner, predictor_states).float(), dim=-1)  # [n_all, V]
         slot = predicts.flatten().cumsum(0).view_as(predicts) - 1  # [b, T-1] row of position p in teacher_all
     for k in range(heads.config.num_heads):
         shift = k + 2
@@ -257,12 +273,16 @@ def loss(model, batch, cfg: Config):
         counted = answer[:, shift:]  # [b, T-shift] positions t whose target t+shift is an answer token
         targets = input_ids[:, shift:][counted]  # [n]
         h, embeds = head_inputs(heads, embedded, hidden, counted, k)
-        logits = heads.head(k, h, embeds).float()  # [n, V] predicting tokens shift ahead
+        features_k = heads.features(k, h, embeds)  # [n, H]
+        logits = heads.head_logits(k, features_k).float()  # [n, V] predicting tokens shift ahead
         ce_sum = F.cross_entropy(logits, targets, reduction="sum")
-        if m.variant == "hydra_pp":
-            teacher = teacher_all[slot[:, shift - 1:][counted]]  # [n, V] the base's, one position before each target
-            soft = -(teacher * F.log_softmax(logits, dim=-1)).sum()
+        if m.variant in DISTILLED:
+            rows = slot[:, shift - 1:][counted]  # [n] the base's state one position before each target
+            soft = -(teacher_all[rows] * F.log_softmax(logits, dim=-1)).sum()
             total = total + m.teacher_weight * soft + m.lm_weight * ce_sum
+            if m.variant == "clover2":
+                total = total + m.feature_weight * F.smooth_l1_loss(
+                    features_k.float(), predictor_states[rows].float(), reduction="none").mean(-1).sum()
         else:
             total = total + weight * m.decay ** (k + 1) * ce_sum
         counts[k] = rank_hits(logits, targets)
@@ -285,13 +305,13 @@ def loss(model, batch, cfg: Config):
 
 RECIPE = Recipe(
     name="draft_heads",
-    description="Medusa-1 / Medusa-2 / Hydra++ draft heads on the base's own greedy answers",
+    description="Medusa-1 / Medusa-2 / Hydra++ / Clover-2 draft heads on the base's own greedy answers",
     method_config=DraftHeadsMethodConfig,
     build_model=build_model,
     build_dataset=build_dataset,
     build_collator=build_collator,
     loss=loss,
-    decoder=lambda cfg: ("hydra" if cfg.method.variant == "hydra_pp" else "medusa", {}),
+    decoder=lambda cfg: (HEAD_KIND[cfg.method.variant], {}),
     rollout=rollout,
     trained_in_full=(HEADS_ATTR,),
     export_settings=lambda cfg, model, out_dir: {"draft_heads": asdict(unwrap_heads(model)[1].config)},

@@ -42,6 +42,7 @@ from leaplm.inference.decoders.tree import (
     Answers,
     Tree,
     auto_paths,
+    catch_up,
     check_adaptive,
     choose_tree,
     keep_new_slots,
@@ -101,23 +102,14 @@ def propose(draft: Eagle3Draft, cache, cached: torch.Tensor, tree: Tree, root: t
     return tokens
 
 
-def catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: torch.Tensor, next_tokens: torch.Tensor,
-             positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def draft_catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: torch.Tensor, next_tokens: torch.Tensor,
+                   positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Run the draft over the first ``counts[b]`` of ``features`` [b, w, H] (fused target features),
     each with the token after it (``next_tokens`` [b, w]) at ``positions`` [b, w]; keep their keys
     and values in the cache (right-aligned, ``cached`` [b] grows in place). Returns the draft's
     output at each row's last one [b, H]."""
-    b, w = next_tokens.shape
-    context = cache.get_seq_length()
-    new = torch.arange(w, device=counts.device)[None] < counts[:, None]  # [b, w] real new slots
-    causal = torch.ones(w, w, dtype=torch.bool, device=counts.device).tril()
-    allowed = torch.cat([real_slots(cached, context)[:, None].expand(-1, w, -1),
-                         causal[None] & new[:, None, :]], -1)  # [b, w, ctx + w]
-    allowed[:, :, context:] |= torch.eye(w, dtype=torch.bool, device=counts.device)[None]  # padding sees itself
-    out = draft_forward(draft, cache, next_tokens, features, positions, allowed)  # [b, w, H]
-    keep_new_slots([cache], context, torch.arange(w, device=counts.device)[None].expand(b, -1), counts)
-    cached += counts
-    return out[torch.arange(b, device=counts.device), (counts - 1).clamp(min=0)]
+    return catch_up(lambda allowed: draft_forward(draft, cache, next_tokens, features, positions, allowed),
+                    cache, cached, counts, next_tokens.shape[1])
 
 
 def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft: Eagle3Draft, trees: dict[int, Tree],
@@ -139,7 +131,7 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
     features = draft.features(out.hidden_states).gather(1, order[..., None].expand(-1, -1, draft.config.hidden_size))
     following = torch.cat([batch.input_ids[:, 1:], root[:, None]], 1).gather(1, order)  # [b, p]
     draft_cached = torch.zeros_like(cached)
-    root_out = catch_up(draft, draft_cache, draft_cached, features, following,
+    root_out = draft_catch_up(draft, draft_cache, draft_cached, features, following,
                         batch.position_ids.gather(1, order), batch.lengths)
 
     while answers.unfinished.any():
@@ -177,7 +169,7 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
         # accepted token, then the bonus), for the draft's cache.
         fused = draft.features(out.hidden_states)  # [b, N, H]
         path_features = fused.gather(1, path[..., None].expand(-1, -1, fused.shape[-1]))  # [b, D + 1, H]
-        root_out = catch_up(draft, draft_cache, draft_cached, path_features, new, positions.gather(1, path),
+        root_out = draft_catch_up(draft, draft_cache, draft_cached, path_features, new, positions.gather(1, path),
                             torch.where(answers.unfinished, accepted + 1, 0))
         root = bonus
     return answers.result()

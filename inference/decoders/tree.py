@@ -1,10 +1,10 @@
-"""Tree decoders on draft heads: ``medusa`` and ``hydra`` (heads from ``models/heads.py``).
+"""Tree decoders on draft heads: ``medusa``, ``hydra`` and ``clover`` (heads from ``models/heads.py``).
 
 **One step** (one base forward). The *root* is the token the base predicted last (committed, not
 cached yet). The heads, read at the hidden state that predicted the root, propose a sparse tree
 of continuations: a node is a path of ranks, ``(0, 1)`` = "head 0's top-1 token, then head 1's
-top-2 token". Medusa heads rank their tokens once per depth; a Hydra head is called per parent
-node, on the embeddings of the path before it, so siblings differ by what precedes them. The
+top-2 token". Medusa heads rank their tokens once per depth; a Hydra or Clover-2 head is called
+per parent node, on the embeddings of the path before it, so siblings differ by what precedes them. The
 root and every node are fed in one forward with the tree attention mask (each node sees the
 cache and its ancestors) at position root + depth. A node is *accepted* when its token is what the
 base predicts at its parent (greedy) or clears the typical-acceptance bar; the deepest node whose
@@ -39,8 +39,11 @@ committing. With ``lookup``, the chain joins a step only when prompt lookup foun
 row, and such steps are sized by a chooser of their own. Greedy output is unchanged whatever the
 size. An explicit ``tree`` list is always used whole.
 
-**Hydra++** heads carry a prefix decoder layer over the base's hidden states; it runs over the
-same tree nodes with the same mask and its own cache, which keeps the same accepted path.
+**Hydra++ and Clover-2** heads carry a prefix decoder layer over the base's hidden states, with
+its own cache. After each verification it runs over the accepted path only (the root and the
+accepted nodes, each with the token that followed it: Clover-2 mixes that token in first), as
+:func:`catch_up` appends positions to a draft's cache; its output at the newest drives the next
+step's heads.
 
 **Batches.** Rows advance independently; every row's cached tokens stay right-aligned against
 the cache end (as left padding aligns prompts) by :func:`~leaplm.inference.engine.gather_cache_slots`,
@@ -146,6 +149,26 @@ def keep_new_slots(caches: list, context: int, kept: torch.Tensor, counts: torch
     source = torch.where(j >= start, context + pick, shifted)
     for cache in caches:
         gather_cache_slots(cache, source)
+
+
+def catch_up(run, cache, cached: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Append the first ``counts[b]`` of ``width`` new positions to a draft's ``cache`` (whose rows
+    hold ``cached[b]`` real tokens, right-aligned; grown in place), causally after them.
+    ``run(allowed)`` runs the draft's forward of the new positions with the mask ``allowed``
+    [b, width, cache + width] (True = may attend; a padded position sees itself only) and returns its
+    outputs [b, width, H], whose keys and values join ``cache``. Returns each row's output at its
+    newest real position [b, H] (a row with ``counts = 0``: unused)."""
+    b, device = counts.shape[0], counts.device
+    context = cache.get_seq_length()
+    new = torch.arange(width, device=device)[None] < counts[:, None]  # [b, w] real new slots
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([real_slots(cached, context)[:, None].expand(-1, width, -1),
+                         causal[None] & new[:, None, :]], -1)  # [b, w, ctx + w]
+    allowed[:, :, context:] |= torch.eye(width, dtype=torch.bool, device=device)[None]
+    out = run(allowed)  # [b, w, H]
+    keep_new_slots([cache], context, torch.arange(width, device=device)[None].expand(b, -1), counts)
+    cached += counts
+    return out[torch.arange(b, device=device), (counts - 1).clamp(min=0)]
 
 
 # ----- Trees --------------------------------------------------------------------------------
@@ -281,7 +304,7 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
                            for k in range(len(tree.levels))], dim=1)  # [b, D_heads, R]
         tokens[:, 1:h] = top[:, tree.depth[1:h] - 1, tree.rank[1:h]]
         return tokens
-    for d, (nodes, parents, slot) in enumerate(tree.levels, 1):  # Hydra: one head call per parent, on its path
+    for d, (nodes, parents, slot) in enumerate(tree.levels, 1):  # Hydra, Clover-2: one call per parent, on its path
         path = tokens[:, tree.path_nodes[parents, :d]]  # [b, P, d] root .. parent
         logits = heads.head(d - 1, hidden[:, None].expand(-1, len(parents), -1), embed(path))  # [b, P, V]
         top = logits.topk(max_rank, dim=-1).indices  # [b, P, R]
@@ -353,18 +376,19 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     answers = Answers(engine, batch, max_new_tokens, spare=sizes.largest.max_depth + 2)
     cache = new_cache()
     prefix_cache = new_cache() if heads.prefix is not None else None
-    caches = [cache] + ([prefix_cache] if prefix_cache is not None else [])
 
     out = engine.forward(batch.input_ids, cache, batch.position_ids, batch.attention_mask if batch.has_padding else None,
                          output_hidden_states=True)
+    root = pick(out.logits[:, -1])  # [b]
     hidden = out.hidden_states[-1]  # [b, p, H]
     if prefix_cache is not None:
         p = batch.width
         allowed = (torch.ones(p, p, dtype=torch.bool, device=device).tril()[None]
                    & batch.attention_mask.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)
-        hidden = heads.prefix(hidden, batch.position_ids, allowed, prefix_cache)
+        following = torch.cat([batch.input_ids[:, 1:], root[:, None]], 1)  # [b, p] the token after each position
+        hidden = heads.run_prefix(hidden, embed(following), batch.position_ids, allowed, prefix_cache)
+        prefix_cached = batch.lengths.clone()  # [b] real tokens in the prefix layer's cache
     hidden = hidden[:, -1]  # [b, H] the state that predicted the root
-    root = pick(out.logits[:, -1])  # [b]
     answers.commit(root[:, None], torch.ones_like(root))
     cached = batch.lengths.clone()  # [b] real tokens in the cache
     if lookup:  # per row: prompt and committed tokens, the root last, kept in Python for the lookup
@@ -392,8 +416,6 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
                              output_hidden_states=True)
         answers.stepped()
         logits, node_hidden = out.logits, out.hidden_states[-1]  # [b, N, V], [b, N, H]
-        if prefix_cache is not None:
-            node_hidden = heads.prefix(node_hidden, positions, allowed, prefix_cache)
 
         parent_logits = logits[:, tree.parent]  # [b, N, V] the distribution each node's token is checked against
         if typical:
@@ -419,12 +441,20 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         live = answers.unfinished.clone()
         answers.commit(new, accepted + 1)
         counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
-        keep_new_slots(caches, context, path, counts)
+        keep_new_slots([cache], context, path, counts)
         cached += counts
         if lookup:
             for row, (row_new, count) in enumerate(zip(new.tolist(), counts.tolist())):
                 contexts[row] += row_new[:count]  # the accepted path's tokens, then the bonus (the next root)
-        root, hidden = bonus, node_hidden[rows, best]
+        if prefix_cache is not None:  # the root and accepted nodes, each with the token after it (`new`)
+            path_hidden = node_hidden.gather(1, path[..., None].expand(-1, -1, node_hidden.shape[-1]))  # [b, D+1, H]
+            path_positions = positions.gather(1, path)  # [b, D + 1]
+            hidden = catch_up(lambda allowed: heads.run_prefix(path_hidden, embed(new), path_positions, allowed,
+                                                               prefix_cache),
+                              prefix_cache, prefix_cached, counts, path.shape[1])
+        else:
+            hidden = node_hidden[rows, best]
+        root = bonus
     return answers.result()
 
 
@@ -452,8 +482,8 @@ def check_adaptive(adaptive: bool | None = None) -> None:
 
 
 def tree_decoder(kind: str, description: str):
-    """The registered decoder for heads of ``kind``: ``medusa`` and ``hydra`` differ only in the
-    heads they read (``models/heads.py``); tree, acceptance and sampling are shared."""
+    """The registered decoder for heads of ``kind``: ``medusa``, ``hydra`` and ``clover`` differ only
+    in the heads they read (``models/heads.py``); tree, acceptance and sampling are shared."""
 
     def decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
                acceptance: str = "greedy", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -480,3 +510,4 @@ def tree_decoder(kind: str, description: str):
 
 medusa = tree_decoder("medusa", "Medusa")
 hydra = tree_decoder("hydra", "Hydra (and Hydra++)")
+clover = tree_decoder("clover", "Clover-2")
