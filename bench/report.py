@@ -9,7 +9,8 @@ It runs, in this order, and writes each part's files under ``--out`` (default ``
    embedded teacher, ``block_diffusion`` (ar2bd) on the embedded block-diffusion model, and the
    decoders whose trained add-ons the report cannot build itself, each when its option names one:
    ``medusa`` (``--heads``), ``hydra`` (``--hydra``) and ``clover`` (``--clover``) on the teacher
-   with draft heads, ``eagle3`` (``--eagle3``) on the teacher with an EAGLE-3 draft,
+   with draft heads, ``eagle3`` (``--eagle3``) on the teacher with an EAGLE-3 draft, ``kangaroo``
+   (``--kangaroo``) on the teacher with a Kangaroo adapter,
    ``speculative`` with a draft model (``--draft``) and with an acceptance head
    (``--acceptance-head``) on the teacher; an absent one is named in the report as not measured,
    with the command that trains it;
@@ -59,6 +60,7 @@ ADD_ONS = {
               "leaplm train configs/draft_heads/tiny_teacher_hydra_pp.yaml"),
     "eagle3": ("eagle3", {"tree_size": 8}, False, "leaplm train configs/eagle3/tiny_teacher.yaml"),
     "clover": ("clover", {"tree_size": 8}, False, "leaplm train configs/draft_heads/tiny_teacher_clover2.yaml"),
+    "kangaroo": ("kangaroo", {}, False, "leaplm train configs/kangaroo/tiny_teacher.yaml"),
     "draft": ("speculative", {}, True,
               "leaplm train configs/pretrain/tiny_draft.yaml"),
     "acceptance_head": ("speculative", {"stop_threshold": 0.3}, True,
@@ -82,7 +84,8 @@ def decoder_plan(args: argparse.Namespace) -> tuple[list[tuple[str, str, list]],
             base.append({"decoder": decoder, "decoder_settings": {"draft": str(path), **settings}})
         else:
             spec = {"decoder": decoder, "decoder_settings": settings}
-            own_models.append((f"{BASE} + {decoder} {'draft' if decoder == 'eagle3' else 'heads'}", str(path), [spec]))
+            addon = {"eagle3": "draft", "kangaroo": "adapter"}.get(decoder, "heads")
+            own_models.append((f"{BASE} + {decoder} {addon}", str(path), [spec]))
     plan = [(BASE, BASE, base)] + [(m, m, d) for m, d in DECODERS.items() if m != BASE] + own_models
     return plan, notes
 
@@ -178,6 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hydra", metavar="DIR", help="the teacher exported with Hydra++ heads: adds `hydra` rows")
     p.add_argument("--eagle3", metavar="DIR", help="the teacher exported with an EAGLE-3 draft: adds `eagle3` rows")
     p.add_argument("--clover", metavar="DIR", help="the teacher exported with Clover-2 heads: adds `clover` rows")
+    p.add_argument("--kangaroo", metavar="DIR", help="the teacher exported with a Kangaroo adapter: adds `kangaroo` rows")
     p.add_argument("--draft", metavar="DIR", help="a draft model for the teacher: adds `speculative` rows")
     p.add_argument("--acceptance-head", metavar="DIR",
                    help="a draft exported with an acceptance head: adds adaptive-length `speculative` rows")

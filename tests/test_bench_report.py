@@ -48,8 +48,9 @@ def test_decoder_part_adds_a_row_per_add_on_given_and_a_note_per_one_left_out(tm
     assert f'| {base} | speculative | {{"draft": "{base}"}} |' in table
     assert f"| {base} | ar |" in table and "| hydra |" not in table and "stop_threshold" not in table
     notes = [line for line in text.splitlines() if "not measured" in line]
-    assert len(notes) == 4
+    assert len(notes) == 5
     assert "--hydra DIR" in notes[0] and "configs/draft_heads/tiny_teacher_hydra_pp.yaml" in notes[0]
     assert "--eagle3 DIR" in notes[1] and "configs/eagle3/tiny_teacher.yaml" in notes[1]
     assert "--clover DIR" in notes[2] and "configs/draft_heads/tiny_teacher_clover2.yaml" in notes[2]
-    assert "--acceptance-head DIR" in notes[3] and "configs/acceptance_head/tiny_teacher.yaml" in notes[3]
+    assert "--kangaroo DIR" in notes[3] and "configs/kangaroo/tiny_teacher.yaml" in notes[3]
+    assert "--acceptance-head DIR" in notes[4] and "configs/acceptance_head/tiny_teacher.yaml" in notes[4]
