@@ -1,6 +1,6 @@
 """Every lossless decoder reproduces HF greedy ``generate`` on the real SmolLM2-135M-Instruct, on
 held-out real prompts (standard-library code completion and instructions), at batch 1 and in a
-left-padded batch. Slow, and skipped unless the `smollm2` extra is installed (CI installs it)."""
+left-padded batch (Kangaroo included). Slow, and skipped unless the `smollm2` extra is installed (CI installs it)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from leaplm.data.prompts import stdlib_prompts
 from leaplm.data.sft import prompt_ids
 from leaplm.models.block_diffusion import convert
 from leaplm.models.heads import DraftHeads, HeadsConfig, attach_heads
+from leaplm.models.kangaroo import KangarooAdapter, KangarooConfig, attach_kangaroo
 from leaplm.models.zoo import load_model
 
 pytestmark = [
@@ -76,3 +77,19 @@ def test_speculative_and_verified_block_diffusion_equal_generate(smollm2):
     convert(bd_model, tokenizer, block_size=8)
     bd = Engine(bd_model, tokenizer)
     assert bd.generate(prompts, "block_diffusion", MAX_NEW, verify=True).sequences == reference
+
+
+def test_kangaroo_equals_generate(smollm2):
+    """Self-speculation exiting after 2 of SmolLM2's 30 layers, verified by the other 28 on the
+    drafted states: the adapter (started from layer 2's attention) changes no token."""
+    engine, prompts, reference = smollm2
+    model = engine.model
+    text = model.config.get_text_config()
+    attach_kangaroo(model, KangarooAdapter(KangarooConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+                                                          exit_layer=2), model))
+    try:
+        for settings in ({}, {"adaptive": False}):
+            assert engine.generate(prompts, "kangaroo", MAX_NEW, **settings).sequences == reference
+            assert engine.generate(prompts[:1], "kangaroo", MAX_NEW, **settings).sequences == reference[:1]
+    finally:
+        del model.kangaroo
