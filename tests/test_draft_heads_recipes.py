@@ -50,7 +50,7 @@ def test_medusa1_loss_matches_a_per_head_reference(tmp_path):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     samples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [IGNORE_INDEX] * 2 + [7, 8, 9, 10]},
                {"input_ids": [11, 12, 13, 14], "labels": [IGNORE_INDEX, 12, 13, 14]}]
-    batch = {**draft_heads.build_collator(cfg, tokenizer)(samples), "step": 0}
+    batch = {**draft_heads.RECIPE.build_collator(cfg, tokenizer)(samples), "step": 0}
     total, metrics = draft_heads.loss(model, batch, cfg)
     expected = 0.0
     for s in samples:
@@ -83,7 +83,7 @@ def test_distilled_heads_loss_matches_a_per_position_reference(config, tmp_path)
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     samples = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE_INDEX] * 2 + [7, 8, 9, 10, 11]},
                {"input_ids": [11, 12, 13, 14], "labels": [IGNORE_INDEX, 12, 13, 14]}]
-    batch = {**draft_heads.build_collator(cfg, tokenizer)(samples), "step": 0}
+    batch = {**draft_heads.RECIPE.build_collator(cfg, tokenizer)(samples), "step": 0}
     total, _ = draft_heads.loss(model, batch, cfg)
     embed = model.get_input_embeddings()
     expected = 0.0

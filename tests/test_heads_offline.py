@@ -42,7 +42,7 @@ def offline_run(tmp_path: Path, config: str = "tiny_teacher.yaml", *overrides: s
 def test_cached_features_are_the_online_hidden_states(tmp_path):
     cfg, model, tokenizer = offline_run(tmp_path)
     samples = draft_heads.build_dataset(cfg, tokenizer)
-    batch = draft_heads.build_collator(cfg, tokenizer)(samples)
+    batch = draft_heads.RECIPE.build_collator(cfg, tokenizer)(samples)
     assert len(samples) > 1 and batch["hidden"].shape == (*batch["input_ids"].shape, model.config.hidden_size)
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"])
@@ -74,7 +74,7 @@ def test_an_offline_step_gives_the_online_loss_and_gradients_without_the_base(co
     base = CountForwards(model.model)
     results = []
     for run_cfg in (online_cfg, cfg):
-        batch = {**draft_heads.build_collator(run_cfg, tokenizer)(samples), "step": 0}
+        batch = {**draft_heads.RECIPE.build_collator(run_cfg, tokenizer)(samples), "step": 0}
         heads.zero_grad()
         total, _ = draft_heads.loss(model, batch, run_cfg)
         total.backward()
@@ -142,7 +142,7 @@ def test_stale_features_and_medusa2_are_refused(tmp_path):
     sample = draft_heads.build_dataset(cfg, tokenizer)[0]
     shorter = {**sample, "input_ids": sample["input_ids"][:-1], "labels": sample["labels"][:-1]}
     with pytest.raises(ValueError, match="the cache is stale"):
-        draft_heads.build_collator(cfg, tokenizer)([shorter])
+        draft_heads.RECIPE.build_collator(cfg, tokenizer)([shorter])
     with pytest.raises(ConfigError, match="medusa2 trains the base"):
         load_config(CONFIGS / "tiny_teacher_medusa2.yaml", ["method.offline=true"])
 

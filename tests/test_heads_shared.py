@@ -88,7 +88,7 @@ def test_the_recipe_trains_only_the_blocks_and_the_base_head_stays_frozen_under_
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in name or ".draft_heads.blocks." in name for name in trained), trained
     samples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100] * 2 + [7, 8, 9, 10], "index": 0}]
-    batch = {**draft_heads.build_collator(cfg, tokenizer)(samples), "step": 0}
+    batch = {**draft_heads.RECIPE.build_collator(cfg, tokenizer)(samples), "step": 0}
     total, _ = draft_heads.loss(model, batch, cfg)
     total.backward()
     assert model.get_base_model().get_output_embeddings().weight.grad is None

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.sft import IGNORE_INDEX, PadCollator
+from leaplm.data.sft import IGNORE_INDEX
 from leaplm.models.heads import (
     ACCURACY_TOP_K,
     HEADS_ATTR,
@@ -191,12 +191,6 @@ def build_dataset(cfg: Config, tokenizer) -> list[dict[str, list[int]]]:
     return answer_dataset(cfg)
 
 
-def build_collator(cfg: Config, tokenizer):
-    if cfg.method.offline:
-        return features.FeatureCollator(tokenizer.pad_token_id, features.current_features(cfg))
-    return PadCollator(tokenizer.pad_token_id)
-
-
 # ----- Offline features -------------------------------------------------------------------
 
 
@@ -309,7 +303,7 @@ RECIPE = Recipe(
     method_config=DraftHeadsMethodConfig,
     build_model=build_model,
     build_dataset=build_dataset,
-    build_collator=build_collator,
+    build_collator=features.build_collator,
     loss=loss,
     decoder=lambda cfg: (HEAD_KIND[cfg.method.variant], {}),
     rollout=rollout,

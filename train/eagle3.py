@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.sft import IGNORE_INDEX, PadCollator
+from leaplm.data.sft import IGNORE_INDEX
 from leaplm.models.eagle3 import EAGLE3_ATTR, Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers, eagle3_of
 from leaplm.models.heads import ACCURACY_TOP_K, lm_logits
 from leaplm.models.zoo import load_model
@@ -138,12 +138,6 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
                                   pad_token_id=tokenizer.pad_token_id)
 
 
-def build_collator(cfg: Config, tokenizer):
-    if cfg.method.offline:
-        return features.FeatureCollator(tokenizer.pad_token_id, features.current_features(cfg))
-    return PadCollator(tokenizer.pad_token_id)
-
-
 def build_dataset(cfg: Config, tokenizer) -> list[dict]:
     """One sample per answered prompt (:func:`~leaplm.train.rollouts.answer_dataset`)."""
     return answer_dataset(cfg)
@@ -221,7 +215,7 @@ RECIPE = Recipe(
     method_config=Eagle3MethodConfig,
     build_model=build_model,
     build_dataset=build_dataset,
-    build_collator=build_collator,
+    build_collator=features.build_collator,
     loss=loss,
     decoder=lambda cfg: ("eagle3", {}),
     rollout=rollout,

@@ -171,3 +171,11 @@ class FeatureCollator:
             hidden[row, :len(h)] = h
         batch["hidden"] = hidden
         return batch
+
+
+def build_collator(cfg: Config, tokenizer):
+    """The collator of a recipe with ``method.offline``: cached states joined to each batch when it
+    is on, plain padding otherwise."""
+    if cfg.method.offline:
+        return FeatureCollator(tokenizer.pad_token_id, current_features(cfg))
+    return PadCollator(tokenizer.pad_token_id)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from leaplm.config import Config, ConfigError
-from leaplm.data.sft import IGNORE_INDEX, PadCollator
+from leaplm.data.sft import IGNORE_INDEX
 from leaplm.models.early_exit import decoder_layers
 from leaplm.models.heads import ACCURACY_TOP_K, lm_logits
 from leaplm.models.kangaroo import KANGAROO_ATTR, KangarooAdapter, KangarooConfig, attach_kangaroo, kangaroo_of
@@ -109,12 +109,6 @@ def rollout(cfg: Config, model, tokenizer, accelerator) -> None:
                                   pad_token_id=tokenizer.pad_token_id)
 
 
-def build_collator(cfg: Config, tokenizer):
-    if cfg.method.offline:
-        return features.FeatureCollator(tokenizer.pad_token_id, features.current_features(cfg))
-    return PadCollator(tokenizer.pad_token_id)
-
-
 def build_dataset(cfg: Config, tokenizer) -> list[dict]:
     """One sample per answered prompt (:func:`~leaplm.train.rollouts.answer_dataset`)."""
     return answer_dataset(cfg)
@@ -170,7 +164,7 @@ RECIPE = Recipe(
     method_config=KangarooMethodConfig,
     build_model=build_model,
     build_dataset=build_dataset,
-    build_collator=build_collator,
+    build_collator=features.build_collator,
     loss=loss,
     decoder=lambda cfg: ("kangaroo", {}),
     rollout=rollout,
