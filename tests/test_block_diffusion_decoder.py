@@ -375,7 +375,8 @@ class ScriptedBlocks:
     def leaning_wide(self) -> bool:
         return True  # so a fused step also runs ahead of blocks that then go AR
 
-    def overdue(self, k: int, steps: int = 1) -> bool:
+    def overdue(self, k: int, steps: int = 1, done: float = 1.0) -> bool:
+        assert 0.0 <= done <= 1.0
         # Every other denoised block is finished by AR steps after its second denoising step, when
         # it holds committed but unverified tokens.
         self.asked = self.asked + 1 if self.asked_in == self.step else 1

@@ -154,6 +154,11 @@ def test_a_step_is_overdue_once_it_outlasts_the_narrow_one(monkeypatch):
     chooser.choose()
     clock[0] += 0.06
     assert chooser.overdue(1, steps=16) and not WidthChooser({1: 1.0}).overdue(1)  # untimed: never
+    # By pace: 0.01 s into a step with a quarter of it done is on an AR block's pace (0.05 s), 0.01 s
+    # with a tenth done is behind it.
+    chooser.choose()
+    clock[0] += 0.01
+    assert not chooser.overdue(1, steps=16, done=0.25) and chooser.overdue(1, steps=16, done=0.1)
 
 
 def test_an_expensive_burst_waits_longer():
@@ -195,7 +200,8 @@ def test_width_chooser_is_kept_per_engine_and_settings(tiny):
     assert width_chooser(engine, ("jacobi", 4), [5, 4, 2], batch_size=2, context=900) is first  # any context
     assert width_chooser(engine, ("jacobi", 8), [2, 4, 5], batch_size=2, context=40) is not first
     assert width_chooser(Engine(model, tokenizer), ("jacobi", 4), [2, 4, 5], batch_size=2, context=40) is not first
-    assert candidate_widths(17) == [1, 2, 4, 8, 16, 17] and candidate_widths(1) == [1]
+    assert candidate_widths(17) == [1, 2, 3, 4, 8, 16, 17] and candidate_widths(3) == [1, 2, 3]
+    assert candidate_widths(1) == [1]
 
 
 def test_a_speculative_chooser_counts_the_drafts_forwards(tiny):

@@ -103,7 +103,7 @@ def test_tree_sizes_never_change_greedy_output(lively_tiny, monkeypatch):
             assert plain.widths and {k for k, _ in plain.seen} == set(plain.widths), "a size went untried"
             assert all(tokens == 1.0 for k, tokens in plain.seen if k == 1)  # the root alone: an AR step
             if settings.get("lookup"):
-                assert sorted(choosers[1].widths) == [1, 1 + 4, 2 + 4, 4 + 4, 6 + 4] and choosers[1].seen
+                assert sorted(choosers[1].widths) == [1, 1 + 4, 2 + 4, 3 + 4, 4 + 4, 6 + 4] and choosers[1].seen
     finally:
         del model.draft_heads
 

@@ -63,7 +63,7 @@ def test_greedy_eagle3_equals_generate(family, lively_tiny):
     try:
         random_draft(model, draft_vocab=300)
         for settings in ({}, dict(adaptive=False), dict(tree=[[0, 0, 0], [1], [0, 1]], adaptive=False),
-                         dict(tree_size=4, adaptive=False)):
+                         dict(tree_size=4, adaptive=False), dict(lookup=3), dict(lookup=2, tree_size=4, adaptive=False)):
             assert engine.generate(prompts, "eagle3", MAX_NEW, **settings).sequences == reference, settings
             assert engine.generate(prompts[1:2], "eagle3", MAX_NEW, **settings).sequences == reference[1:2]
     finally:

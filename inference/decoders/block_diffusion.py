@@ -65,8 +65,9 @@ shift, ``clean_attention``). Each block of ``block_size`` slots goes through:
    commit pass), by the tokens per second each kind of block has been writing: each block is
    timed whole, so the denoising path's masks and commit rules count as well as its forwards
    (before either kind has run, the measured cost of the forward widths stands in). A block
-   whose denoising has already taken longer than an AR block would is finished with AR steps,
-   so one bad block costs at most about two. Verified
+   whose denoising falls behind AR's pace (before each step: the share of the block its slowest
+   row has committed, against the share of an AR block's time spent) is finished with AR steps,
+   so a block that will not pay costs a step or two more than an AR block. Verified
    output is the model's greedy AR output either way; unverified decoding is never switched,
    since its output depends on its steps.
 
@@ -443,14 +444,17 @@ def block_diffusion(
             width = chooser.choose()
             continue
         kept = carried = None  # DualCache: the sub-block whose block K/V is cached, and slot lo-1's logit
-        overdue = False  # denoising has taken longer than writing the block with AR steps would have
+        overdue = False  # denoising fell behind the pace of writing the block with AR steps
         while True:  # denoise the block; under ``verify``, again from a row's first wrong slot
             while True:
                 open_slots = ~committed & unfinished[:, None] & ~stopped_at(block, committed).any(-1, keepdim=True)
                 active = open_slots.any(0)  # [B]
                 if not active.any():
                     break
-                if chooser is not None and chooser.overdue(1, steps=block_size):
+                # Behind AR's pace (the slowest row's share of the block done, against the share of an
+                # AR block's time spent): a block that will not pay stops after a step or two.
+                done = 1 - float(open_slots.sum(-1).max()) / block_size
+                if chooser is not None and chooser.overdue(1, steps=block_size, done=done):
                     overdue = True
                     break
                 lo = int(active.nonzero()[0]) // sub_block_size * sub_block_size  # the active sub-block [lo, hi)

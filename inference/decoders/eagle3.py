@@ -29,6 +29,12 @@ step and shared by the rows (EAGLE-1's static tree, grown from measured accuraci
 verifies with one tree mask. With ``adaptive`` (on by default, greedy) the engine's
 :class:`~leaplm.inference.cost.WidthChooser` takes the best-scoring part of the tree that pays, 1 (a
 plain AR step, no drafting) to ``tree_size`` nodes, timing each step whole: drafting included.
+
+``lookup=L`` (leaplm's addition, as the ``medusa``/``hydra``/``clover`` decoders have it): the steps
+where prompt lookup finds a match for some row also verify a chain of L tokens drafted by prompt
+lookup (``tree.py``), and are sized by a chooser of their own; verification picks whichever path
+goes deepest, so the output is still ``generate``'s. On code, whose answers repeat their prompts'
+names, it adds accepted tokens the draft misses at no drafting cost.
 """
 
 from __future__ import annotations
@@ -37,17 +43,20 @@ from typing import Any
 
 import torch
 
-from leaplm.inference.cost import candidate_widths, width_chooser
 from leaplm.inference.decoders.tree import (
     Answers,
+    LookupContexts,
     Tree,
+    TreeSizes,
     auto_paths,
     catch_up,
     check_adaptive,
+    check_lookup,
     choose_tree,
+    fixed_sizes,
     keep_new_slots,
-    make_tree,
     real_slots,
+    tree_sizes,
 )
 from leaplm.inference.engine import (
     DecoderError,
@@ -78,8 +87,8 @@ def propose(draft: Eagle3Draft, cache, cached: torch.Tensor, tree: Tree, root: t
     output ``root_out`` [b, H] at the position before the root (``root_pos`` [b]). ``cached`` [b]:
     real tokens in the draft's cache, which is left as it was."""
     b, n = root.shape[0], tree.size
-    tokens = root[:, None].expand(b, n).clone()  # [b, N]
-    if n == 1:
+    tokens = root[:, None].expand(b, n).clone()  # [b, N] the lookup chain's columns hold the root, filled later
+    if tree.heads_size == 1:  # no drafted node: the root (and the lookup chain)
         return tokens
     context = cache.get_seq_length()
     max_rank = int(tree.rank.max()) + 1
@@ -112,11 +121,11 @@ def draft_catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: to
                     cache, cached, counts, next_tokens.shape[1])
 
 
-def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft: Eagle3Draft, trees: dict[int, Tree],
-                  chooser) -> DecodeResult:
+def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft: Eagle3Draft,
+                  sizes: TreeSizes) -> DecodeResult:
     device, b = engine.device, batch.size
-    trees = {w: t.to(device) for w, t in trees.items()}
-    answers = Answers(engine, batch, max_new_tokens, spare=max(t.max_depth for t in trees.values()) + 2)
+    sizes = sizes.to(device)
+    answers = Answers(engine, batch, max_new_tokens, spare=sizes.largest.max_depth + 2)
     cache, draft_cache = new_cache(), new_cache()
     rows = torch.arange(b, device=device)
 
@@ -132,15 +141,17 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
     following = torch.cat([batch.input_ids[:, 1:], root[:, None]], 1).gather(1, order)  # [b, p]
     draft_cached = torch.zeros_like(cached)
     root_out = draft_catch_up(draft, draft_cache, draft_cached, features, following,
-                        batch.position_ids.gather(1, order), batch.lengths)
+                              batch.position_ids.gather(1, order), batch.lengths)
+    contexts = LookupContexts(batch, root) if sizes.lookup else None
 
     while answers.unfinished.any():
         context = cache.get_seq_length()
-        width = chooser.choose() if chooser is not None else next(iter(trees))
-        tree = trees[width]
+        tree, chooser, width, chain = sizes.pick(contexts, answers.unfinished, root)
         n = tree.size
         root_pos = batch.lengths + answers.count - 1  # [b] the root's position
         tokens = propose(draft, draft_cache, draft_cached, tree, root, root_out, root_pos)  # [b, N]
+        if tree.lookup:
+            tokens[:, tree.heads_size:] = chain
         positions = root_pos[:, None] + tree.depth[None]  # [b, N]
         real = torch.cat([real_slots(cached, context), torch.ones(b, n, dtype=torch.bool, device=device)], 1)
         allowed = Engine.mask_for_new_tokens(real, tree.ancestors)  # [b, N, context + N]
@@ -163,6 +174,8 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
         counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
         keep_new_slots([cache], context, path, counts)
         cached += counts
+        if contexts is not None:
+            contexts.extend(new, counts)
         if not answers.unfinished.any():
             break
         # The accepted positions' target features, each with the token that followed it (the next
@@ -170,31 +183,23 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
         fused = draft.features(out.hidden_states)  # [b, N, H]
         path_features = fused.gather(1, path[..., None].expand(-1, -1, fused.shape[-1]))  # [b, D + 1, H]
         root_out = draft_catch_up(draft, draft_cache, draft_cached, path_features, new, positions.gather(1, path),
-                            torch.where(answers.unfinished, accepted + 1, 0))
+                                  torch.where(answers.unfinished, accepted + 1, 0))
         root = bonus
     return answers.result()
 
 
-def tree_widths(draft: Eagle3Draft, tree_size: int) -> dict[int, Tree]:
-    """Nested trees of the auto tree's first s nodes, s = 1 (a plain AR step), 2, 4, ... up to all."""
-    paths = auto_paths(draft.accuracy, tree_size)
-    depth = draft.accuracy.shape[0]
-    return {s: make_tree(paths[:s - 1], depth) for s in candidate_widths(len(paths) + 1)}
-
-
-@register_decoder("eagle3", checks=(check_adaptive,))
+@register_decoder("eagle3", checks=(check_adaptive, check_lookup))
 def eagle3(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any = "auto", tree_size: int = 16,
-           adaptive: bool | None = None) -> DecodeResult:
+           lookup: int = 0, adaptive: bool | None = None) -> DecodeResult:
     """Greedy tree decoding with the model's EAGLE-3 draft (see the module docstring); equals
-    ``generate`` token for token."""
+    ``generate`` token for token. ``lookup=L`` adds a chain of L prompt-lookup tokens to the steps
+    where prompt lookup finds a match."""
     draft = eagle3_of(engine.model)
     if tree == "auto" and adaptive is not False:
-        trees = tree_widths(draft, tree_size)
-        chooser = width_chooser(engine, ("eagle3", id(draft), tree_size), list(trees), batch.size,
-                                batch.width + max_new_tokens // 2)
+        sizes = tree_sizes(engine, batch, max_new_tokens, ("eagle3", id(draft), tree_size, lookup),
+                           auto_paths(draft.accuracy, tree_size), draft.accuracy.shape[0], lookup)
     else:
         if adaptive:
             raise DecoderError("adaptive sizes the 'auto' tree: set tree='auto', or adaptive=false")
-        fixed = choose_tree(draft.accuracy, tree, tree_size)
-        trees, chooser = {fixed.size: fixed}, None
-    return eagle3_decode(engine, batch, max_new_tokens, draft, trees, chooser)
+        sizes = fixed_sizes(choose_tree(draft.accuracy, tree, tree_size, lookup))
+    return eagle3_decode(engine, batch, max_new_tokens, draft, sizes)

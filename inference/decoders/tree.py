@@ -293,7 +293,7 @@ def choose_tree(accuracy: torch.Tensor, tree: Any, tree_size: int, lookup: int =
 
 def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     """Tokens [b, N] of the tree's nodes (column 0 the root) from hidden states ``hidden`` [b, H];
-    the lookup chain's columns are left holding the root, for :func:`lookup_chain` to fill."""
+    the lookup chain's columns are left holding the root, for :meth:`LookupContexts.chain` to fill."""
     b, n, h = root.shape[0], tree.size, tree.heads_size
     tokens = root[:, None].expand(b, n).clone()  # [b, N]
     if h == 1:  # no heads' node: the root (and the lookup chain)
@@ -312,19 +312,32 @@ def propose(heads: DraftHeads, embed, tree: Tree, hidden: torch.Tensor, root: to
     return tokens
 
 
-def lookup_chain(contexts: list[list[int]], live: torch.Tensor, root: torch.Tensor,
-                 count: int) -> tuple[torch.Tensor, bool]:
-    """Prompt-lookup tokens [b, count] for the chain: per live row, what followed the latest earlier
-    occurrence of its context's newest n-gram; and whether any row found one. Slots without a match
-    keep the row's root token; verification rejects them unless they happen to be right, so what
-    fills them never matters."""
-    chain = [[token] * count for token in root.tolist()]
-    found_any = False
-    for row in live.nonzero().squeeze(1).tolist():  # finished rows' chains are never committed
-        found = lookup_continuation(contexts[row], count)
-        chain[row][:len(found)] = found
-        found_any = found_any or bool(found)
-    return torch.tensor(chain, dtype=torch.long, device=root.device), found_any
+class LookupContexts:
+    """Per row, the prompt and the tokens committed so far (the root last), kept in Python for
+    prompt lookup, which drafts a step's chain from them (``lookup=L``)."""
+
+    def __init__(self, batch: PromptBatch, root: torch.Tensor):
+        self.rows = [row[batch.width - int(n):].tolist() + [int(r)]
+                     for row, n, r in zip(batch.input_ids, batch.lengths, root)]
+
+    def chain(self, live: torch.Tensor, root: torch.Tensor, count: int) -> tuple[torch.Tensor, bool]:
+        """Prompt-lookup tokens [b, count] for the chain: per live row, what followed the latest
+        earlier occurrence of its context's newest n-gram; and whether any row found one. Slots
+        without a match keep the row's root token; verification rejects them unless they happen to
+        be right, so what fills them never matters."""
+        chain = [[token] * count for token in root.tolist()]
+        found_any = False
+        for row in live.nonzero().squeeze(1).tolist():  # finished rows' chains are never committed
+            found = lookup_continuation(self.rows[row], count)
+            chain[row][:len(found)] = found
+            found_any = found_any or bool(found)
+        return torch.tensor(chain, dtype=torch.long, device=root.device), found_any
+
+    def extend(self, new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append each row's first ``counts[b]`` of ``new`` [b, D + 1]: the accepted path's tokens,
+        then the bonus (the next root)."""
+        for row, (row_new, count) in enumerate(zip(new.tolist(), counts.tolist())):
+            self.rows[row] += row_new[:count]
 
 
 @dataclass
@@ -340,6 +353,28 @@ class TreeSizes:
     @property
     def largest(self) -> Tree:
         return max([*self.plain.values(), *self.looked_up.values()], key=lambda t: t.max_depth)
+
+    @property
+    def lookup(self) -> int:
+        """Prompt-lookup chain nodes per step (0: none)."""
+        return max((t.lookup for t in self.looked_up.values()), default=0)
+
+    def to(self, device) -> TreeSizes:
+        return TreeSizes({w: t.to(device) for w, t in self.plain.items()},
+                         {w: t.to(device) for w, t in self.looked_up.items()}, self.plain_chooser, self.lookup_chooser)
+
+    def pick(self, contexts: LookupContexts | None, live: torch.Tensor, root: torch.Tensor
+             ) -> tuple[Tree, Any, int, torch.Tensor | None]:
+        """This step's tree, the chooser that sized it (None: fixed), its width, and the lookup chain
+        [b, L] when the step has one (``contexts`` given): the lookup trees and their chooser when
+        prompt lookup found a match for some row, the plain ones otherwise."""
+        trees, chooser, chain = self.plain, self.plain_chooser, None
+        if contexts is not None:
+            chain, found = contexts.chain(live, root, self.lookup)  # [b, L]
+            if found or self.plain_chooser is None:  # fixed sizes: the whole tree, chain included
+                trees, chooser = self.looked_up, self.lookup_chooser
+        width = chooser.choose() if chooser is not None else next(iter(trees))
+        return trees[width], chooser, width, chain
 
 
 def fixed_sizes(tree: Tree) -> TreeSizes:
@@ -369,9 +404,7 @@ def tree_sizes(engine: Engine, batch: PromptBatch, max_new_tokens: int, key: tup
 def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: DraftHeads, sizes: TreeSizes,
                 pick: TokenPicker, typical: bool) -> DecodeResult:
     device, b = engine.device, batch.size
-    plain = {w: t.to(device) for w, t in sizes.plain.items()}
-    looked_up = {w: t.to(device) for w, t in sizes.looked_up.items()}
-    lookup = max((t.lookup for t in looked_up.values()), default=0)
+    sizes = sizes.to(device)
     embed = engine.model.get_input_embeddings()
     answers = Answers(engine, batch, max_new_tokens, spare=sizes.largest.max_depth + 2)
     cache = new_cache()
@@ -391,19 +424,11 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
     hidden = hidden[:, -1]  # [b, H] the state that predicted the root
     answers.commit(root[:, None], torch.ones_like(root))
     cached = batch.lengths.clone()  # [b] real tokens in the cache
-    if lookup:  # per row: prompt and committed tokens, the root last, kept in Python for the lookup
-        contexts = [row[batch.width - int(n):].tolist() + [int(r)]
-                    for row, n, r in zip(batch.input_ids, batch.lengths, root)]
+    contexts = LookupContexts(batch, root) if sizes.lookup else None
 
     while answers.unfinished.any():
         context = cache.get_seq_length()
-        trees, chooser, chain = plain, sizes.plain_chooser, None
-        if lookup:
-            chain, found = lookup_chain(contexts, answers.unfinished, root, lookup)  # [b, L]
-            if found or sizes.plain_chooser is None:  # fixed sizes: the whole tree, chain included
-                trees, chooser = looked_up, sizes.lookup_chooser
-        width = chooser.choose() if chooser is not None else next(iter(trees))
-        tree = trees[width]
+        tree, chooser, width, chain = sizes.pick(contexts, answers.unfinished, root)
         n, pattern = tree.size, tree.ancestors  # pattern [N, N]
         tokens = propose(heads, embed, tree, hidden, root)  # [b, N]
         if tree.lookup:
@@ -443,9 +468,8 @@ def tree_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, heads: 
         counts = torch.where(live, accepted + 1, 0)  # root and accepted nodes stay in the cache
         keep_new_slots([cache], context, path, counts)
         cached += counts
-        if lookup:
-            for row, (row_new, count) in enumerate(zip(new.tolist(), counts.tolist())):
-                contexts[row] += row_new[:count]  # the accepted path's tokens, then the bonus (the next root)
+        if contexts is not None:
+            contexts.extend(new, counts)
         if prefix_cache is not None:  # the root and accepted nodes, each with the token after it (`new`)
             path_hidden = node_hidden.gather(1, path[..., None].expand(-1, -1, node_hidden.shape[-1]))  # [b, D+1, H]
             path_positions = positions.gather(1, path)  # [b, D + 1]
