@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from leaplm.config import ConfigError
 from leaplm.data.sft import IGNORE_INDEX
 from leaplm.data.tasks import make_split
-from leaplm.inference.decoders.eagle3 import draft_catch_up, draft_forward
+from leaplm.inference.decoders.eagle3 import draft_catch_up, draft_forward, grow_dynamic
 from leaplm.inference.engine import Engine, new_cache
 from leaplm.inference.evaluate import task_prompts
 from leaplm.models.eagle3 import Eagle3Config, Eagle3Draft, attach_eagle3, default_aux_layers
@@ -63,7 +63,9 @@ def test_greedy_eagle3_equals_generate(family, lively_tiny):
     try:
         random_draft(model, draft_vocab=300)
         for settings in ({}, dict(adaptive=False), dict(tree=[[0, 0, 0], [1], [0, 1]], adaptive=False),
-                         dict(tree_size=4, adaptive=False), dict(lookup=3), dict(lookup=2, tree_size=4, adaptive=False)):
+                         dict(tree_size=4, adaptive=False), dict(lookup=3), dict(lookup=2, tree_size=4, adaptive=False),
+                         dict(tree="dynamic"), dict(tree="dynamic", tree_size=6, adaptive=False),
+                         dict(tree="dynamic", lookup=2)):
             assert engine.generate(prompts, "eagle3", MAX_NEW, **settings).sequences == reference, settings
             assert engine.generate(prompts[1:2], "eagle3", MAX_NEW, **settings).sequences == reference[1:2]
     finally:
@@ -83,6 +85,39 @@ def test_drafted_tokens_that_are_right_are_accepted(lively_tiny):
         random_draft(model, draft_vocab=1).set_vocabulary(torch.tensor([common]))
         out = engine.generate(prompts, "eagle3", MAX_NEW, tree=[[0], [0, 0]], adaptive=False)
         assert out.sequences == reference and out.stats.tokens_per_forward > 1.0
+    finally:
+        del model.eagle3
+
+
+@pytest.mark.parametrize("second, want", [(0.9, [(0,), (0, 0)]), (0.4, [(0,), (1,)])])
+def test_dynamic_tree_takes_the_nodes_most_likely_accepted(second, want, lively_tiny, monkeypatch):
+    """EAGLE-2's rule with a budget of 2 drafted nodes: the draft's first token has probability 0.6,
+    its second 0.3. A chain's second node scores 0.6 x p(its top child): with p = 0.9 (0.54 > 0.3)
+    the tree is a chain, with p = 0.4 (0.24 < 0.3) two siblings. A row that finished is not counted."""
+    model, _ = lively_tiny("llama")
+    try:
+        draft = random_draft(model)
+        vocab = draft.config.vocab_size
+        calls = []
+
+        def logits(states):  # [b, P, H] -> [b, P, V]: depth 1's distribution, then depth 2's
+            probs = torch.full((*states.shape[:-1], vocab), 0.01 / (vocab - 2))
+            probs[..., 0], probs[..., 1] = (0.6, 0.39) if not calls else (second, 0.99 - second)
+            calls.append(states.shape)
+            return probs.log()
+
+        monkeypatch.setattr(draft, "logits", logits)
+        cache, b = new_cache(), 2
+        hidden = torch.zeros(b, 4, draft.config.hidden_size)
+        allowed = torch.ones(4, 4, dtype=torch.bool).tril()[None].expand(b, -1, -1)
+        draft_forward(draft, cache, torch.zeros(b, 4, dtype=torch.long), hidden, torch.arange(4)[None].expand(b, -1),
+                      allowed)
+        root = torch.tensor([5, 6])
+        tree, tokens = grow_dynamic(draft, cache, torch.tensor([4, 4]), 3, 3, root, torch.zeros(b, hidden.shape[-1]),
+                                    torch.tensor([4, 4]), torch.tensor([True, False]))
+        assert tree.paths[1:] == want and tokens[:, 0].tolist() == [5, 6]
+        assert tokens[:, 1:].tolist() == [[0, 0 if want[1] == (0, 0) else 1]] * 2  # the ranked tokens, per path
+        assert cache.get_seq_length() == 4 and calls[1][1] == 1  # one parent expanded; the cache as it was
     finally:
         del model.eagle3
 

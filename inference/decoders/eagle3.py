@@ -55,6 +55,7 @@ from leaplm.inference.decoders.tree import (
     choose_tree,
     fixed_sizes,
     keep_new_slots,
+    make_tree,
     real_slots,
     tree_sizes,
 )
@@ -68,6 +69,8 @@ from leaplm.inference.engine import (
     register_decoder,
 )
 from leaplm.models.eagle3 import Eagle3Draft, eagle3_of
+
+DYNAMIC_TOP_K = 8  # children per expanded node of a dynamic tree (EAGLE-2 takes 10)
 
 
 def draft_forward(draft: Eagle3Draft, cache, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
@@ -111,6 +114,79 @@ def propose(draft: Eagle3Draft, cache, cached: torch.Tensor, tree: Tree, root: t
     return tokens
 
 
+def grow_dynamic(draft: Eagle3Draft, cache, cached: torch.Tensor, budget: int, depth: int, root: torch.Tensor,
+                 root_out: torch.Tensor, root_pos: torch.Tensor, live: torch.Tensor, lookup: int = 0
+                 ) -> tuple[Tree, torch.Tensor]:
+    """EAGLE-2's dynamic tree of ``budget`` nodes (root included), shared by the rows, and its tokens
+    [b, N] (column 0 the root; a ``lookup`` chain's columns hold the root, to be filled).
+
+    A node's score is the draft's probability of its whole path (the product of its tokens'
+    probabilities along it), averaged over the ``live`` rows: the expected number of rows that accept
+    it. Depth by depth, the best-scoring nodes of the last depth that could still make the tree are
+    expanded (one draft forward over them, as :func:`propose` runs a level), each into its top
+    children; then the ``budget - 1`` best-scoring nodes are the tree. A child never outscores its
+    parent, so they always form a tree. ``cached`` [b]: real tokens in the draft's cache, which is
+    left as it was."""
+    keep = budget - 1
+    b = root.shape[0]
+    if keep == 0:
+        tree = make_tree([], depth, lookup)
+        return tree, root[:, None].expand(b, tree.size).clone()
+    ranks = min(keep, DYNAMIC_TOP_K)  # children drafted per expanded node
+    weight = live.float() / live.float().sum().clamp(min=1)  # [b] finished rows do not count
+    context = cache.get_seq_length()
+    paths: list[tuple[int, ...]] = []
+    tokens: list[torch.Tensor] = []  # per node [b]
+    logp: list[torch.Tensor] = []  # per node [b] log-probability of its path
+    lineage: list[list[int]] = []  # per node: its ancestors among the nodes, then itself
+    outputs: dict[int, torch.Tensor] = {}  # expanded node -> its draft output state [b, H]
+    run: list[int] = []  # expanded nodes, in the order their keys joined the draft's cache
+
+    def add_children(parents: list[int], states: torch.Tensor) -> list[int]:
+        top = draft.logits(states).log_softmax(-1).topk(ranks, dim=-1)  # [b, P, R]
+        ids = draft.to_target(top.indices)
+        added = []
+        for i, parent in enumerate(parents):
+            for r in range(ranks):
+                added.append(len(paths))
+                paths.append((paths[parent] if parent >= 0 else ()) + (r,))
+                tokens.append(ids[:, i, r])
+                logp.append(top.values[:, i, r] + (logp[parent] if parent >= 0 else 0))
+                lineage.append((lineage[parent] if parent >= 0 else []) + [added[-1]])
+        return added
+
+    def score(node: int) -> float:
+        return float((logp[node].exp() * weight).sum())
+
+    frontier = add_children([-1], root_out[:, None])
+    for d in range(2, depth + 1):
+        # A child scores at most its parent: only parents above the keep-th best score so far can add a node.
+        bar = sorted((score(i) for i in range(len(paths))), reverse=True)[keep - 1] if len(paths) >= keep else -1.0
+        parents = [i for i in sorted(frontier, key=score, reverse=True)[:keep - d + 2] if score(i) > bar]
+        if not parents:
+            break
+        run += parents
+        allowed = torch.zeros(len(parents), len(run), dtype=torch.bool, device=root.device)  # [P, run]
+        for row, node in enumerate(parents):
+            allowed[row, [run.index(a) for a in lineage[node]]] = True
+        allowed = torch.cat([real_slots(cached, context)[:, None].expand(-1, len(parents), -1),
+                             allowed[None].expand(b, -1, -1)], -1)  # [b, P, ctx + run]
+        inputs = torch.stack([outputs[lineage[p][-2]] if len(lineage[p]) > 1 else root_out for p in parents], 1)
+        states = draft_forward(draft, cache, torch.stack([tokens[p] for p in parents], 1), inputs,
+                               (root_pos[:, None] + d - 2).expand(-1, len(parents)), allowed)  # [b, P, H]
+        for i, p in enumerate(parents):
+            outputs[p] = states[:, i]
+        frontier = add_children(parents, states)
+    crop_cache(cache, context)
+    chosen = sorted(range(len(paths)), key=lambda i: (-score(i), len(paths[i])))[:keep]
+    tree = make_tree([paths[i] for i in chosen], depth, lookup)
+    by_path = {paths[i]: tokens[i] for i in chosen}
+    out = root[:, None].expand(b, tree.size).clone()  # [b, N]
+    for j, path in enumerate(tree.paths[1:], 1):
+        out[:, j] = by_path[path]
+    return tree, out
+
+
 def draft_catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: torch.Tensor, next_tokens: torch.Tensor,
                    positions: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Run the draft over the first ``counts[b]`` of ``features`` [b, w, H] (fused target features),
@@ -122,10 +198,11 @@ def draft_catch_up(draft: Eagle3Draft, cache, cached: torch.Tensor, features: to
 
 
 def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft: Eagle3Draft,
-                  sizes: TreeSizes) -> DecodeResult:
+                  sizes: TreeSizes, dynamic: bool) -> DecodeResult:
     device, b = engine.device, batch.size
     sizes = sizes.to(device)
-    answers = Answers(engine, batch, max_new_tokens, spare=sizes.largest.max_depth + 2)
+    depth = max(sizes.largest.max_depth, draft.accuracy.shape[0] + sizes.lookup if dynamic else 0)
+    answers = Answers(engine, batch, max_new_tokens, spare=depth + 2)
     cache, draft_cache = new_cache(), new_cache()
     rows = torch.arange(b, device=device)
 
@@ -149,7 +226,12 @@ def eagle3_decode(engine: Engine, batch: PromptBatch, max_new_tokens: int, draft
         tree, chooser, width, chain = sizes.pick(contexts, answers.unfinished, root)
         n = tree.size
         root_pos = batch.lengths + answers.count - 1  # [b] the root's position
-        tokens = propose(draft, draft_cache, draft_cached, tree, root, root_out, root_pos)  # [b, N]
+        if dynamic:  # the width's tree gives the node budget; the draft's probabilities shape it
+            tree, tokens = grow_dynamic(draft, draft_cache, draft_cached, tree.heads_size, draft.accuracy.shape[0],
+                                        root, root_out, root_pos, answers.unfinished, tree.lookup)
+            tree = tree.to(device)
+        else:
+            tokens = propose(draft, draft_cache, draft_cached, tree, root, root_out, root_pos)  # [b, N]
         if tree.lookup:
             tokens[:, tree.heads_size:] = chain
         positions = root_pos[:, None] + tree.depth[None]  # [b, N]
@@ -195,11 +277,15 @@ def eagle3(engine: Engine, batch: PromptBatch, max_new_tokens: int, *, tree: Any
     ``generate`` token for token. ``lookup=L`` adds a chain of L prompt-lookup tokens to the steps
     where prompt lookup finds a match."""
     draft = eagle3_of(engine.model)
-    if tree == "auto" and adaptive is not False:
-        sizes = tree_sizes(engine, batch, max_new_tokens, ("eagle3", id(draft), tree_size, lookup),
-                           auto_paths(draft.accuracy, tree_size), draft.accuracy.shape[0], lookup)
+    dynamic = tree == "dynamic"
+    if dynamic or tree == "auto":  # the auto tree's nested sizes: node budgets, for a dynamic tree
+        if adaptive is not False:
+            sizes = tree_sizes(engine, batch, max_new_tokens, ("eagle3", id(draft), tree_size, lookup, dynamic),
+                               auto_paths(draft.accuracy, tree_size), draft.accuracy.shape[0], lookup)
+        else:
+            sizes = fixed_sizes(choose_tree(draft.accuracy, "auto", tree_size, lookup))
     else:
         if adaptive:
-            raise DecoderError("adaptive sizes the 'auto' tree: set tree='auto', or adaptive=false")
+            raise DecoderError("adaptive sizes a 'dynamic' or 'auto' tree: set one, or adaptive=false")
         sizes = fixed_sizes(choose_tree(draft.accuracy, tree, tree_size, lookup))
-    return eagle3_decode(engine, batch, max_new_tokens, draft, sizes)
+    return eagle3_decode(engine, batch, max_new_tokens, draft, sizes, dynamic)
