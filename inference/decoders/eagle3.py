@@ -23,12 +23,16 @@ Greedy decoding is lossless: every committed token is the target's greedy token,
 equals ``generate`` whatever the draft proposes (tests check it on several families, padded
 batches included).
 
-Where we differ from EAGLE-2's dynamic tree (``eagle/model/cnets.py:topK_genrate``, top-k of every
-frontier node re-ranked by cumulative log-probability per row): the tree's shape is fixed per
-step and shared by the rows (EAGLE-1's static tree, grown from measured accuracies), so a batch
-verifies with one tree mask. With ``adaptive`` (on by default, greedy) the engine's
+The default tree's shape is fixed per step (EAGLE-1's static tree, grown from measured
+accuracies). ``tree="dynamic"`` is EAGLE-2's dynamic tree (``eagle/model/cnets.py:topK_genrate``):
+each step, depth by depth, the best nodes so far are expanded into their top children and the
+nodes whose whole path the draft finds most likely make the tree (:func:`grow_dynamic`). Where we
+differ: EAGLE-2 ranks by each row's own log-probability and builds a tree per row; ours ranks by
+the path probability averaged over the batch's live rows, so a batch verifies with one tree mask
+(at batch 1 the two are the same). With ``adaptive`` (on by default, greedy) the engine's
 :class:`~leaplm.inference.cost.WidthChooser` takes the best-scoring part of the tree that pays, 1 (a
-plain AR step, no drafting) to ``tree_size`` nodes, timing each step whole: drafting included.
+plain AR step, no drafting) to ``tree_size`` nodes, timing each step whole: drafting included;
+a dynamic tree fills the node budget the chooser picks.
 
 ``lookup=L`` (leaplm's addition, as the ``medusa``/``hydra``/``clover`` decoders have it): the steps
 where prompt lookup finds a match for some row also verify a chain of L tokens drafted by prompt
