@@ -308,8 +308,8 @@ def candidate_widths(max_width: int) -> list[int]:
     """Every width up to 4, the powers of two below ``max_width``, and ``max_width``.
 
     Every narrow width is a candidate, as the cost often steps there rather than growing smoothly:
-    on a CPU a forward of up to 3 tokens can cost about what 1 does (the matrix products stay
-    bound by reading the weights) while 4 costs half as much again."""
+    on a CPU a forward of a few tokens can cost about what 1 does (the matrix products stay bound
+    by reading the weights) while one more token costs much more."""
     narrow = range(1, min(max_width, 4) + 1)
     return sorted({*narrow, max_width, *(2 ** i for i in range(max_width.bit_length()) if 2 ** i < max_width)})
 

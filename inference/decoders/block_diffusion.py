@@ -453,8 +453,8 @@ def block_diffusion(
                     break
                 # Behind AR's pace (the slowest row's share of the block done, against the share of an
                 # AR block's time spent): a block that will not pay stops after a step or two.
-                done = 1 - float(open_slots.sum(-1).max()) / block_size
-                if chooser is not None and chooser.overdue(1, steps=block_size, done=done):
+                if chooser is not None and chooser.overdue(1, steps=block_size,
+                                                           done=1 - float(open_slots.sum(-1).max()) / block_size):
                     overdue = True
                     break
                 lo = int(active.nonzero()[0]) // sub_block_size * sub_block_size  # the active sub-block [lo, hi)

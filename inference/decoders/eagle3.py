@@ -142,6 +142,7 @@ def grow_dynamic(draft: Eagle3Draft, cache, cached: torch.Tensor, budget: int, d
     paths: list[tuple[int, ...]] = []
     tokens: list[torch.Tensor] = []  # per node [b]
     logp: list[torch.Tensor] = []  # per node [b] log-probability of its path
+    scores: list[float] = []  # per node: its path's probability averaged over the live rows
     lineage: list[list[int]] = []  # per node: its ancestors among the nodes, then itself
     outputs: dict[int, torch.Tensor] = {}  # expanded node -> its draft output state [b, H]
     run: list[int] = []  # expanded nodes, in the order their keys joined the draft's cache
@@ -156,17 +157,15 @@ def grow_dynamic(draft: Eagle3Draft, cache, cached: torch.Tensor, budget: int, d
                 paths.append((paths[parent] if parent >= 0 else ()) + (r,))
                 tokens.append(ids[:, i, r])
                 logp.append(top.values[:, i, r] + (logp[parent] if parent >= 0 else 0))
+                scores.append(float((logp[-1].exp() * weight).sum()))
                 lineage.append((lineage[parent] if parent >= 0 else []) + [added[-1]])
         return added
-
-    def score(node: int) -> float:
-        return float((logp[node].exp() * weight).sum())
 
     frontier = add_children([-1], root_out[:, None])
     for d in range(2, depth + 1):
         # A child scores at most its parent: only parents above the keep-th best score so far can add a node.
-        bar = sorted((score(i) for i in range(len(paths))), reverse=True)[keep - 1] if len(paths) >= keep else -1.0
-        parents = [i for i in sorted(frontier, key=score, reverse=True)[:keep - d + 2] if score(i) > bar]
+        bar = sorted(scores, reverse=True)[keep - 1] if len(scores) >= keep else -1.0
+        parents = [i for i in sorted(frontier, key=scores.__getitem__, reverse=True)[:keep - d + 2] if scores[i] > bar]
         if not parents:
             break
         run += parents
@@ -182,7 +181,7 @@ def grow_dynamic(draft: Eagle3Draft, cache, cached: torch.Tensor, budget: int, d
             outputs[p] = states[:, i]
         frontier = add_children(parents, states)
     crop_cache(cache, context)
-    chosen = sorted(range(len(paths)), key=lambda i: (-score(i), len(paths[i])))[:keep]
+    chosen = sorted(range(len(paths)), key=lambda i: (-scores[i], len(paths[i])))[:keep]
     tree = make_tree([paths[i] for i in chosen], depth, lookup)
     by_path = {paths[i]: tokens[i] for i in chosen}
     out = root[:, None].expand(b, tree.size).clone()  # [b, N]
