@@ -138,10 +138,11 @@ def run_bench_command(args: argparse.Namespace) -> None:
     model, tokenizer = load_for_eval(args.model, dtype=args.dtype)
     seed = [] if args.prompts else ["seed"]  # the seed draws the synthetic test split only
     command = command_line(["bench", args.model], args, ["decoders", "tasks", "prompts", "reference", "n",
-                                                          "batch_size", "max_new_tokens", *seed, "dtype", "out"])
+                                                          "batch_size", "max_new_tokens", *seed, "dtype", "repeats",
+                                                          "out"])
     rows = run_bench(args.model, args.decoders, args.tasks, _n(args, BENCH_N), args.batch_size, args.max_new_tokens,
                      args.out, prompts=args.prompts, reference=args.reference, seed=args.seed, model=model,
-                     tokenizer=tokenizer, command=command)
+                     tokenizer=tokenizer, command=command, repeats=args.repeats)
     _print_bench(rows, Path(args.out), outputs=args.prompts is not None)
 
 
@@ -244,6 +245,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", metavar="OUTPUTS.jsonl", help="with --prompts: the outputs.jsonl of an earlier "
                    "bench of the same prompts (and --n), e.g. of the base model; adds exact_match_vs_reference and "
                    "token_agreement_vs_reference, every decoder against that run's hf_generate texts")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every decoder per batch, the fastest timed "
+                   "(default %(default)s); 3 steadies timings on a shared machine")
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png (and, with --prompts, "
                    "outputs.jsonl: every decoder's text per prompt)")
 

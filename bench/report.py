@@ -97,12 +97,14 @@ def decoder_part(args: argparse.Namespace, out: Path) -> str:
     for label, model, decoders in plan:
         name = label.replace(" + ", "_").replace(" ", "_")
         model_rows = bench.run_bench(model, decoders, n=args.n, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, out_dir=out / f"decoders_{name}")
+                                     max_new_tokens=args.max_new_tokens, out_dir=out / f"decoders_{name}",
+                                     repeats=args.repeats)
         rows += [dict(row, model=label) for row in model_rows]
+    fastest = f", each batch's time its fastest of {args.repeats} runs" if args.repeats > 1 else ""
     missing = ("\n\nNot measured in this run:\n\n" + "\n".join(notes)) if notes else ""
     return (f"### Decoders against `generate`\n\n{args.n} test prompts per task, batch {args.batch_size}, "
             f"up to {args.max_new_tokens} new tokens, greedy; each model's decoders interleaved batch by batch "
-            f"with its `generate` in one process (`bench/decoders.py`). Peak memory: the process's peak RSS "
+            f"with its `generate` in one process{fastest} (`bench/decoders.py`). Peak memory: the process's peak RSS "
             f"on CPU.{missing}\n\nMeans over the tasks:\n\n{format_table(summary(rows), SUMMARY_COLUMNS)}"
             f"\n\nPer task:\n\n{format_table(rows, bench.measured_columns(rows, DECODER_COLUMNS))}")
 
@@ -174,6 +176,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=20, help="test prompts per task for the decoder benchmark")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=1, help="runs of every decoder per batch, the fastest timed")
     p.add_argument("--vocabs", default="32000,152064", help="vocabulary sizes for the kernel and loss benchmarks")
     p.add_argument("--seq", type=int, default=2048, help="tokens per loss step")
     p.add_argument("--attention-lengths", default="512", help="sample lengths for the attention benchmark")

@@ -129,6 +129,32 @@ def test_bench_interleaves_and_writes_results(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_bench_repeats_time_each_batch_by_its_fastest_run(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny("llama")
+    from leaplm.bench import decoders as bench
+
+    seconds = {"hf_generate": iter([4.0, 2.0, 3.0, 2.0, 8.0, 6.0]), "ar": iter([1.0, 5.0, 3.0, 9.0, 4.0, 7.0])}
+    real = bench.decode_recorded
+
+    def timed(engine, prompts, name, max_new_tokens, settings):
+        out, widths = real(engine, prompts, name, max_new_tokens, settings)
+        if max_new_tokens == 12:  # not the warm-up
+            out.stats.wall_time_s = next(seconds[name])
+        return out, widths
+
+    monkeypatch.setattr(bench, "decode_recorded", timed)
+    rows = run_bench("tiny-llama", ["ar"], ["copy"], n=4, batch_size=2, max_new_tokens=12, out_dir=tmp_path,
+                     model=model, tokenizer=tokenizer, repeats=3)
+    by = {r["decoder"]: r for r in rows}
+    # two batches, three runs each: generate's fastest 2.0 + 2.0, ar's 1.0 + 4.0
+    assert by["ar"]["tokens_per_s"] / by["hf_generate"]["tokens_per_s"] == pytest.approx(4.0 / 5.0, rel=1e-3)
+    assert by["ar"]["speedup_vs_generate"] == pytest.approx(0.8, rel=1e-3)
+    assert next(seconds["ar"], None) is None and next(seconds["hf_generate"], None) is None
+    assert "every batch 3 times" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench("m", ["ar"], ["copy"], 2, 2, 4, tmp_path, model=model, tokenizer=tokenizer, repeats=0)
+
+
 def test_bench_rejects_bad_specs(tiny, tmp_path):
     model, tokenizer = tiny("llama")
     with pytest.raises(ValueError, match="cannot read decoder spec"):
